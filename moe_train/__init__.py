@@ -1,0 +1,15 @@
+"""moe-train: PyTorch-native training of sparse Mixture-of-Experts language models."""
+
+from .layer import MoELayer
+from .model import ModelConfig, MoETransformer
+from .routing import Assignment, RouterConfig, build_router
+
+__all__ = [
+    "Assignment",
+    "MoELayer",
+    "ModelConfig",
+    "MoETransformer",
+    "RouterConfig",
+    "build_router",
+]
+__version__ = "0.1.0"

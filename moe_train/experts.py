@@ -1,0 +1,90 @@
+"""The expert bank: stacked weights of the local experts, run on contiguous segments."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .routing.noise import mix_seed
+
+ACTIVATIONS = ("gelu", "swiglu")
+
+
+class ExpertBank(nn.Module):
+    """E_local feed-forward experts with stacked weights.
+
+    w_in:  [E_local, d, h]   (swiglu: [E_local, d, 2h], gate and up halves)
+    w_out: [E_local, h, d]
+    Expert `first_expert + i` is initialised from a generator seeded by (seed, layer_id, global id),
+    so the same experts come out whatever the parallel layout.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_local: int,
+        first_expert: int = 0,
+        activation: str = "gelu",
+        seed: int = 0,
+        layer_id: int = 0,
+        init_std: float = 0.02,
+        out_std: float | None = None,
+    ):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation: got {activation!r}; allowed: gelu, swiglu")
+        self.d_model, self.d_ff, self.num_local = d_model, d_ff, num_local
+        self.first_expert, self.activation = first_expert, activation
+        self.seed, self.layer_id = seed, layer_id
+        self.init_std = init_std
+        self.out_std = out_std if out_std is not None else init_std
+        width = 2 * d_ff if activation == "swiglu" else d_ff
+        self.w_in = nn.Parameter(torch.empty(num_local, d_model, width))
+        self.w_out = nn.Parameter(torch.empty(num_local, d_ff, d_model))
+        self.w_in.is_expert = True  # type: ignore[attr-defined]
+        self.w_out.is_expert = True  # type: ignore[attr-defined]
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for i in range(self.num_local):
+            g = torch.Generator().manual_seed(
+                mix_seed(self.seed, self.layer_id, self.first_expert + i)
+            )
+            w_in = torch.randn(self.w_in.shape[1:], generator=g) * self.init_std
+            w_out = torch.randn(self.w_out.shape[1:], generator=g) * self.out_std
+            self.w_in[i].copy_(w_in.clamp_(-3 * self.init_std, 3 * self.init_std))
+            self.w_out[i].copy_(w_out.clamp_(-3 * self.out_std, 3 * self.out_std))
+
+    def expert_ffn(self, x: Tensor, i: int) -> Tensor:
+        """One expert on its rows x: [n, d] -> [n, d]."""
+        h = x @ self.w_in[i].to(x.dtype)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return h @ self.w_out[i].to(x.dtype)
+
+    def forward(self, x: Tensor, counts: list[int]) -> Tensor:
+        """x: [S, d] rows sorted by local expert; counts: rows per local expert -> [S, d]."""
+        if len(counts) != self.num_local or sum(counts) != x.shape[0]:
+            raise ValueError(
+                f"expert counts {counts} do not match {self.num_local} experts / {x.shape[0]} rows"
+            )
+        outs = [
+            self.expert_ffn(seg, i) for i, seg in enumerate(x.split(counts)) if seg.shape[0] > 0
+        ]
+        if not outs:  # no rows: stay in the graph so every expert param still gets a zero gradient
+            return x.new_zeros(x.shape) + (self.w_in.sum() + self.w_out.sum()).to(x.dtype) * 0
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def flops_per_row(self) -> int:
+        width = self.w_in.shape[2]
+        return 2 * self.d_model * width + 2 * self.d_ff * self.d_model
+
+
+def dense_ffn_params(d_model: int, d_ff: int, activation: str) -> int:
+    return d_model * d_ff * (3 if activation == "swiglu" else 2)

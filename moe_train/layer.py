@@ -1,0 +1,93 @@
+"""MoELayer = router + dispatcher + experts. Knows nothing of training."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .dispatch import Dispatcher
+from .experts import ExpertBank
+from .routing import RouterConfig, build_router
+from .routing.noise import mix_seed
+
+
+class MoELayer(nn.Module):
+    """A sparse feed-forward layer.
+
+    `y, losses = layer(x)` for x of shape [B, T, d] or [T, d]. The router sees the flattened tokens;
+    with `ep_group` the experts are split over its ranks (this rank holds E/ep of them).
+    `last_stats` holds the last call's expert load, dropped fraction and all-to-all bytes.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        router: RouterConfig | None = None,
+        activation: str = "gelu",
+        ep_group: dist.ProcessGroup | None = None,
+        layer_id: int = 0,
+        seed: int = 0,
+        init_std: float = 0.02,
+        out_std: float | None = None,
+    ):
+        super().__init__()
+        self.router_cfg = router or RouterConfig()
+        self.layer_id = layer_id
+        self.num_experts = num_experts
+        self.router = build_router(self.router_cfg, d_model, num_experts)
+        self.dispatcher = Dispatcher(num_experts, ep_group)
+        self.experts = ExpertBank(
+            d_model,
+            d_ff,
+            num_local=self.dispatcher.num_local,
+            first_expert=self.dispatcher.first_expert,
+            activation=activation,
+            seed=seed,
+            layer_id=layer_id,
+            init_std=init_std,
+            out_std=out_std,
+        )
+        self.last_stats: dict[str, float] = {}
+        self.last_load: Tensor | None = None
+
+    def forward(
+        self,
+        x: Tensor,
+        noise_seed: int | None = None,
+        token_offset: int = 0,
+        group_size: int | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """x: [B, T, d] or [T, d] -> (y like x, named aux losses).
+
+        Routing groups default to the sequence length T for 3-D input. noise_seed/token_offset key
+        the layout-invariant router noise (token_offset = global index of the first token).
+        """
+        shape = x.shape
+        if x.dim() == 3 and group_size is None:
+            group_size = shape[1]
+        tokens = x.reshape(-1, shape[-1])  # [N, d]
+        if noise_seed is not None:
+            noise_seed = mix_seed(noise_seed, self.layer_id)
+        a = self.router(
+            tokens, noise_seed=noise_seed, token_offset=token_offset, group_size=group_size
+        )
+        y, comm = self.dispatcher(tokens, a, self.experts)
+        self._record(a, comm)
+        return y.reshape(shape), a.losses
+
+    @torch.no_grad()
+    def _record(self, a, comm: dict[str, float]) -> None:
+        load = a.expert_load.float()
+        self.last_load = a.expert_load.detach()
+        mean = load.mean()
+        self.last_stats = {
+            "load_cv": float(load.std(unbiased=False) / mean) if mean > 0 else 0.0,
+            "load_min": float(load.min()),
+            "load_max": float(load.max()),
+            "dropped_frac": float(a.dropped) / max(1, a.requested),
+            "tokens": float(a.num_tokens),
+            **comm,
+        }

@@ -1,0 +1,209 @@
+"""Decoder-only Transformer LM with an MoE FFN every `moe_every` layers (dense otherwise)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .experts import ACTIVATIONS
+from .layer import MoELayer
+from .routing import RouterConfig
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the LM. num_experts is global (all ranks together)."""
+
+    vocab_size: int = 256
+    seq_len: int = 128
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 512
+    num_experts: int = 8
+    expert_d_ff: int | None = None  # None = d_ff
+    moe_every: int = 2  # layer i is MoE when i % moe_every == moe_every - 1; 0 = dense model
+    activation: str = "gelu"
+    dropout: float = 0.0
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe_every > 0 and i % self.moe_every == self.moe_every - 1
+
+    def validate(self) -> None:
+        def bad(field: str, msg: str) -> ValueError:
+            return ValueError(f"model.{field}: {msg}")
+
+        for name in (
+            "vocab_size",
+            "seq_len",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "d_ff",
+            "num_experts",
+        ):
+            if getattr(self, name) < 1:
+                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise bad(
+                "n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
+            )
+        if self.moe_every < 0:
+            raise bad("moe_every", f"must be >= 0 (0 = dense), got {self.moe_every}")
+        if self.activation not in ACTIVATIONS:
+            raise bad("activation", f"got {self.activation!r}; allowed: {', '.join(ACTIVATIONS)}")
+        if not 0 <= self.dropout < 1:
+            raise bad("dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.expert_d_ff is not None and self.expert_d_ff < 1:
+            raise bad("expert_d_ff", f"must be >= 1 or null, got {self.expert_d_ff}")
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # [B, h, T, dh]
+        return self.proj(y.transpose(1, 2).reshape(B, T, d))
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, activation: str):
+        super().__init__()
+        self.activation = activation
+        width = 2 * d_ff if activation == "swiglu" else d_ff
+        self.w_in = nn.Linear(d_model, width, bias=False)
+        self.w_out = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.w_in(x)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.w_out(h)
+
+
+class Block(nn.Module):
+    def __init__(
+        self, cfg: ModelConfig, router: RouterConfig, layer_id: int, moe: bool, seed: int, ep_group
+    ):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        if moe:
+            self.ffn: nn.Module = MoELayer(
+                cfg.d_model,
+                cfg.expert_d_ff or cfg.d_ff,
+                router.num_experts_for(cfg.num_experts),
+                router=router,
+                activation=cfg.activation,
+                ep_group=ep_group,
+                layer_id=layer_id,
+                seed=seed,
+                init_std=cfg.init_std,
+                out_std=out_std,
+            )
+        else:
+            self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation)
+
+    def forward(
+        self, x: Tensor, noise_seed: int | None, token_offset: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        h = self.ln2(x)
+        if isinstance(self.ffn, MoELayer):
+            out, losses = self.ffn(h, noise_seed=noise_seed, token_offset=token_offset)
+        else:
+            out, losses = self.ffn(h), {}
+        return x + self.drop(out), losses
+
+
+class MoETransformer(nn.Module):
+    """`logits, aux_loss = model(idx)`; idx: [B, T] int64 -> logits [B, T, V], aux_loss scalar.
+
+    `last_aux` holds the aux losses by name (summed over layers) of the last call.
+    Dense parameters are initialised from the global torch RNG (seed it the same on every rank);
+    experts from their global ids, so the model is the same whatever the expert-parallel layout.
+    """
+
+    def __init__(self, cfg: ModelConfig, router: RouterConfig, seed: int = 0, ep_group=None):
+        super().__init__()
+        cfg.validate()
+        router.validate(router.num_experts_for(cfg.num_experts))
+        self.cfg, self.router_cfg = cfg, router
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            Block(cfg, router, i, cfg.is_moe_layer(i), seed, ep_group) for i in range(cfg.n_layers)
+        )
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self._init_dense(cfg)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        self.last_aux: dict[str, Tensor] = {}
+
+    def _init_dense(self, cfg: ModelConfig) -> None:
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        for name, p in self.named_parameters():
+            if getattr(p, "is_expert", False) or ".router." in name or p.dim() < 2:
+                continue
+            std = out_std if name.endswith(("proj.weight", "w_out.weight")) else cfg.init_std
+            nn.init.normal_(p, std=std)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
+
+    def forward(
+        self, idx: Tensor, noise_seed: int | None = None, token_offset: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        """idx: [B, T]; token_offset: global index of idx[0, 0] (keys layout-invariant noise)."""
+        B, T = idx.shape
+        if T > self.cfg.seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.seq_len={self.cfg.seq_len}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # [B, T, d]
+        aux: dict[str, Tensor] = {}
+        for block in self.blocks:
+            x, losses = block(x, noise_seed, token_offset)
+            for k, v in losses.items():
+                aux[k] = aux[k] + v if k in aux else v
+        logits = self.head(self.ln_f(x))  # [B, T, V]
+        self.last_aux = aux
+        total = sum(aux.values()) if aux else logits.new_zeros(())
+        return logits, total  # type: ignore[return-value]
+
+    def num_params(self) -> dict[str, int]:
+        """Parameters held by this rank, split dense / expert (tied weights counted once)."""
+        seen, dense, expert = set(), 0, 0
+        for p in self.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if getattr(p, "is_expert", False):
+                expert += p.numel()
+            else:
+                dense += p.numel()
+        return {"dense": dense, "expert": expert, "total": dense + expert}
+
+
+def is_expert_param(p: nn.Parameter) -> bool:
+    return bool(getattr(p, "is_expert", False))
