@@ -49,6 +49,8 @@ class ExpertBank(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        if self.w_in.is_meta:  # shape-only model (the planner): nothing to initialise
+            return
         for i in range(self.num_local):
             g = torch.Generator().manual_seed(
                 mix_seed(self.seed, self.layer_id, self.first_expert + i)

@@ -1,0 +1,378 @@
+"""Atomic, reshardable checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout of `run_dir`:
+    step_00000100/      one checkpoint: DCP shards (`*.distcp`, `.metadata`) + `meta.pt` (rank 0)
+    latest              text file naming the newest complete checkpoint directory
+    .tmp_step_*/        a save in progress (or one that crashed; ignored and cleaned up later)
+
+Keys: dense parameters/buffers as `model/<fqn>`; expert parameters (attribute is_expert, stacked
+[E_local, ...] with the MoE layer's first_expert) as one key per GLOBAL expert,
+`model/<fqn>/expert_<id>`, and so is their optimizer state (`optim/<fqn>/<name>/expert_<id>`).
+Each rank writes only the experts it holds and DCP de-duplicates replicated keys across data
+parallel ranks, so nothing is written twice and a checkpoint taken at ep=2 loads at ep=4 or ep=1.
+A save is written into a temp dir, renamed into place, then `latest` is replaced atomically: a
+crash at any point leaves the previous checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+
+from .layer import MoELayer
+from .parallel import ParallelState
+
+FORMAT = 1
+_STEP_RE = re.compile(r"^step_(\d{8,})$")
+META_FILE = "meta.pt"
+LATEST_FILE = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or does not fit the model."""
+
+
+# ---- the model's parameters, with experts along the global axis --------------------------------
+def _expert_info(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """fqn of every expert parameter -> (first global expert, local experts, global experts)."""
+    info: dict[str, tuple[int, int, int]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, MoELayer):
+            bank = mod.experts
+            prefix = f"{name}.experts." if name else "experts."
+            for pname, p in bank.named_parameters(recurse=False):
+                if getattr(p, "is_expert", False):
+                    info[prefix + pname] = (bank.first_expert, bank.num_local, mod.num_experts)
+    return info
+
+
+def _param_table(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, tuple[int, int, int]]]:
+    params = dict(model.named_parameters(remove_duplicate=True))
+    info = _expert_info(model)
+    for fqn, p in params.items():
+        if getattr(p, "is_expert", False) and fqn not in info:
+            raise CheckpointError(f"expert parameter {fqn} is not inside a MoELayer")
+    return params, info
+
+
+def _buffers(model: nn.Module) -> dict[str, Tensor]:
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return {k: v for k, v in model.state_dict().items() if k not in params}
+
+
+def _expert_keys(prefix: str, first: int, num_local: int) -> list[tuple[int, str]]:
+    return [(i, f"{prefix}/expert_{first + i:05d}") for i in range(num_local)]
+
+
+def _shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
+    params, info = _param_table(model)
+    out: dict[str, dict[str, Any]] = {}
+    for fqn, p in params.items():
+        if fqn in info:
+            out[fqn] = {"expert": True, "num_experts": info[fqn][2], "shape": list(p.shape[1:])}
+        else:
+            out[fqn] = {"expert": False, "shape": list(p.shape)}
+    for name, b in _buffers(model).items():
+        out[name] = {"expert": False, "shape": list(b.shape), "buffer": True}
+    return out
+
+
+def _optim_slots(optimizer: torch.optim.Optimizer, params: dict[str, Tensor]):
+    """(fqn, param, group index) for every parameter the optimizer holds, in its order."""
+    names = {id(p): n for n, p in params.items()}
+    out = []
+    for gi, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            if id(p) not in names:
+                raise CheckpointError("the optimizer holds a parameter the model does not name")
+            out.append((names[id(p)], p, gi))
+    return out
+
+
+# ---- save ---------------------------------------------------------------------------------------
+def _save_state(model: nn.Module, optimizer: torch.optim.Optimizer | None):
+    params, info = _param_table(model)
+    sd: dict[str, Tensor] = {}
+    for fqn, p in params.items():
+        if fqn in info:
+            first, n, _ = info[fqn]
+            for i, key in _expert_keys(f"model/{fqn}", first, n):
+                sd[key] = p.detach()[i].clone()
+        else:
+            sd[f"model/{fqn}"] = p.detach()
+    for name, b in _buffers(model).items():
+        sd[f"model/{name}"] = b.detach()
+    optim_meta: dict[str, Any] = {"param_groups": [], "state": {}}
+    if optimizer is not None:
+        slots = _optim_slots(optimizer, params)
+        for gi, group in enumerate(optimizer.param_groups):
+            hyper = {k: v for k, v in group.items() if k != "params"}
+            hyper["params"] = [f for f, _, g in slots if g == gi]
+            optim_meta["param_groups"].append(hyper)
+        for fqn, p, _ in slots:
+            entries: dict[str, Any] = {}
+            for name, v in optimizer.state.get(p, {}).items():
+                if isinstance(v, Tensor) and fqn in info and v.shape == p.shape:
+                    first, n, _ = info[fqn]
+                    for i, key in _expert_keys(f"optim/{fqn}/{name}", first, n):
+                        sd[key] = v.detach()[i].clone()
+                    entries[name] = {"kind": "expert", "dtype": str(v.dtype)}
+                elif isinstance(v, Tensor):
+                    sd[f"optim/{fqn}/{name}"] = v.detach()
+                    entries[name] = {"kind": "tensor", "shape": list(v.shape), "dtype": str(v.dtype)}
+                else:
+                    entries[name] = {"kind": "value", "value": v}
+            optim_meta["state"][fqn] = entries
+    return sd, optim_meta
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move a finished save into place (one rename; tests patch this to simulate a crash)."""
+    os.rename(tmp, final)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _dist(state: ParallelState | None) -> bool:
+    return state is not None and state.distributed
+
+
+def _barrier(state: ParallelState | None) -> None:
+    if state is not None and state.distributed:
+        state.barrier()
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    extra: dict,
+    state: ParallelState | None = None,
+    keep: int = 2,
+) -> Path:
+    """Save model + optimizer (+ `extra`, picklable, from rank 0) as run_dir/step_{step:08d}.
+
+    Every rank calls this. Returns the checkpoint directory.
+    """
+    run_dir = Path(run_dir)
+    main = state is None or state.is_main
+    final = run_dir / f"step_{step:08d}"
+    tmp = run_dir / f".tmp_step_{step:08d}"
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier(state)
+    sd, optim_meta = _save_state(model, optimizer)
+    dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=not _dist(state))
+    if main:
+        meta = {
+            "format": FORMAT,
+            "step": step,
+            "extra": extra,
+            "params": _shapes(model),
+            "optim": optim_meta,
+            "world_size": state.world_size if state else 1,
+            "ep": state.ep if state else 1,
+        }
+        torch.save(meta, tmp / ".meta.tmp")
+        os.replace(tmp / ".meta.tmp", tmp / META_FILE)
+    _barrier(state)
+    if main:
+        old = None
+        if final.exists():  # re-saving a step (e.g. after a resume): move the old copy aside
+            old = run_dir / f".old_{final.name}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(final, old)
+        _publish(tmp, final)
+        _write_text_atomic(run_dir / LATEST_FILE, final.name + "\n")
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        _prune(run_dir, keep, final)
+    _barrier(state)
+    return final
+
+
+def _complete(path: Path) -> bool:
+    return (path / META_FILE).is_file() and (path / ".metadata").is_file()
+
+
+def _steps(run_dir: Path) -> list[tuple[int, Path]]:
+    out = []
+    for p in run_dir.iterdir() if run_dir.is_dir() else []:
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def _prune(run_dir: Path, keep: int, current: Path) -> None:
+    done = [p for _, p in _steps(run_dir) if _complete(p)]
+    for p in done[: max(0, len(done) - max(1, keep))]:
+        if p != current:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in run_dir.glob(".tmp_step_*"):  # saves that crashed
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `latest` names, or the newest complete step_* dir; None when there is none."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST_FILE
+    if pointer.is_file():
+        path = run_dir / pointer.read_text().strip()
+        if path.name and _complete(path):
+            return path
+    done = [p for _, p in _steps(run_dir) if _complete(p)]
+    return done[-1] if done else None
+
+
+# ---- load ---------------------------------------------------------------------------------------
+def _read_meta(path: Path) -> dict:
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: no such directory")
+    if not _complete(path):
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete (missing {META_FILE} or .metadata): a save was "
+            "interrupted; load an earlier checkpoint (latest_checkpoint skips incomplete ones)"
+        )
+    try:
+        meta = torch.load(path / META_FILE, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling problem means corrupt
+        raise CheckpointError(f"checkpoint {path}: cannot read {META_FILE}: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: unknown format (expected {FORMAT})")
+    return meta
+
+
+def _check_fit(path: Path, saved: dict[str, dict], model: nn.Module) -> None:
+    now = _shapes(model)
+    missing, unexpected = sorted(set(now) - set(saved)), sorted(set(saved) - set(now))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]} (different model.n_layers / moe_every / router?)"
+        )
+    for fqn, want in now.items():
+        got = saved[fqn]
+        if want.get("expert") and got.get("num_experts") != want["num_experts"]:
+            raise CheckpointError(
+                f"checkpoint {path}: {fqn} has {got.get('num_experts')} experts, the model has "
+                f"{want['num_experts']} (model.num_experts must match; parallel.ep may differ)"
+            )
+        if want["shape"] != got["shape"] or want["expert"] != got["expert"]:
+            raise CheckpointError(
+                f"checkpoint {path}: {fqn} has shape {got['shape']}, the model expects "
+                f"{want['shape']} (model config differs from the checkpoint's)"
+            )
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    state: ParallelState | None = None,
+) -> dict:
+    """Load into `model` (and `optimizer`) in place, at any parallel.ep; returns the saved extra.
+
+    Every rank calls this. Raises CheckpointError naming the path when the checkpoint is missing,
+    incomplete, corrupt, or does not fit the model (shapes, expert count).
+    """
+    path = Path(path)
+    meta = _read_meta(path)
+    _check_fit(path, meta["params"], model)
+    params, info = _param_table(model)
+    sd: dict[str, Tensor] = {}
+    for fqn, p in params.items():
+        if fqn in info:
+            first, n, _ = info[fqn]
+            for i, key in _expert_keys(f"model/{fqn}", first, n):
+                sd[key] = torch.empty_like(p.detach()[i])
+        else:
+            sd[f"model/{fqn}"] = torch.empty_like(p.detach())
+    buffers = _buffers(model)
+    for name, b in buffers.items():
+        sd[f"model/{name}"] = torch.empty_like(b)
+    optim_targets: dict[tuple[str, str], Any] = {}
+    slots = []
+    if optimizer is not None:
+        saved_state = meta["optim"]["state"]
+        slots = _optim_slots(optimizer, params)
+        for fqn, p, _ in slots:
+            for name, entry in saved_state.get(fqn, {}).items():
+                if entry["kind"] == "expert":
+                    first, n, _ = info[fqn]
+                    keys = _expert_keys(f"optim/{fqn}/{name}", first, n)
+                    dtype = getattr(torch, entry["dtype"].removeprefix("torch."))
+                    ts = [torch.empty(p.shape[1:], dtype=dtype) for _ in keys]
+                    for (_, key), t in zip(keys, ts):
+                        sd[key] = t
+                    optim_targets[(fqn, name)] = ts
+                elif entry["kind"] == "tensor":
+                    dtype = getattr(torch, entry["dtype"].removeprefix("torch."))
+                    t = torch.empty(entry["shape"], dtype=dtype)
+                    sd[f"optim/{fqn}/{name}"] = t
+                    optim_targets[(fqn, name)] = t
+                else:
+                    optim_targets[(fqn, name)] = entry["value"]
+    try:
+        dcp.load(sd, storage_reader=dcp.FileSystemReader(str(path)), no_dist=not _dist(state))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {path}: reading the tensors failed: {e}") from e
+
+    with torch.no_grad():
+        for fqn, p in params.items():
+            if fqn in info:
+                first, n, _ = info[fqn]
+                for i, key in _expert_keys(f"model/{fqn}", first, n):
+                    p[i].copy_(sd[key])
+            else:
+                p.copy_(sd[f"model/{fqn}"])
+        for name, b in buffers.items():
+            b.copy_(sd[f"model/{name}"])
+    if optimizer is not None:
+        _load_optimizer(path, optimizer, meta["optim"], slots, optim_targets)
+    _barrier(state)
+    return meta["extra"]
+
+
+def _load_optimizer(path, optimizer, saved, slots, targets) -> None:
+    groups = saved["param_groups"]
+    current = [[f for f, _, g in slots if g == gi] for gi in range(len(optimizer.param_groups))]
+    if [g["params"] for g in groups] != current:
+        raise CheckpointError(
+            f"checkpoint {path}: the optimizer's parameter groups differ from the saved ones"
+        )
+    index = {fqn: i for i, (fqn, _, _) in enumerate(slots)}
+    state: dict[int, dict[str, Any]] = {}
+    for (fqn, name), v in targets.items():
+        if isinstance(v, list):
+            v = torch.stack(v)
+        state.setdefault(index[fqn], {})[name] = v
+    param_groups = []
+    for g, fqns in zip(groups, current):
+        hyper = {k: v for k, v in g.items() if k != "params"}
+        hyper["params"] = [index[f] for f in fqns]
+        param_groups.append(hyper)
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+__all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]

@@ -1,0 +1,145 @@
+"""The training configuration: one dataclass per Hydra config group, composed by TrainConfig.
+
+Every field has a type and a default; Hydra's ConfigStore holds the schema, so a misspelt key or a
+wrong type fails at start naming the key. `TrainConfig.validate` does the semantic checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+
+from .data.config import DataConfig
+from .model import ModelConfig
+from .parallel import ParallelConfig
+from .routing import RouterConfig
+
+# configs/ at the repo root (editable install); absolute, so console scripts find it from any folder
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIM_IMPLS = ("torch", "apex")
+ENGINES = ("native", "deepspeed")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay to min_lr_ratio * lr (lr is a function of step)."""
+
+    impl: str = "torch"  # torch (fused/foreach AdamW) | apex (FusedAdam, needs NVIDIA apex)
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global norm across ranks; <= 0 disables clipping
+
+    def validate(self) -> None:
+        if self.impl not in OPTIM_IMPLS:
+            raise ValueError(f"optim.impl: got {self.impl!r}; allowed: {', '.join(OPTIM_IMPLS)}")
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr: must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"optim.{name}: must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass
+class TrainerConfig:
+    """The loop. global_batch_size sequences per step, split over all ranks and micro-batches."""
+
+    max_steps: int = 300
+    global_batch_size: int = 16
+    micro_batch_size: int | None = (
+        None  # per rank; None = global_batch_size / world (no accumulation)
+    )
+    precision: str = (
+        "auto"  # auto (bf16 on Ampere+, fp16 on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16
+    )
+    engine: str = "native"  # native | deepspeed
+    zero_stage: int = 1  # deepspeed engine only: ZeRO stage for dense state (0, 1, 2)
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    run_dir: str = "runs/default"
+    resume: bool = True  # continue from run_dir's latest checkpoint when there is one
+    progress: bool = True
+    tensorboard: bool = True  # when tensorboard is installed
+    threads: int | None = None  # torch CPU threads per rank; None = torch's default
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"trainer.precision: got {self.precision!r}; allowed: {', '.join(PRECISIONS)}"
+            )
+        if self.engine not in ENGINES:
+            raise ValueError(f"trainer.engine: got {self.engine!r}; allowed: {', '.join(ENGINES)}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"trainer.zero_stage: got {self.zero_stage}; allowed: 0, 1, 2")
+        for name in ("max_steps", "global_batch_size", "log_every", "eval_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(
+                f"trainer.micro_batch_size: must be >= 1 or null, got {self.micro_batch_size}"
+            )
+        if self.eval_batches < 0 or self.keep_checkpoints < 1:
+            raise ValueError("trainer.eval_batches must be >= 0 and trainer.keep_checkpoints >= 1")
+
+    def batch_split(self, data_world: int) -> tuple[int, int]:
+        """(micro_batch_size, grad_accum) per rank so that world * micro * accum == global batch."""
+        B = self.global_batch_size
+        if B % data_world:
+            raise ValueError(
+                f"trainer.global_batch_size={B} is not divisible by the {data_world} ranks; "
+                "use a multiple of the world size"
+            )
+        per_rank = B // data_world
+        micro = self.micro_batch_size or per_rank
+        if per_rank % micro:
+            raise ValueError(
+                f"trainer.micro_batch_size={micro} does not divide the {per_rank} sequences per rank "
+                f"(global_batch_size={B} over {data_world} ranks)"
+            )
+        return micro, per_rank // micro
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 1337
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.router.validate(self.router.num_experts_for(self.model.num_experts))
+        self.optim.validate()
+        self.data.validate()
+        self.trainer.validate()
+        gs = self.router.group_size
+        if gs is not None and (self.model.seq_len % gs and gs % self.model.seq_len):
+            raise ValueError(
+                f"router.group_size={gs} must divide model.seq_len={self.model.seq_len} (or be a "
+                "multiple of it that divides the micro batch); null uses one sequence per group"
+            )
+
+
+def register_configs() -> None:
+    """Register the schema so configs/train.yaml is checked against it."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)

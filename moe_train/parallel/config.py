@@ -1,0 +1,80 @@
+"""Parallel layout configuration and its start-up checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..routing import RouterConfig
+
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass
+class ParallelConfig:
+    """Expert-parallel x data-parallel layout. World = ep * dp, dp = world / ep.
+
+    ep: expert-parallel size (ranks that split the experts of every MoE layer between them).
+    timeout_s: collective timeout; a dead or missing peer raises an error after this long.
+    backend: auto (nccl for cuda, gloo for cpu) | gloo | nccl.
+    hierarchical_a2a: two-stage all-to-all for multi-node runs: a token crosses the inter-node link
+        once per destination node, then fans out inside the node (the return trip reduces inside
+        the node first, then crosses once).
+    ranks_per_node: ranks per node for the hierarchical all-to-all; None = LOCAL_WORLD_SIZE from
+        torchrun, or the whole world.
+    """
+
+    ep: int = 1
+    timeout_s: float = 300.0
+    backend: str = "auto"
+    hierarchical_a2a: bool = False
+    ranks_per_node: int | None = None
+
+    def validate(self, world_size: int, num_experts: int, router: RouterConfig) -> None:
+        """Raise ValueError naming the fields when the layout cannot be built.
+
+        SAM: every rank must hold whole device groups (router.num_groups a multiple of
+        parallel.ep, e.g. equal) so that each token has exactly ONE destination rank; with ep a
+        multiple of num_groups a group would straddle ranks and a token would cross the network
+        up to k times, which defeats SAM, so that layout is refused.
+        """
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"parallel.backend: got {self.backend!r}; allowed: {', '.join(BACKENDS)}"
+            )
+        if self.timeout_s <= 0:
+            raise ValueError(f"parallel.timeout_s: must be > 0 seconds, got {self.timeout_s}")
+        if self.ep < 1:
+            raise ValueError(f"parallel.ep: must be >= 1, got {self.ep}")
+        if world_size % self.ep:
+            raise ValueError(
+                f"parallel.ep={self.ep} does not divide the world size {world_size} "
+                f"(world = ep * dp); launch a multiple of {self.ep} processes or change parallel.ep"
+            )
+        if num_experts % self.ep:
+            raise ValueError(
+                f"model.num_experts={num_experts} is not divisible by parallel.ep={self.ep}; "
+                "each rank must hold the same number of experts: choose ep among the divisors "
+                "of the expert count"
+            )
+        if router.kind == "sam" and router.num_groups % self.ep:
+            raise ValueError(
+                f"router.num_groups={router.num_groups} is not a multiple of parallel.ep="
+                f"{self.ep}: SAM needs every rank to hold whole expert groups so each token has "
+                "one destination rank; use router.num_groups = parallel.ep (or a multiple of it)"
+            )
+        if self.ranks_per_node is not None and self.ranks_per_node < 1:
+            raise ValueError(
+                f"parallel.ranks_per_node: must be >= 1 or null, got {self.ranks_per_node}"
+            )
+        rpn = self.ranks_per_node
+        if self.hierarchical_a2a and rpn is not None and world_size > 1:
+            if world_size % rpn:
+                raise ValueError(
+                    f"parallel.ranks_per_node={rpn} does not divide the world size {world_size}"
+                )
+            if self.ep % rpn and rpn % self.ep:
+                raise ValueError(
+                    f"parallel.hierarchical_a2a: parallel.ep={self.ep} and "
+                    f"parallel.ranks_per_node={rpn} must divide one another so that each "
+                    "expert-parallel group covers whole nodes (or sits inside one node)"
+                )
