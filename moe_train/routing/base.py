@@ -95,7 +95,8 @@ class Router(nn.Module):
         group_size: int | None = None,
     ) -> Assignment:
         """x: [T, d]. noise_seed/token_offset key the layout-invariant noise (see noise.py): the
-        token at row t is global token `token_offset + t`. group_size overrides cfg.group_size."""
+        token at row t is global token `token_offset + t`. group_size is the per-call default (the
+        layer passes the sequence length), used when cfg.group_size is None."""
         if x.dim() != 2 or x.shape[1] != self.d_model:
             raise ValueError(f"router expects x of shape [T, {self.d_model}], got {tuple(x.shape)}")
         if noise_seed is None:

@@ -40,5 +40,5 @@ class TopKRouter(Router):
             E,
             losses,
             dropped=(~keep).sum(),
-            requested=T * k,
+            requested=token.numel(),  # after random routing, before capacity
         )

@@ -41,7 +41,8 @@ class TreeRouter(Router):
         if self.cfg.tree_gate == "sigmoid":
             weight = torch.cat([ones, branch_p], dim=1)
         else:
-            weight = torch.cat([ones, 1 + branch_p - branch_p.detach()], dim=1)
+            # (p - p.detach()) is exactly 0, so the forward weight is exactly 1
+            weight = torch.cat([ones, branch_p - branch_p.detach() + 1], dim=1)
 
         # balance: probability of reaching every node, level by level
         balance = logits.new_zeros(())
