@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import CONFIG_DIR, OptimConfig, TrainConfig, register_configs
 from .data import TokenFile, get_batch, open_splits, resolve_data_dir, val_batches
+from .gpu_stats import gather_gpu_stats, gpu_stats
 from .metrics import MetricsWriter, moe_layer_metrics, read_metrics
 from .model import MoETransformer, is_expert_param
 from .parallel import init_parallel
@@ -192,6 +193,10 @@ def train(cfg: TrainConfig) -> dict:
                 },
                 **moe_layer_metrics(raw_model.moe_layers()),
             }
+            if state.device.type == "cuda":  # a collective: every rank reports, rank 0 logs
+                per_rank = gather_gpu_stats(gpu_stats(state.device.index))
+                for r, stats in enumerate(per_rank or []):
+                    record.update({f"gpu{r}/{k}": v for k, v in stats.items()})
             writer.log(step + 1, record)
             bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             t_log, steps_since_log = time.perf_counter(), 0
