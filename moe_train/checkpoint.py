@@ -19,11 +19,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 
@@ -127,7 +127,11 @@ def _save_state(model: nn.Module, optimizer: torch.optim.Optimizer | None):
                     entries[name] = {"kind": "expert", "dtype": str(v.dtype)}
                 elif isinstance(v, Tensor):
                     sd[f"optim/{fqn}/{name}"] = v.detach()
-                    entries[name] = {"kind": "tensor", "shape": list(v.shape), "dtype": str(v.dtype)}
+                    entries[name] = {
+                        "kind": "tensor",
+                        "shape": list(v.shape),
+                        "dtype": str(v.dtype),
+                    }
                 else:
                     entries[name] = {"kind": "value", "value": v}
             optim_meta["state"][fqn] = entries
@@ -181,7 +185,9 @@ def save_checkpoint(
         tmp.mkdir()
     _barrier(state)
     sd, optim_meta = _save_state(model, optimizer)
-    dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=not _dist(state))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=not _dist(state))
     if main:
         meta = {
             "format": FORMAT,
@@ -278,6 +284,8 @@ def _check_fit(path: Path, saved: dict[str, dict], model: nn.Module) -> None:
                 f"checkpoint {path}: {fqn} has {got.get('num_experts')} experts, the model has "
                 f"{want['num_experts']} (model.num_experts must match; parallel.ep may differ)"
             )
+    for fqn, want in now.items():
+        got = saved[fqn]
         if want["shape"] != got["shape"] or want["expert"] != got["expert"]:
             raise CheckpointError(
                 f"checkpoint {path}: {fqn} has shape {got['shape']}, the model expects "
@@ -334,7 +342,9 @@ def load_checkpoint(
                 else:
                     optim_targets[(fqn, name)] = entry["value"]
     try:
-        dcp.load(sd, storage_reader=dcp.FileSystemReader(str(path)), no_dist=not _dist(state))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(sd, storage_reader=dcp.FileSystemReader(str(path)), no_dist=not _dist(state))
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {path}: reading the tensors failed: {e}") from e
 

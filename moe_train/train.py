@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import CONFIG_DIR, OptimConfig, TrainConfig, register_configs
 from .data import TokenFile, get_batch, open_splits, resolve_data_dir, val_batches
+from .engines import deepspeed_initialize
 from .gpu_stats import gather_gpu_stats, gpu_stats
 from .metrics import MetricsWriter, moe_layer_metrics, read_metrics
 from .model import MoETransformer, is_expert_param
@@ -127,12 +128,23 @@ def train(cfg: TrainConfig) -> dict:
             return contextlib.nullcontext()
         return torch.autocast(state.device.type, dtype=amp_dtype)
 
+    engine = None  # DeepSpeed engine (trainer.engine=deepspeed): it reduces, clips and steps
+    if tc.engine == "deepspeed":
+        engine = deepspeed_initialize(
+            raw_model, optimizer, ep=state.ep, micro_batch=micro, grad_accum=accum,
+            zero_stage=tc.zero_stage, grad_clip=cfg.optim.grad_clip, amp_dtype=amp_dtype,
+        )  # fmt: skip
+        model, amp_dtype = engine, None  # the engine casts the model itself
+
     start, best_val, skipped = 0, float("inf"), 0
-    ckpt = latest_checkpoint(run_dir) if tc.resume else None
+    ckpt = latest_checkpoint(run_dir) if tc.resume and engine is None else None
     if ckpt is not None:
         extra = load_checkpoint(ckpt, raw_model, optimizer, state)
         start, best_val, skipped = extra["step"], extra["best_val"], extra["skipped"]
         scaler.load_state_dict(extra["scaler"])
+    if engine is not None and tc.resume and (run_dir / "deepspeed" / "latest").exists():
+        _, extra = engine.load_checkpoint(str(run_dir / "deepspeed"))
+        start, best_val, skipped = extra["step"], extra["best_val"], extra["skipped"]
     writer = MetricsWriter(run_dir, enabled=state.is_main, tensorboard=tc.tensorboard)
     if state.is_main:
         _truncate_metrics(run_dir, start)
@@ -163,19 +175,27 @@ def train(cfg: TrainConfig) -> dict:
             )
             x, y = x.to(state.device), y.to(state.device)
             loss, aux = lm_loss(model, x, y, amp, noise_seed, first * cfg.model.seq_len)
-            scaler.scale((loss + aux) / accum).backward()
+            if engine is not None:
+                engine.backward(loss + aux)  # DeepSpeed divides by grad_accum itself
+                engine.step()  # applies the update at the accumulation boundary
+            else:
+                scaler.scale((loss + aux) / accum).backward()
             loss_sum += loss.detach() / accum
             for k, v in raw_model.last_aux.items():
                 aux_sum[k] = aux_sum.get(k, 0.0) + v.detach() / accum
-        state.sync_gradients(model)
-        scaler.unscale_(optimizer)
-        grad_norm = state.clip_grad_norm_(raw_model, cfg.optim.grad_clip)
-        if torch.isfinite(grad_norm):
-            scaler.step(optimizer)
+        if engine is not None:
+            grad_norm = torch.as_tensor(float(engine.get_global_grad_norm() or 0.0))
+            skipped = engine.skipped_steps
         else:
-            skipped += 1  # non-finite loss or gradients: never applied
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+            state.sync_gradients(model)
+            scaler.unscale_(optimizer)
+            grad_norm = state.clip_grad_norm_(raw_model, cfg.optim.grad_clip)
+            if torch.isfinite(grad_norm):
+                scaler.step(optimizer)
+            else:
+                skipped += 1  # non-finite loss or gradients: never applied
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
         steps_since_log += 1
 
         if (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps:
@@ -213,9 +233,15 @@ def train(cfg: TrainConfig) -> dict:
                 "skipped": skipped,
                 "scaler": scaler.state_dict(),
             }
-            save_checkpoint(
-                run_dir, step + 1, raw_model, optimizer, extra, state, keep=tc.keep_checkpoints
-            )
+            if (
+                engine is not None
+            ):  # DeepSpeed's own (ZeRO-partitioned) format, in run_dir/deepspeed
+                tag = f"step_{step + 1:08d}"
+                engine.save_checkpoint(str(run_dir / "deepspeed"), tag, client_state=extra)
+            else:
+                save_checkpoint(
+                    run_dir, step + 1, raw_model, optimizer, extra, state, keep=tc.keep_checkpoints
+                )
         bar.update(1)
     bar.close()
     writer.close()

@@ -5,7 +5,8 @@ environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER
 port), calls `fn(rank, world, *args)` in each and returns the list of return values (picklable).
 A rank that raises fails the test with its traceback; a run that exceeds `timeout` is killed and
 fails. `fn` is responsible for init (e.g. via init_parallel) and should end with
-`teardown(state)`; the child runs `teardown()` again as a safety net.
+`teardown(state)`; the child runs `teardown()` again as a safety net (skipped, with a plain exit,
+when `fn.skip_teardown` is true: for tests that break the group on purpose).
 """
 
 from __future__ import annotations
@@ -70,10 +71,11 @@ def _child(fn, rank: int, world: int, port: int, out_dir: str, env: dict, args: 
     with open(path.with_suffix(".tmp"), "wb") as f:
         pickle.dump(result, f)
     os.replace(path.with_suffix(".tmp"), path)
-    if result[0] == "ok":
-        teardown()
-    else:
+    if result[0] != "ok":
         os._exit(1)  # peers may be gone: skip the barrier
+    if getattr(fn, "skip_teardown", False):
+        os._exit(0)  # the test broke the group on purpose
+    teardown()
 
 
 def run_ranks(

@@ -10,12 +10,26 @@ from torch import Tensor
 
 from .. import ops
 from ..routing import Assignment
-from .all_to_all import all_to_all, all_to_all_rows, exchange_counts
+from .all_to_all import all_to_all, all_to_all_rows, dispatch_all_to_all, exchange_counts
 from .layout import plan_send, sort_by_expert
 
 ExpertFn = Callable[[Tensor, list[int]], Tensor]  # rows sorted by local expert, counts -> outputs
+# receiver side of one hop: (rows [R, d], slot row [S], slot expert id [S], slot weight [S]) -> [R, d]
+_Inner = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 _META_BYTES_PER_SLOT = 2 * 8 + 4  # (row, local expert) int64 + weight float32
+
+STAT_KEYS = (
+    "slots",
+    "dispatch_rows",
+    "dispatch_bytes",
+    "send_bytes",
+    "recv_bytes",
+    "token_bytes",
+    "inter_node_bytes",
+    "inter_node_rows",
+    "expert_slots",
+)
 
 
 class Dispatcher:
@@ -25,6 +39,18 @@ class Dispatcher:
     Otherwise experts [r*E/ep, (r+1)*E/ep) live on ep-rank r; each token is sent once per rank that
     holds any of its experts; the receiver runs them and sums the weighted partial outputs per row
     before the reverse all-to-all, so the return trip is one row per (token, rank) too.
+
+    Hierarchical (`set_hierarchy`): the ep group is split into nodes of `ranks_per_node` ranks.
+    Hop 1 crosses nodes: one row per (token, destination NODE), sent to the rank with the same
+    local index on that node. Hop 2 stays inside the node: the row goes once to each local rank
+    holding its experts. The return trip reduces inside the node first, then crosses nodes once.
+
+    Stats (per call, this rank): dispatch_rows/bytes = rows in the first-hop send buffer (incl.
+    rows kept on this rank; the token payload); token_bytes = token rows this rank sends to other
+    ranks, dispatch and return; send/recv_bytes = token_bytes + slot metadata; inter_node_bytes =
+    the part of send_bytes that leaves the node (when ranks_per_node is known), inter_node_rows
+    the dispatch rows among it (one per (token, remote node) when hierarchical); expert_slots =
+    slots this rank's experts computed.
     """
 
     def __init__(self, num_experts: int, ep_group: dist.ProcessGroup | None = None):
@@ -39,68 +65,179 @@ class Dispatcher:
             )
         self.num_local = num_experts // self.ep
         self.first_expert = self.ep_rank * self.num_local
+        self.ranks_per_node: int | None = None
+        self.intra_group: dist.ProcessGroup | None = None
+        self.inter_group: dist.ProcessGroup | None = None
+
+    def set_hierarchy(
+        self,
+        intra_group: dist.ProcessGroup | None,
+        inter_group: dist.ProcessGroup | None,
+        ranks_per_node: int,
+    ) -> None:
+        """Use the two-hop all-to-all. Groups: my node's ep ranks (ordered by local index) and the
+        ep ranks with my local index (ordered by node). Both None: flat, only counting bytes."""
+        self.ranks_per_node = ranks_per_node
+        self.intra_group, self.inter_group = intra_group, inter_group
+        if intra_group is not None:
+            if dist.get_world_size(intra_group) != ranks_per_node or self.ep % ranks_per_node:
+                raise ValueError(
+                    f"parallel.ranks_per_node={ranks_per_node} does not split parallel.ep="
+                    f"{self.ep} into whole nodes"
+                )
+
+    @property
+    def hierarchical(self) -> bool:
+        return self.intra_group is not None and self.ep > (self.ranks_per_node or self.ep)
 
     def __call__(
         self, x: Tensor, a: Assignment, experts: ExpertFn
     ) -> tuple[Tensor, dict[str, float]]:
         """x: [T, d] -> (y [T, d], stats)."""
+        stats = dict.fromkeys(STAT_KEYS, 0.0)
+        stats["slots"] = float(a.num_slots)
+
+        def leaf(rows: Tensor, row: Tensor, local_expert: Tensor, weight: Tensor) -> Tensor:
+            order, counts = sort_by_expert(local_expert, self.num_local)
+            stats["expert_slots"] += float(sum(counts))
+            row = row[order]
+            out = experts(ops.dispatch(rows, row), counts)  # [S, d] sorted by local expert
+            return ops.combine(out, weight[order], row, rows.shape[0])
+
         if self.ep == 1:
-            return self._local(x, a, experts)
-        return self._expert_parallel(x, a, experts)
+            stats["dispatch_rows"] = float(torch.unique(a.token).numel())
+            stats["dispatch_bytes"] = stats["dispatch_rows"] * x.shape[1] * x.element_size()
+            return leaf(x, a.token, a.expert, a.weight), stats
+        if not self.hierarchical:
+            rpn = self.ranks_per_node or self.ep
+            y = self._hop(
+                x,
+                a.token,
+                a.expert,
+                a.weight,
+                self.num_local,
+                self.group,
+                leaf,
+                stats,
+                node_of=lambda r: r // rpn,
+                me=self.ep_rank,
+                first=True,
+            )
+            return y, stats
 
-    def _local(
-        self, x: Tensor, a: Assignment, experts: ExpertFn
-    ) -> tuple[Tensor, dict[str, float]]:
-        T = x.shape[0]
-        order, counts = sort_by_expert(a.expert, self.num_local)
-        token = a.token[order]
-        out = experts(ops.dispatch(x, token), counts)  # [S, d]
-        y = ops.combine(out, a.weight[order], token, T)
-        return y, {"slots": float(a.num_slots)}
+        rpn = self.ranks_per_node
+        assert rpn is not None
+        per_node = self.num_local * rpn
+        me_node, me_local = divmod(self.ep_rank, rpn)
 
-    def _expert_parallel(
-        self, x: Tensor, a: Assignment, experts: ExpertFn
-    ) -> tuple[Tensor, dict[str, float]]:
+        def intra(rows: Tensor, row: Tensor, node_expert: Tensor, weight: Tensor) -> Tensor:
+            return self._hop(
+                rows,
+                row,
+                node_expert,
+                weight,
+                self.num_local,
+                self.intra_group,
+                leaf,
+                stats,
+                node_of=lambda r: 0,
+                me=me_local,
+                first=False,
+            )
+
+        y = self._hop(
+            x,
+            a.token,
+            a.expert,
+            a.weight,
+            per_node,
+            self.inter_group,
+            intra,
+            stats,
+            node_of=lambda n: n,
+            me=me_node,
+            first=True,
+        )
+        return y, stats
+
+    def _hop(
+        self,
+        x: Tensor,
+        token: Tensor,
+        expert: Tensor,
+        weight: Tensor,
+        experts_per_dest: int,
+        group: dist.ProcessGroup | None,
+        inner: _Inner,
+        stats: dict[str, float],
+        node_of: Callable[[int], int],
+        me: int,
+        first: bool,
+    ) -> Tensor:
+        """One all-to-all round trip over `group`: rows of x to the group ranks holding the slots'
+        experts (once per (row, destination)), `inner` on the receiver, partial sums back, and the
+        sum per row. x: [T, d]; token/expert/weight: [S] slots (expert ids local to this hop)."""
         T, d = x.shape
-        ep, group = self.ep, self.group
-        plan = plan_send(a.token, a.expert, T, self.num_local, ep)
+        n = dist.get_world_size(group)
+        plan = plan_send(token, expert, T, experts_per_dest, n)
         recv_counts = exchange_counts(torch.stack([plan.row_splits, plan.slot_splits], 1), group)
         send_rows, send_slots = plan.row_splits.tolist(), plan.slot_splits.tolist()
         recv_rows, recv_slots = recv_counts[:, 0].tolist(), recv_counts[:, 1].tolist()
 
-        # dispatch: one row per (token, destination rank); slot metadata and weights alongside
-        recv_x = all_to_all(ops.dispatch(x, plan.row_token), send_rows, recv_rows, group)
+        # dispatch: one row per (row of x, destination); slot metadata and weights alongside
+        recv_x, recv_w = dispatch_all_to_all(
+            ops.dispatch(x, plan.row_token),
+            weight[plan.slot_order],
+            send_rows,
+            recv_rows,
+            send_slots,
+            recv_slots,
+            group,
+        )
         meta = torch.stack([plan.slot_row, plan.slot_local_expert], 1)  # [S, 2]
-        meta = all_to_all_rows(meta, send_slots, recv_slots, group)
-        weight = all_to_all(a.weight[plan.slot_order].unsqueeze(1), send_slots, recv_slots, group)
-        weight = weight.squeeze(1)
+        meta = all_to_all_rows(meta, send_slots, recv_slots, group, "MoE slot metadata")
 
-        # receiver: fan rows out to local experts, sum weighted outputs per received row
-        source = torch.repeat_interleave(torch.arange(ep, device=x.device), recv_counts[:, 1])
+        # receiver: slot -> row of recv_x; run the experts behind this hop, partial sums per row
+        source = torch.repeat_interleave(
+            torch.arange(n, device=x.device), recv_counts[:, 1].to(x.device)
+        )
         row_start = torch.cumsum(recv_counts[:, 0], 0) - recv_counts[:, 0]
-        row = row_start[source] + meta[:, 0]  # [S_in] row of recv_x
-        order, counts = sort_by_expert(meta[:, 1], self.num_local)
-        row = row[order]
-        out = experts(ops.dispatch(recv_x, row), counts)
-        partial = ops.combine(out, weight[order], row, recv_x.shape[0])  # [R_in, d]
+        row = row_start.to(x.device)[source] + meta[:, 0]  # [S_in] row of recv_x
+        partial = inner(recv_x, row, meta[:, 1], recv_w)  # [R_in, d]
 
-        # reverse all-to-all, then sum each token's partial outputs over ranks
-        back = all_to_all(partial, recv_rows, send_rows, group)
+        # reverse all-to-all, then sum each row's partial outputs over destinations
+        back = all_to_all(partial, recv_rows, send_rows, group, "MoE return rows")
         y = ops.combine(back, None, plan.row_token, T)
-        return y, self._stats(send_rows, recv_rows, send_slots, recv_slots, d, x.element_size(), a)
+        self._count(
+            stats,
+            send_rows,
+            recv_rows,
+            send_slots,
+            recv_slots,
+            d * x.element_size(),
+            node_of,
+            me,
+            first,
+        )
+        return y
 
-    def _stats(self, send_rows, recv_rows, send_slots, recv_slots, d, elem, a) -> dict[str, float]:
-        me = self.ep_rank
-        row_bytes = d * elem
-        rows_out = sum(send_rows) - send_rows[me]  # rows leaving this rank
-        rows_in = sum(recv_rows) - recv_rows[me]
-        meta_out = (sum(send_slots) - send_slots[me]) * _META_BYTES_PER_SLOT
-        meta_in = (sum(recv_slots) - recv_slots[me]) * _META_BYTES_PER_SLOT
-        return {
-            "slots": float(a.num_slots),
-            "dispatch_rows": float(sum(send_rows)),  # incl. rows kept on this rank
-            "dispatch_bytes": float(sum(send_rows) * row_bytes),
-            # network bytes of the dispatch and the return trip (rows to/from other ranks) + metadata
-            "send_bytes": float((rows_out + rows_in) * row_bytes + meta_out),
-            "recv_bytes": float((rows_in + rows_out) * row_bytes + meta_in),
-        }
+    @staticmethod
+    def _count(stats, send_rows, recv_rows, send_slots, recv_slots, row_bytes, node_of, me, first):
+        if first:
+            stats["dispatch_rows"] += float(sum(send_rows))
+            stats["dispatch_bytes"] += float(sum(send_rows) * row_bytes)
+        for peer in range(len(send_rows)):
+            if peer == me:
+                continue
+            # dispatch rows out + return rows out (the rows this peer sent us) + slot metadata
+            tok_out = (send_rows[peer] + recv_rows[peer]) * row_bytes
+            out = tok_out + send_slots[peer] * _META_BYTES_PER_SLOT
+            stats["token_bytes"] += float(tok_out)
+            stats["send_bytes"] += float(out)
+            stats["recv_bytes"] += float(
+                (recv_rows[peer] + send_rows[peer]) * row_bytes
+                + recv_slots[peer] * _META_BYTES_PER_SLOT
+            )
+            if node_of(peer) != node_of(me):
+                stats["inter_node_bytes"] += float(out)
+                stats["inter_node_rows"] += float(send_rows[peer])

@@ -258,8 +258,14 @@ def init_parallel(cfg: ParallelConfig, num_experts: int, router: RouterConfig) -
         torch.cuda.set_device(device)
     rpn = cfg.ranks_per_node or _env_int("LOCAL_WORLD_SIZE", world)
     state = ParallelState(
-        cfg, rank=rank, world_size=world, local_rank=local_rank, dp=world // cfg.ep, ep=cfg.ep,
-        device=device, ranks_per_node=rpn,
+        cfg,
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank,
+        dp=world // cfg.ep,
+        ep=cfg.ep,
+        device=device,
+        ranks_per_node=rpn,
     )
     if world == 1:
         return state

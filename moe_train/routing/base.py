@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .assignment import Assignment
@@ -110,7 +111,8 @@ class Router(nn.Module):
                 idx = (token_offset + torch.arange(T, device=x.device)).unsqueeze(1) * d
                 idx = idx + torch.arange(d, device=x.device)
                 x32 = x32 * (1 - eps + 2 * eps * self.uniform(noise_seed, 1, idx))
-            logits = self.gate(x32)
+            bias = None if self.gate.bias is None else self.gate.bias.float()
+            logits = F.linear(x32, self.gate.weight.float(), bias)  # float32 even if cast to bf16
             return self.route(logits, self.group_size(x.shape[0], group_size))
 
     def route(self, logits: Tensor, gs: int) -> Assignment:  # pragma: no cover - abstract
