@@ -38,6 +38,29 @@ class Assignment:
         if self.dropped is None:
             self.dropped = torch.zeros((), dtype=torch.int64, device=self.token.device)
 
+    @classmethod
+    def from_slots(
+        cls,
+        token: Tensor,
+        expert: Tensor,
+        weight: Tensor,
+        keep: Tensor,
+        num_tokens: int,
+        num_experts: int,
+        losses: dict[str, Tensor],
+    ) -> Assignment:
+        """The kept slots of the requested ones (token, expert, weight: [S]; keep: [S] bool)."""
+        return cls(
+            token[keep],
+            expert[keep],
+            weight[keep],
+            num_tokens,
+            num_experts,
+            losses,
+            dropped=(~keep).sum(),
+            requested=int(token.numel()),
+        )
+
     @property
     def num_slots(self) -> int:
         return int(self.token.numel())

@@ -35,13 +35,4 @@ class ExpertChoiceRouter(Router):
         if self.cfg.max_experts_per_token is not None:
             keep = keep_within_capacity(token, weight.detach(), self.cfg.max_experts_per_token, T)
         losses = self.z_loss_term(logits)
-        return Assignment(
-            token[keep],
-            expert[keep],
-            weight[keep],
-            T,
-            E,
-            losses,
-            dropped=(~keep).sum(),
-            requested=G * E * C,
-        )
+        return Assignment.from_slots(token, expert, weight, keep, T, E, losses)

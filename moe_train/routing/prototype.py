@@ -39,13 +39,4 @@ class PrototypeRouter(Router):
         losses = {"balance": self.cfg.balance_coef * balance}
         if self.cfg.z_loss_coef > 0:
             losses["z"] = self.cfg.z_loss_coef * z_loss(proto_logits)
-        return Assignment(
-            token[keep],
-            expert[keep],
-            w[keep],
-            T,
-            E,
-            losses,
-            dropped=(~keep).sum(),
-            requested=T * k,
-        )
+        return Assignment.from_slots(token, expert, w, keep, T, E, losses)

@@ -58,13 +58,4 @@ class SAMRouter(Router):
         keep = self.keep(
             token, expert, self.priority(w, token, choice, T), gs, self.capacity(gs, k)
         )
-        return Assignment(
-            token[keep],
-            expert[keep],
-            w[keep],
-            T,
-            E,
-            losses,
-            dropped=(~keep).sum(),
-            requested=T * k,
-        )
+        return Assignment.from_slots(token, expert, w, keep, T, E, losses)

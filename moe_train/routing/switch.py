@@ -22,13 +22,4 @@ class SwitchRouter(Router):
         keep = self.keep(token, expert, priority, gs, self.capacity(gs, 1))
         losses = {"balance": self.cfg.balance_coef * balance_loss(probs, expert, gs)}
         losses.update(self.z_loss_term(logits))
-        return Assignment(
-            token[keep],
-            expert[keep],
-            weight[keep],
-            T,
-            E,
-            losses,
-            dropped=(~keep).sum(),
-            requested=T,
-        )
+        return Assignment.from_slots(token, expert, weight, keep, T, E, losses)

@@ -32,13 +32,4 @@ class TopKRouter(Router):
         )
         losses = {"balance": self.cfg.balance_coef * balance_loss(probs, top_e[:, 0], gs)}
         losses.update(self.z_loss_term(logits))
-        return Assignment(
-            token[keep],
-            expert[keep],
-            w[keep],
-            T,
-            E,
-            losses,
-            dropped=(~keep).sum(),
-            requested=token.numel(),  # after random routing, before capacity
-        )
+        return Assignment.from_slots(token, expert, w, keep, T, E, losses)

@@ -72,16 +72,7 @@ class TreeRouter(Router):
         score = torch.cat([ones, branch_p], dim=1).flatten()
         keep = self.keep(token, expert, self.priority(score, token, choice, T), gs, cap)
         losses = {"balance": self.cfg.balance_coef * balance}
-        return Assignment(
-            token[keep],
-            expert[keep],
-            weight[keep],
-            T,
-            E,
-            losses,
-            dropped=(~keep).sum(),
-            requested=T * (D + 1),
-        )
+        return Assignment.from_slots(token, expert, weight, keep, T, E, losses)
 
     @staticmethod
     def num_nodes(depth: int) -> int:
