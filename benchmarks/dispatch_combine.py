@@ -1,0 +1,189 @@
+"""Benchmark of the fused dispatch/combine kernels against the PyTorch reference (CPU).
+
+For T tokens, width d and k slots per token (S = k*T slots, random routing), times dispatch and
+combine, forward and backward (as autograd runs it), for the extension and the reference, plus a
+plain ``torch`` copy of an [S, d] tensor as the memory-bandwidth ceiling, interleaved in the same
+run; reports medians, GB/s (bytes read + written) and the fraction of the copy's GB/s. The
+ceiling ("copy") is ``clone()``, which allocates its output like the ops (on CPU, first-touch page
+faults of a fresh large output cost as much as the copy); ``copy_`` into a preallocated tensor is
+listed too.
+
+    python benchmarks/dispatch_combine.py [--quick] [--dtype bfloat16] [--reps 7]
+
+Writes benchmarks/results/dispatch_combine.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from moe_train import ops
+from moe_train.ops.reference import combine_reference, dispatch_reference
+
+FULL = {"T": (4096, 16384, 65536), "d": (512, 2048, 4096), "k": (1, 2)}
+QUICK = {"T": (4096,), "d": (512, 1024), "k": (1, 2)}
+MAX_BUF_BYTES = 64 * 2**20  # skip sizes whose [S, d] buffer exceeds this (2-core CI machine)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cases(T: int, d: int, k: int, dtype: torch.dtype) -> dict[str, tuple[Callable, Callable, int]]:
+    """name -> (extension fn, reference fn, bytes moved); the fns take no arguments."""
+    S = k * T
+    esize = torch.tensor([], dtype=dtype).element_size()
+    x = torch.randn(T, d).to(dtype).requires_grad_()
+    index = torch.randperm(S) % T  # k slots per token, shuffled as routing would
+    w = torch.rand(S, requires_grad=True)
+    buf = torch.randn(S, d).to(dtype).requires_grad_()
+    g_buf, g_y = torch.randn(S, d).to(dtype), torch.randn(T, d).to(dtype)
+
+    def backward(fwd: Callable, inputs: tuple, grad: torch.Tensor) -> Callable:
+        out = fwd()
+        return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
+
+    sd, td = S * d * esize, T * d * esize
+    return {
+        "dispatch fwd": (
+            lambda: ops.dispatch(x, index),
+            lambda: dispatch_reference(x, index),
+            2 * sd,
+        ),
+        "dispatch bwd": (
+            backward(lambda: ops.dispatch(x, index), (x,), g_buf),
+            backward(lambda: dispatch_reference(x, index), (x,), g_buf),
+            sd + td,
+        ),
+        "combine fwd": (
+            lambda: ops.combine(buf, w, index, T),
+            lambda: combine_reference(buf, w, index, T),
+            sd + td,
+        ),
+        "combine bwd": (
+            backward(lambda: ops.combine(buf, w, index, T), (buf, w), g_y),
+            backward(lambda: combine_reference(buf, w, index, T), (buf, w), g_y),
+            3 * sd,  # read grad_y rows (S of them) and buf, write grad_buf
+        ),
+    }
+
+
+def timed(fn: Callable) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def copies(S: int, d: int, dtype: torch.dtype) -> tuple[Callable, Callable, int]:
+    """The ceiling: a plain torch copy of an [S, d] tensor, allocating its output like the ops do
+    (clone), and into a preallocated tensor (copy_, no page faults); bytes read + written."""
+    src = torch.randn(S, d).to(dtype)
+    dst = torch.empty_like(src)
+    return src.clone, lambda: dst.copy_(src), 2 * src.numel() * src.element_size()
+
+
+def run(grid: dict, dtype: torch.dtype, reps: int) -> list[dict]:
+    rows = []
+    esize = torch.tensor([], dtype=dtype).element_size()
+    for T in grid["T"]:
+        for d in grid["d"]:
+            for k in grid["k"]:
+                if k * T * d * esize > MAX_BUF_BYTES:
+                    continue
+                clone, copy_, copy_bytes = copies(k * T, d, dtype)
+                for name, (ext, ref, nbytes) in cases(T, d, k, dtype).items():
+                    fns = {"ext": ext, "ref": ref, "clone": clone, "copy_": copy_}
+                    times: dict[str, list[float]] = {key: [] for key in fns}
+                    for fn in fns.values():  # warm-up
+                        fn()
+                    for _ in range(reps):  # interleaved
+                        for key, fn in fns.items():
+                            times[key].append(timed(fn))
+                    med = {key: statistics.median(v) for key, v in times.items()}
+                    copy_gbs = copy_bytes / med["clone"] / 1e9
+                    row = {"T": T, "d": d, "k": k, "op": name, "bytes": nbytes}
+                    for key in ("ext", "ref"):
+                        gbs = nbytes / med[key] / 1e9
+                        row[f"{key}_ms"] = med[key] * 1e3
+                        row[f"{key}_GBps"] = gbs
+                        row[f"{key}_frac_copy"] = gbs / copy_gbs
+                    row["copy_GBps"] = copy_gbs
+                    row["copy_noalloc_GBps"] = copy_bytes / med["copy_"] / 1e9
+                    row["speedup"] = med["ref"] / med["ext"]
+                    rows.append(row)
+                    print(fmt_row(row), flush=True)
+    return rows
+
+
+HEADER = (
+    f"{'T':>6} {'d':>5} {'k':>2} {'op':<13} {'ext ms':>8} {'ext GB/s':>9} {'ext/copy':>8} "
+    f"{'ref ms':>8} {'ref GB/s':>9} {'ref/copy':>8} {'copy GB/s':>9} {'copy_ GB/s':>10} "
+    f"{'speedup':>7}"
+)
+
+
+def fmt_row(r: dict) -> str:
+    return (
+        f"{r['T']:>6} {r['d']:>5} {r['k']:>2} {r['op']:<13} {r['ext_ms']:>8.2f} "
+        f"{r['ext_GBps']:>9.2f} {r['ext_frac_copy']:>8.2f} {r['ref_ms']:>8.2f} "
+        f"{r['ref_GBps']:>9.2f} {r['ref_frac_copy']:>8.2f} {r['copy_GBps']:>9.2f} "
+        f"{r['copy_noalloc_GBps']:>10.2f} {r['speedup']:>6.2f}x"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CI-sized run")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (median)")
+    p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")
+    p.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "dispatch_combine.json"
+    )
+    args = p.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    reps = args.reps or (3 if args.quick else 5)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not ops.extension_available():
+        print("the extension is not available: nothing to compare (see the warning above)")
+        return 1
+    machine = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    print(
+        f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
+        f"({machine['torch_threads']} threads); dtype {args.dtype}; median of {reps}"
+    )
+    print(HEADER)
+    rows = run(QUICK if args.quick else FULL, dtype, reps)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps({"machine": machine, "dtype": args.dtype, "reps": reps, "rows": rows}, indent=1)
+        + "\n"
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

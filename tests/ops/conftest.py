@@ -1,0 +1,32 @@
+"""Fixtures of the kernel tests: the extension (built once per session, skipped without a C++
+compiler) and fresh random generators (seed printed, shown by pytest on failure)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+
+import pytest
+import torch
+
+from moe_train.ops import build
+
+
+@pytest.fixture(scope="session")
+def ext() -> None:
+    """Skip unless the fused kernels can be built; a failing build with a compiler is an error."""
+    if build.disabled():
+        pytest.skip("MOE_TRAIN_NO_EXT is set: the extension is disabled")
+    if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler (install g++): the extension cannot be built")
+    if not build.load():
+        pytest.fail(f"the extension failed to build: {build._state['error']}")
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A generator with a fresh seed for each test (printed, so failures can be reproduced)."""
+    seed = random.SystemRandom().randrange(2**31)
+    print(f"seed = {seed}")
+    return torch.Generator().manual_seed(seed)
