@@ -19,9 +19,14 @@ def extension_available() -> bool:
     return _build.load()
 
 
-@torch.compiler.assume_constant_result
 def _ext_for(device_type: str) -> bool:
-    """Use the extension for tensors on this device type? (constant under torch.compile)"""
+    """Use the extension for tensors on this device type?
+
+    Under torch.compile the answer is the eager one already made (a plain flag, so tracing
+    never enters the build); no decorator here, which would import dynamo on every start."""
+    if torch.compiler.is_compiling():
+        loaded = bool(_build._state["loaded"])
+        return loaded if device_type == "cpu" else loaded and bool(_build._state["cuda"])
     if device_type == "cpu":
         return _build.load()
     if device_type == "cuda":

@@ -95,6 +95,7 @@ def _build(verbose: bool) -> bool:
     tag = f"torch{torch.__version__}_py{sys.version_info[0]}{sys.version_info[1]}_{kind}"
     build_dir = extension_dir() / tag.replace("+", "_")
     build_dir.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(build_dir / "lock")
     cpp_extension.load(
         name=f"moe_train_ops_{kind}",
         sources=sources,
@@ -106,6 +107,21 @@ def _build(verbose: bool) -> bool:
         **kwargs,
     )
     return cuda_home is not None
+
+
+_STALE_LOCK_S = 600.0  # a build takes well under a minute; an older lock was left by a killed build
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    """torch's build lock outlives a killed build and makes later builds wait forever."""
+    try:
+        if time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+            lock.unlink()
+            warnings.warn(
+                f"moe_train.ops: removed a stale build lock {lock}", RuntimeWarning, stacklevel=2
+            )
+    except FileNotFoundError:
+        pass
 
 
 def load(verbose: bool = False) -> bool:
