@@ -178,3 +178,51 @@ def test_corrupt_data_gives_a_named_error(tmp_path, small_data):
         train(tiny_cfg(tmp_path / "run", small_data, f"data.dir={bad}"))
     with pytest.raises(DataError, match="missing"):
         train(tiny_cfg(tmp_path / "run", small_data, f"data.dir={tmp_path / 'missing'}"))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_with_float32_router(tmp_path, small_data, precision):
+    summary = train(
+        tiny_cfg(
+            tmp_path / "run", small_data, f"trainer.precision={precision}", "trainer.max_steps=6"
+        )
+    )
+    curve = losses(tmp_path / "run")
+    assert len(curve) == 6 and all(v == v for v in curve)  # finite, no NaN
+    assert (
+        summary["skipped_steps"] == 0 or precision == "fp16"
+    )  # fp16 may skip while the scale settles
+
+
+def test_non_finite_loss_skips_the_step_and_counts_it(tmp_path, small_data, monkeypatch):
+    import torch
+
+    import moe_train.train as train_mod
+
+    real = train_mod.lm_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, aux = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan"), aux) if calls["n"] == 3 else (loss, aux)
+
+    monkeypatch.setattr(train_mod, "lm_loss", poisoned)
+    summary = train(
+        tiny_cfg(tmp_path / "run", small_data, "trainer.max_steps=5", "trainer.eval_batches=0")
+    )
+    assert summary["skipped_steps"] == 1
+    records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1]
+    assert all(
+        torch.isfinite(torch.tensor(r["loss"])) for r in records[3:]
+    )  # weights stayed finite
+
+
+def test_apex_optimizer_without_apex_says_what_to_do(tmp_path, small_data):
+    import importlib.util
+
+    if importlib.util.find_spec("apex") is not None:
+        pytest.skip("apex is installed here")
+    with pytest.raises(RuntimeError, match="optim.impl=torch"):
+        train(tiny_cfg(tmp_path / "run", small_data, "optim.impl=apex"))
