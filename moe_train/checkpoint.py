@@ -36,6 +36,11 @@ META_FILE = "meta.pt"
 LATEST_FILE = "latest"
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Parameter names are those of the bare model, whatever wraps it (DDP)."""
+    return getattr(model, "module", model) if hasattr(model, "no_sync") else model
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupt or does not fit the model."""
 
@@ -175,6 +180,7 @@ def save_checkpoint(
     Every rank calls this. Returns the checkpoint directory.
     """
     run_dir = Path(run_dir)
+    model = _unwrap(model)
     main = state is None or state.is_main
     final = run_dir / f"step_{step:08d}"
     tmp = run_dir / f".tmp_step_{step:08d}"
@@ -304,6 +310,7 @@ def load_checkpoint(
     Every rank calls this. Raises CheckpointError naming the path when the checkpoint is missing,
     incomplete, corrupt, or does not fit the model (shapes, expert count).
     """
+    model = _unwrap(model)
     path = Path(path)
     meta = _read_meta(path)
     _check_fit(path, meta["params"], model)

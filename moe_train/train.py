@@ -174,12 +174,13 @@ def train(cfg: TrainConfig) -> dict:
                 train_tokens, cfg.seed, step, tc.global_batch_size, cfg.model.seq_len, first, micro
             )
             x, y = x.to(state.device), y.to(state.device)
-            loss, aux = lm_loss(model, x, y, amp, noise_seed, first * cfg.model.seq_len)
-            if engine is not None:
-                engine.backward(loss + aux)  # DeepSpeed divides by grad_accum itself
-                engine.step()  # applies the update at the accumulation boundary
-            else:
-                scaler.scale((loss + aux) / accum).backward()
+            with state.no_sync(model, last_micro_step=m == accum - 1):  # DDP: reduce once
+                loss, aux = lm_loss(model, x, y, amp, noise_seed, first * cfg.model.seq_len)
+                if engine is not None:
+                    engine.backward(loss + aux)  # DeepSpeed divides by grad_accum itself
+                    engine.step()  # applies the update at the accumulation boundary
+                else:
+                    scaler.scale((loss + aux) / accum).backward()
             loss_sum += loss.detach() / accum
             for k, v in raw_model.last_aux.items():
                 aux_sum[k] = aux_sum.get(k, 0.0) + v.detach() / accum

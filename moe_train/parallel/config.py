@@ -21,6 +21,9 @@ class ParallelConfig:
         the node first, then crosses once).
     ranks_per_node: ranks per node for the hierarchical all-to-all; None = LOCAL_WORLD_SIZE from
         torchrun, or the whole world.
+    overlap_grad_sync: reduce dense gradients during the backward pass (DistributedDataParallel
+        over the dense parameters, experts ignored); the expert gradients are reduced over their
+        dp group after backward. False: everything is reduced after backward in flat buckets.
     """
 
     ep: int = 1
@@ -28,6 +31,7 @@ class ParallelConfig:
     backend: str = "auto"
     hierarchical_a2a: bool = False
     ranks_per_node: int | None = None
+    overlap_grad_sync: bool = True  # dense grads all-reduced by DDP during backward
 
     def validate(self, world_size: int, num_experts: int, router: RouterConfig) -> None:
         """Raise ValueError naming the fields when the layout cannot be built.

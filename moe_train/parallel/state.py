@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..routing import RouterConfig
 from .config import ParallelConfig
@@ -48,6 +50,7 @@ class ParallelState:
     ranks_per_node: int = 1
     intra_node_group: dist.ProcessGroup | None = None  # hierarchical a2a: ep ranks of my node
     inter_node_group: dist.ProcessGroup | None = None  # ep ranks with my local index, one per node
+    dense_group: dist.ProcessGroup | None = None  # DDP's own world group (never shared with a2a)
 
     # ---- layout -----------------------------------------------------------------------------
     @property
@@ -80,8 +83,14 @@ class ParallelState:
         return self.intra_node_group is not None
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        """The module itself (prepare does not wrap)."""
-        return model
+        """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+        return model.module if isinstance(model, DDP) else model
+
+    def no_sync(self, model: nn.Module, last_micro_step: bool):
+        """Context for one micro-step's backward: DDP reduces only on the last one."""
+        if isinstance(model, DDP) and not last_micro_step:
+            return model.no_sync()
+        return contextlib.nullcontext()
 
     # ---- model ------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -107,7 +116,21 @@ class ParallelState:
             layer.dispatcher.set_hierarchy(
                 self.intra_node_group, self.inter_node_group, self.ranks_per_node
             )
-        return model
+        if self.dense_group is None:
+            return model
+        # Dense grads: DDP all-reduces them in buckets while backward runs, on a process group of
+        # its own so its collectives never interleave with the MoE all-to-alls. Experts are
+        # ignored by DDP and reduced over their dp group in sync_gradients.
+        experts = [name for name, p in unique_params(model) if is_expert_param(p)]
+        model._ddp_params_and_buffers_to_ignore = experts  # DDP reads this attribute
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(
+            model,
+            device_ids=device_ids,
+            process_group=self.dense_group,
+            broadcast_buffers=False,
+            init_sync=False,  # replicas were made identical above
+        )
 
     def sync_gradients(self, model: nn.Module) -> None:
         """All-reduce after backward (and after gradient accumulation).
@@ -119,6 +142,14 @@ class ParallelState:
         reduction runs here, in flat buckets, after the backward pass.
         """
         if not self.distributed:
+            return
+        if isinstance(model, DDP):  # dense grads were reduced during backward
+            expert = [p.grad for _, p in unique_params(model.module) if is_expert_param(p)]
+            expert = [g for g in expert if g is not None]
+            if self.dp > 1:
+                self._reduce_sum_scaled(expert, self.dp_group, "expert gradients over the dp group")
+            elif expert:
+                torch._foreach_div_(expert, float(self.world_size))
             return
         params = [p for _, p in unique_params(self.unwrap(model)) if p.requires_grad]
         has = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8)
@@ -199,7 +230,7 @@ class ParallelState:
                 dist.barrier()
             finally:
                 dist.destroy_process_group()
-        self.ep_group = self.dp_group = self.mesh = None
+        self.ep_group = self.dp_group = self.mesh = self.dense_group = None
         self.intra_node_group = self.inter_node_group = None
 
 
@@ -286,6 +317,8 @@ def init_parallel(cfg: ParallelConfig, num_experts: int, router: RouterConfig) -
     state.dp_group = mesh.get_group("dp")
     if cfg.hierarchical_a2a and cfg.ep > rpn and cfg.ep % rpn == 0:
         _init_node_groups(state, rpn, backend, timeout)
+    if cfg.overlap_grad_sync:
+        state.dense_group = dist.new_group(backend=backend, timeout=timeout)
     return state
 
 

@@ -26,6 +26,9 @@ CASES = {
     "sam": ["parallel.ep=2", "model.num_experts=8", "router.num_groups=4"],
     "expert_choice": ["parallel.ep=2"],
     "tree": ["parallel.ep=1"],
+    # gradient accumulation (2 micro-steps per rank) with DDP's no_sync, and the non-overlapped sync
+    "switch-accum": ["parallel.ep=2", "trainer.micro_batch_size=1"],
+    "topk-no-overlap": ["parallel.ep=2", "parallel.overlap_grad_sync=false"],
 }
 STEPS = 20
 
@@ -49,10 +52,9 @@ def run(tmp_path: Path, run_dir: Path, nproc: int, overrides: list[str]) -> list
 
 @pytest.mark.parametrize("router", sorted(CASES))
 def test_four_ranks_reproduce_the_single_process_loss_curve(tmp_path, router):
-    overrides = [f"router={router}", *CASES[router]]
-    single = run(
-        tmp_path, tmp_path / "single", 1, [o for o in overrides if not o.startswith("parallel.")]
-    )
+    overrides = [f"router={router.split('-')[0]}", *CASES[router]]
+    single_overrides = [o for o in overrides if not o.startswith(("parallel.", "trainer.micro"))]
+    single = run(tmp_path, tmp_path / "single", 1, single_overrides)
     multi = run(tmp_path, tmp_path / "multi", 4, overrides)
     assert len(single) == len(multi) == STEPS
     assert single[-1] < single[0]  # it trains

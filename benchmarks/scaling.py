@@ -1,0 +1,229 @@
+"""Weak scaling of the training app: tokens/s at 1, 2 and 4 processes, same batch per rank.
+
+Each size runs `moe_train.train.train` under torchrun (gloo, ep = processes, so the experts are
+split over the ranks and every MoE layer does a real all-to-all). Time inside
+`torch.distributed.all_to_all_single` (forward and backward, waiting included) is summed on every
+rank to give the all-to-all share of step time. On a 2-core machine 4 processes oversubscribe the
+cores (and 2 processes use them all), so the curve shows overheads, not a cluster's speed-up.
+
+    python benchmarks/scaling.py               # 1, 2, 4 processes, small model, 40 steps
+    python benchmarks/scaling.py --quick       # tiny model, 1 and 2 processes, for CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR, machine, machine_line, table, write_json  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def worker(a: argparse.Namespace) -> None:
+    """One rank (under torchrun): time all_to_all_single, train, report."""
+    import torch.distributed as dist
+
+    from moe_train.config import OptimConfig, TrainConfig, TrainerConfig
+    from moe_train.model import ModelConfig
+    from moe_train.parallel import ParallelConfig
+    from moe_train.routing import RouterConfig
+    from moe_train.train import train
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    spent = {"s": 0.0, "calls": 0}
+    real = dist.all_to_all_single
+
+    def timed(*args, **kw):
+        t0 = time.perf_counter()
+        work = real(*args, **kw)
+        if kw.get("async_op") and work is not None:
+            work.wait()
+        spent["s"] += time.perf_counter() - t0
+        spent["calls"] += 1
+        return work
+
+    dist.all_to_all_single = timed
+    if a.model == "tiny":
+        model = ModelConfig(
+            seq_len=64, d_model=64, n_layers=2, n_heads=4, d_ff=128, num_experts=4, moe_every=1
+        )
+    else:
+        model = ModelConfig(
+            seq_len=128, d_model=128, n_layers=4, n_heads=4, d_ff=256, num_experts=8, moe_every=2
+        )
+    cfg = TrainConfig(
+        model=model,
+        router=RouterConfig(kind=a.router, top_k=2, num_groups=max(world, 1)),
+        parallel=ParallelConfig(ep=world, backend="gloo"),
+        optim=OptimConfig(warmup_steps=5),
+        trainer=TrainerConfig(
+            max_steps=a.steps,
+            global_batch_size=a.per_rank * world,
+            precision="fp32",
+            log_every=a.log_every,
+            eval_every=10**9,
+            eval_batches=0,
+            ckpt_every=10**9,
+            run_dir=a.run_dir,
+            resume=False,
+            progress=False,
+            tensorboard=False,
+        ),
+    )
+    train(cfg)  # saves one checkpoint at the end: outside the timed windows
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(a.run_dir, "a2a.json").write_text(json.dumps(spent))
+
+
+def run_size(n: int, a: argparse.Namespace, tmp: Path) -> dict:
+    run_dir = tmp / f"np{n}"
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(a.threads)  # per rank; launch/train.sh would give cores // n
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={n}",
+        __file__,
+        "--worker",
+        "--run-dir",
+        str(run_dir),
+        "--steps",
+        str(a.steps),
+        "--per-rank",
+        str(a.per_rank),
+        "--model",
+        a.model,
+        "--router",
+        a.router,
+        "--log-every",
+        str(a.log_every),
+    ]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    wall = time.perf_counter() - t0
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        raise RuntimeError(f"{n} processes failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    recs = [json.loads(s) for s in metrics.open()]
+    tps = [r["tokens_per_s"] for r in recs if "tokens_per_s" in r][1:]  # skip warm-up window
+    tok_s = statistics.median(tps)
+    a2a = json.loads((run_dir / "a2a.json").read_text())
+    step_s = a.per_rank * n * (128 if a.model == "small" else 64) / tok_s
+    a2a_per_step = a2a["s"] / a.steps  # rank 0's time in all_to_all_single per step
+    note = "" if proc.returncode == 0 else f"torchrun rc {proc.returncode} at exit"
+    return {
+        "processes": n,
+        "tokens_per_s": tok_s,
+        "tokens_per_s_per_rank": tok_s / n,
+        "step_s": step_s,
+        "a2a_s_per_step": a2a_per_step,
+        "a2a_calls": a2a["calls"],
+        "a2a_share": a2a_per_step / step_s if n > 1 else 0.0,
+        "wall_s": wall,
+        "note": note,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny model, 1-2 processes, few steps")
+    p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--per-rank", type=int, default=8, help="sequences per rank per step")
+    p.add_argument("--model", choices=["small", "tiny"], default="small")
+    p.add_argument("--router", default="switch")
+    p.add_argument("--log-every", type=int, default=5)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="OMP threads per rank (1: each rank owns at most a core, so 1 and 2 "
+        "processes are a clean weak-scaling pair; 2+ threads per rank thrash when the "
+        "machine is busy)",
+    )
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for scaling.json")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--run-dir", default="", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        worker(a)
+        return None
+    if a.quick:
+        a.procs, a.steps, a.model, a.per_rank, a.log_every = [1, 2], 8, "tiny", 4, 2
+    mach = machine()
+    print(machine_line(mach))
+    print(
+        f"weak scaling: {a.model} model, {a.router} router, ep = processes, {a.per_rank} "
+        f"sequences per rank per step, {a.steps} steps, gloo, {a.threads} thread(s) per rank"
+    )
+    results = []
+    with tempfile.TemporaryDirectory(prefix="moe_scaling_") as tmp:
+        for n in a.procs:
+            r = run_size(n, a, Path(tmp))
+            results.append(r)
+            print(f"  {n} processes: {r['tokens_per_s']:,.0f} tokens/s", flush=True)
+    base = results[0]["tokens_per_s_per_rank"]
+    rows = [
+        [
+            r["processes"],
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['tokens_per_s_per_rank']:,.0f}",
+            f"{r['tokens_per_s_per_rank'] / base:.2f}",
+            f"{r['step_s'] * 1e3:.0f}",
+            f"{r['a2a_s_per_step'] * 1e3:.1f}",
+            f"{100 * r['a2a_share']:.0f}%",
+            "; ".join(
+                filter(
+                    None,
+                    ["oversubscribed" if r["processes"] > (os.cpu_count() or 1) else "", r["note"]],
+                )
+            ),
+        ]
+        for r in results
+    ]
+    print()
+    print(
+        table(
+            [
+                "processes",
+                "tokens/s",
+                "tokens/s per rank",
+                "weak-scaling efficiency",
+                "step ms",
+                "all-to-all ms/step (rank 0)",
+                "all-to-all share",
+                "note",
+            ],
+            rows,
+        )
+    )
+    payload = {
+        "benchmark": "scaling",
+        "machine": mach,
+        "command": " ".join(["python", *sys.argv]),
+        "model": a.model,
+        "router": a.router,
+        "per_rank_sequences": a.per_rank,
+        "steps": a.steps,
+        "threads_per_rank": a.threads,
+        "results": results,
+    }
+    path = write_json("scaling", payload, a.out)
+    print(f"\nwrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
