@@ -60,15 +60,19 @@ class ExpertBank(nn.Module):
             self.w_in[i].copy_(w_in.clamp_(-3 * self.init_std, 3 * self.init_std))
             self.w_out[i].copy_(w_out.clamp_(-3 * self.out_std, 3 * self.out_std))
 
-    def expert_ffn(self, x: Tensor, i: int) -> Tensor:
-        """One expert on its rows x: [n, d] -> [n, d]."""
-        h = x @ self.w_in[i].to(x.dtype)
+    def ffn(self, x: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
+        """One expert's FFN on its rows x: [n, d] with w_in [d, h|2h], w_out [h, d] -> [n, d]."""
+        h = x @ w_in.to(x.dtype)
         if self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.gelu(h, approximate="tanh")
-        return h @ self.w_out[i].to(x.dtype)
+        return h @ w_out.to(x.dtype)
+
+    def expert_ffn(self, x: Tensor, i: int) -> Tensor:
+        """Local expert i on its rows x: [n, d] -> [n, d]."""
+        return self.ffn(x, self.w_in[i], self.w_out[i])
 
     def forward(self, x: Tensor, counts: list[int]) -> Tensor:
         """x: [S, d] rows sorted by local expert; counts: rows per local expert -> [S, d]."""
@@ -76,8 +80,13 @@ class ExpertBank(nn.Module):
             raise ValueError(
                 f"expert counts {counts} do not match {self.num_local} experts / {x.shape[0]} rows"
             )
+        # unbind once: its backward stacks the expert grads in one pass (indexing w[i] per expert
+        # would zero-fill a full-size gradient for every expert)
+        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
         outs = [
-            self.expert_ffn(seg, i) for i, seg in enumerate(x.split(counts)) if seg.shape[0] > 0
+            self.ffn(seg, w_in[i], w_out[i])
+            for i, seg in enumerate(x.split(counts))
+            if seg.shape[0] > 0
         ]
         if not outs:  # no rows: stay in the graph so every expert param still gets a zero gradient
             return x.new_zeros(x.shape) + (self.w_in.sum() + self.w_out.sum()).to(x.dtype) * 0

@@ -105,15 +105,32 @@ class Router(nn.Module):
         self.noise_seed, self.token_offset = noise_seed, token_offset
         with torch.autocast(device_type=x.device.type, enabled=False):
             x32 = x.float()
+            gs = self.group_size(x.shape[0], group_size)
             eps = self.cfg.effective_jitter
             if self.training and eps > 0:
-                T, d = x32.shape
-                idx = (token_offset + torch.arange(T, device=x.device)).unsqueeze(1) * d
-                idx = idx + torch.arange(d, device=x.device)
-                x32 = x32 * (1 - eps + 2 * eps * self.uniform(noise_seed, 1, idx))
+                x32 = x32 * (
+                    1 - eps + 2 * eps * self.group_uniform(x32.shape, gs, noise_seed, token_offset)
+                )
             bias = None if self.gate.bias is None else self.gate.bias.float()
             logits = F.linear(x32, self.gate.weight.float(), bias)  # float32 even if cast to bf16
-            return self.route(logits, self.group_size(x.shape[0], group_size))
+            return self.route(logits, gs)
+
+    def group_uniform(self, shape: torch.Size, gs: int, seed: int, token_offset: int) -> Tensor:
+        """U[0,1) noise [T, d], one generator per routing group keyed by the group's GLOBAL index,
+        so it does not depend on how the batch is split (token_offset: a whole number of groups)."""
+        if token_offset % gs:
+            raise ValueError(
+                f"token_offset={token_offset} is not a whole number of routing groups of {gs} "
+                "tokens; split batches at routing-group (sequence) boundaries"
+            )
+        T, d = shape
+        first = token_offset // gs
+        device = self.gate.weight.device
+        out = torch.empty(T // gs, gs, d, device=device)
+        for g in range(T // gs):  # a loop over routing groups (sequences), never over tokens
+            gen = torch.Generator(device=device).manual_seed(mix_seed(seed, 1, first + g))
+            torch.rand(gs, d, generator=gen, device=device, out=out[g])
+        return out.view(T, d)
 
     def route(self, logits: Tensor, gs: int) -> Assignment:  # pragma: no cover - abstract
         raise NotImplementedError
