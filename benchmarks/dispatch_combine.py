@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _common import cpu_model  # benchmarks/ is on sys.path when run as a script
 
 from moe_train import ops
 from moe_train.ops.reference import combine_reference, dispatch_reference
@@ -32,16 +33,6 @@ from moe_train.ops.reference import combine_reference, dispatch_reference
 FULL = {"T": (4096, 16384, 65536), "d": (512, 2048, 4096), "k": (1, 2)}
 QUICK = {"T": (4096,), "d": (512, 1024), "k": (1, 2)}
 MAX_BUF_BYTES = 64 * 2**20  # skip sizes whose [S, d] buffer exceeds this (2-core CI machine)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def cases(T: int, d: int, k: int, dtype: torch.dtype) -> dict[str, tuple[Callable, Callable, int]]:
