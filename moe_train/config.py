@@ -57,7 +57,7 @@ class OptimConfig:
 class TrainerConfig:
     """The loop. global_batch_size sequences per step, split over all ranks and micro-batches."""
 
-    max_steps: int = 300
+    max_steps: int = 1000
     global_batch_size: int = 16
     micro_batch_size: int | None = (
         None  # per rank; None = global_batch_size / world (no accumulation)
@@ -68,9 +68,9 @@ class TrainerConfig:
     engine: str = "native"  # native | deepspeed
     zero_stage: int = 1  # deepspeed engine only: ZeRO stage for dense state (0, 1, 2)
     log_every: int = 10
-    eval_every: int = 100
+    eval_every: int = 200
     eval_batches: int = 8
-    ckpt_every: int = 100
+    ckpt_every: int = 200
     keep_checkpoints: int = 2
     run_dir: str = "runs/default"
     resume: bool = True  # continue from run_dir's latest checkpoint when there is one
