@@ -30,3 +30,12 @@ def gen() -> torch.Generator:
     seed = random.SystemRandom().randrange(2**31)
     print(f"seed = {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(autouse=True)
+def fused_cpu_dispatch(monkeypatch) -> None:
+    """These tests exercise the fused dispatch kernel on CPU, which the library otherwise leaves
+    to torch's own row gather there (it is as fast)."""
+    from moe_train import ops
+
+    monkeypatch.setattr(ops, "FUSED_CPU_DISPATCH", True)

@@ -102,3 +102,17 @@ def test_bad_inputs_name_the_problem():
         ops.combine(torch.randn(3, 8), None, torch.tensor([0, 1]), 4)
     with pytest.raises(RuntimeError, match="x must be float32"):
         ops.dispatch(torch.ones(4, 8, dtype=torch.int32), torch.tensor([0]))
+
+
+def test_cpu_dispatch_without_cast_uses_torch_gather(monkeypatch):
+    """On CPU the library routes a plain dispatch to torch's gather and a cast to the fused op."""
+    monkeypatch.setattr(ops, "FUSED_CPU_DISPATCH", False)
+    seen = []
+    monkeypatch.setattr(
+        "moe_train.ops._custom.dispatch", lambda x, i, dt: seen.append(dt) or x[i].to(dt or x.dtype)
+    )
+    x, index = torch.randn(5, 3), torch.tensor([4, 0, 0])
+    assert torch.equal(ops.dispatch(x, index), x[index]) and seen == []
+    assert ops.dispatch(x, index, torch.bfloat16).dtype == torch.bfloat16 and seen == [
+        torch.bfloat16
+    ]
