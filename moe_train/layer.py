@@ -50,8 +50,9 @@ class MoELayer(nn.Module):
             init_std=init_std,
             out_std=out_std,
         )
-        self.last_stats: dict[str, float] = {}
-        self.last_load: Tensor | None = None
+        # the last call's load [E], dropped, requested, tokens and dispatcher counters
+        self._last: tuple[Tensor, Tensor, int, int] | None = None
+        self._last_comm: dict[str, float | Tensor] = {}
 
     def forward(
         self,
@@ -75,19 +76,30 @@ class MoELayer(nn.Module):
             tokens, noise_seed=noise_seed, token_offset=token_offset, group_size=group_size
         )
         y, comm = self.dispatcher(tokens, a, self.experts)
-        self._record(a, comm)
+        self._last = (a.expert_load.detach(), a.dropped.detach(), a.requested, a.num_tokens)
+        self._last_comm = comm
         return y.reshape(shape), a.losses
 
+    @property
+    def last_load(self) -> Tensor | None:
+        """[E] slots kept per expert in the last call."""
+        return None if self._last is None else self._last[0]
+
+    @property
     @torch.no_grad()
-    def _record(self, a, comm: dict[str, float]) -> None:
-        load = a.expert_load.float()
-        self.last_load = a.expert_load.detach()
+    def last_stats(self) -> dict[str, float]:
+        """Load balance, drops and all-to-all bytes of the last call, as floats. Computed when
+        read (at log steps), so the forward pass does no host syncs for them."""
+        if self._last is None:
+            return {}
+        expert_load, dropped, requested, num_tokens = self._last
+        load = expert_load.float()
         mean = load.mean()
-        self.last_stats = {
+        return {
             "load_cv": float(load.std(unbiased=False) / mean) if mean > 0 else 0.0,
             "load_min": float(load.min()),
             "load_max": float(load.max()),
-            "dropped_frac": float(a.dropped) / max(1, a.requested),
-            "tokens": float(a.num_tokens),
-            **comm,
+            "dropped_frac": float(dropped) / max(1, requested),
+            "tokens": float(num_tokens),
+            **{k: float(v) for k, v in self._last_comm.items()},
         }

@@ -94,7 +94,7 @@ class Dispatcher:
         self, x: Tensor, a: Assignment, experts: ExpertFn
     ) -> tuple[Tensor, dict[str, float]]:
         """x: [T, d] -> (y [T, d], stats)."""
-        stats = dict.fromkeys(STAT_KEYS, 0.0)
+        stats: dict[str, float | Tensor] = dict.fromkeys(STAT_KEYS, 0.0)
         stats["slots"] = float(a.num_slots)
 
         def leaf(rows: Tensor, row: Tensor, local_expert: Tensor, weight: Tensor) -> Tensor:
@@ -105,8 +105,12 @@ class Dispatcher:
             return ops.combine(out, weight[order], row, rows.shape[0])
 
         if self.ep == 1:
-            stats["dispatch_rows"] = float(torch.unique(a.token).numel())
-            stats["dispatch_bytes"] = stats["dispatch_rows"] * x.shape[1] * x.element_size()
+            # tokens with any kept slot, as a tensor: no host sync in the forward pass
+            rows = (torch.bincount(a.token, minlength=x.shape[0]) > 0).sum()
+            stats["dispatch_rows"], stats["dispatch_bytes"] = (
+                rows,
+                rows * x.shape[1] * x.element_size(),
+            )
             return leaf(x, a.token, a.expert, a.weight), stats
         if not self.hierarchical:
             rpn = self.ranks_per_node or self.ep
