@@ -29,16 +29,12 @@ from torch import Tensor, nn
 
 from .layer import MoELayer
 from .parallel import ParallelState
+from .parallel.state import unwrap_model
 
 FORMAT = 1
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 META_FILE = "meta.pt"
 LATEST_FILE = "latest"
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """Parameter names are those of the bare model, whatever wraps it (DDP)."""
-    return getattr(model, "module", model) if hasattr(model, "no_sync") else model
 
 
 class CheckpointError(RuntimeError):
@@ -102,19 +98,27 @@ def _optim_slots(optimizer: torch.optim.Optimizer, params: dict[str, Tensor]):
     return out
 
 
-# ---- save ---------------------------------------------------------------------------------------
-def _save_state(model: nn.Module, optimizer: torch.optim.Optimizer | None):
-    params, info = _param_table(model)
-    sd: dict[str, Tensor] = {}
+def _model_tensors(
+    model: nn.Module, params: dict[str, Tensor], info: dict[str, tuple[int, int, int]]
+) -> list[tuple[str, Tensor, bool]]:
+    """(checkpoint key, live tensor, is an expert slice) for every parameter and buffer; stacked
+    expert weights are split into one slice per GLOBAL expert id."""
+    out: list[tuple[str, Tensor, bool]] = []
     for fqn, p in params.items():
         if fqn in info:
             first, n, _ = info[fqn]
-            for i, key in _expert_keys(f"model/{fqn}", first, n):
-                sd[key] = p.detach()[i].clone()
+            keys = _expert_keys(f"model/{fqn}", first, n)
+            out += [(key, p.detach()[i], True) for i, key in keys]
         else:
-            sd[f"model/{fqn}"] = p.detach()
-    for name, b in _buffers(model).items():
-        sd[f"model/{name}"] = b.detach()
+            out.append((f"model/{fqn}", p.detach(), False))
+    out += [(f"model/{name}", b.detach(), False) for name, b in _buffers(model).items()]
+    return out
+
+
+# ---- save ---------------------------------------------------------------------------------------
+def _save_state(model: nn.Module, optimizer: torch.optim.Optimizer | None):
+    params, info = _param_table(model)
+    sd = {k: t.clone() if sliced else t for k, t, sliced in _model_tensors(model, params, info)}
     optim_meta: dict[str, Any] = {"param_groups": [], "state": {}}
     if optimizer is not None:
         slots = _optim_slots(optimizer, params)
@@ -180,7 +184,7 @@ def save_checkpoint(
     Every rank calls this. Returns the checkpoint directory.
     """
     run_dir = Path(run_dir)
-    model = _unwrap(model)
+    model = unwrap_model(model)  # keys are the bare model's names
     main = state is None or state.is_main
     final = run_dir / f"step_{step:08d}"
     tmp = run_dir / f".tmp_step_{step:08d}"
@@ -310,22 +314,13 @@ def load_checkpoint(
     Every rank calls this. Raises CheckpointError naming the path when the checkpoint is missing,
     incomplete, corrupt, or does not fit the model (shapes, expert count).
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)  # keys are the bare model's names
     path = Path(path)
     meta = _read_meta(path)
     _check_fit(path, meta["params"], model)
     params, info = _param_table(model)
-    sd: dict[str, Tensor] = {}
-    for fqn, p in params.items():
-        if fqn in info:
-            first, n, _ = info[fqn]
-            for i, key in _expert_keys(f"model/{fqn}", first, n):
-                sd[key] = torch.empty_like(p.detach()[i])
-        else:
-            sd[f"model/{fqn}"] = torch.empty_like(p.detach())
-    buffers = _buffers(model)
-    for name, b in buffers.items():
-        sd[f"model/{name}"] = torch.empty_like(b)
+    entries = _model_tensors(model, params, info)
+    sd = {k: torch.empty_like(t) for k, t, _ in entries}
     optim_targets: dict[tuple[str, str], Any] = {}
     slots = []
     if optimizer is not None:
@@ -356,15 +351,8 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {path}: reading the tensors failed: {e}") from e
 
     with torch.no_grad():
-        for fqn, p in params.items():
-            if fqn in info:
-                first, n, _ = info[fqn]
-                for i, key in _expert_keys(f"model/{fqn}", first, n):
-                    p[i].copy_(sd[key])
-            else:
-                p.copy_(sd[f"model/{fqn}"])
-        for name, b in buffers.items():
-            b.copy_(sd[f"model/{name}"])
+        for key, live, _ in entries:
+            live.copy_(sd[key])
     if optimizer is not None:
         _load_optimizer(path, optimizer, meta["optim"], slots, optim_targets)
     _barrier(state)

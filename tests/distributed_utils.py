@@ -11,7 +11,6 @@ when `fn.skip_teardown` is true: for tests that break the group on purpose).
 
 from __future__ import annotations
 
-import gc
 import os
 import pickle
 import socket
@@ -34,17 +33,12 @@ def free_port() -> int:
 def teardown(state: Any = None) -> None:
     """Drop references, gc, barrier, destroy the process group (the recipe that avoids gloo's
     abort at exit)."""
-    import torch.distributed as dist
+    from moe_train.parallel.state import teardown_process_group
 
     if state is not None and hasattr(state, "shutdown"):
         state.shutdown()
         return
-    gc.collect()
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
+    teardown_process_group()
 
 
 def _child(fn, rank: int, world: int, port: int, out_dir: str, env: dict, args: tuple) -> None:

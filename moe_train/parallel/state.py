@@ -84,7 +84,7 @@ class ParallelState:
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The model inside a DistributedDataParallel wrapper (or the model itself)."""
-        return model.module if isinstance(model, DDP) else model
+        return unwrap_model(model)
 
     def no_sync(self, model: nn.Module, last_micro_step: bool):
         """Context for one micro-step's backward: DDP reduces only on the last one."""
@@ -224,14 +224,25 @@ class ParallelState:
 
     def shutdown(self) -> None:
         """Clean teardown: gc, barrier, destroy the process group (avoids gloo's exit abort)."""
-        gc.collect()
-        if dist.is_available() and dist.is_initialized():
-            try:
-                dist.barrier()
-            finally:
-                dist.destroy_process_group()
+        teardown_process_group()
         self.ep_group = self.dp_group = self.mesh = self.dense_group = None
         self.intra_node_group = self.inter_node_group = None
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, DDP) else model
+
+
+def teardown_process_group() -> None:
+    """gc, barrier, destroy the default process group: the order that avoids gloo's abort at exit
+    (drop your references to modules and groups first)."""
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def _buckets(tensors: list[Tensor]) -> list[list[Tensor]]:
