@@ -118,7 +118,8 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)  # dense init: same on every rank; experts seed from global ids
     raw_model = MoETransformer(cfg.model, cfg.router, seed=cfg.seed, ep_group=state.ep_group)
     raw_model.to(state.device)
-    model = state.prepare(raw_model)
+    # native: replicas made identical, dense grads reduced by DDP; DeepSpeed does both itself
+    model = state.prepare(raw_model) if tc.engine == "native" else raw_model
     optimizer = build_optimizer(raw_model, cfg.optim, state.device)
     amp_dtype = autocast_dtype(tc.precision, state.device)
     scaler = torch.amp.GradScaler(state.device.type, enabled=amp_dtype == torch.float16)
