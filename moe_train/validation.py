@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -27,26 +27,31 @@ def check_finite(cfg: Any, section: str) -> None:
             raise ValueError(f"{section}.{f.name}: must be a finite number, got {value}")
 
 
-def at_least(cfg: Any, section: str, low: float, *names: str, optional: bool = False) -> None:
-    """Each field is >= low (None allowed when optional, i.e. the field means 'off/auto')."""
+def _check(
+    cfg: Any,
+    section: str,
+    names: tuple[str, ...],
+    ok: Callable[[Any], bool],
+    what: str,
+    optional: bool,
+) -> None:
     for name in names:
         value = _value(cfg, name)
         if value is None and optional:
             continue
-        if value is None or not value >= low:
+        if value is None or not ok(value):
             extra = " or null" if optional else ""
-            raise ValueError(f"{section}.{name}: must be >= {low}{extra}, got {value}")
+            raise ValueError(f"{section}.{name}: must be {what}{extra}, got {value}")
+
+
+def at_least(cfg: Any, section: str, low: float, *names: str, optional: bool = False) -> None:
+    """Each field is >= low (None allowed when optional, i.e. the field means 'off/auto')."""
+    _check(cfg, section, names, lambda v: v >= low, f">= {low}", optional)
 
 
 def above(cfg: Any, section: str, low: float, *names: str, optional: bool = False) -> None:
     """Each field is > low (None allowed when optional)."""
-    for name in names:
-        value = _value(cfg, name)
-        if value is None and optional:
-            continue
-        if value is None or not value > low:
-            extra = " or null" if optional else ""
-            raise ValueError(f"{section}.{name}: must be > {low}{extra}, got {value}")
+    _check(cfg, section, names, lambda v: v > low, f"> {low}", optional)
 
 
 def in_range(
@@ -59,18 +64,15 @@ def in_range(
     optional: bool = False,
 ) -> None:
     """Each field is in [low, high) ([low, high] with high_inclusive; None when optional)."""
-    for name in names:
-        value = _value(cfg, name)
-        if value is None and optional:
-            continue
-        ok = (
-            value is not None
-            and low <= value
-            and (value <= high if high_inclusive else value < high)
-        )
-        if not ok:
-            closing = "]" if high_inclusive else ")"
-            raise ValueError(f"{section}.{name}: must be in [{low}, {high}{closing}, got {value}")
+    closing = "]" if high_inclusive else ")"
+    _check(
+        cfg,
+        section,
+        names,
+        lambda v: low <= v and (v <= high if high_inclusive else v < high),
+        f"in [{low}, {high}{closing}",
+        optional,
+    )
 
 
 def one_of(cfg: Any, section: str, name: str, choices: Iterable[Any]) -> None:
