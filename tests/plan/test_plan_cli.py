@@ -61,26 +61,28 @@ def test_render_shows_every_section_and_the_fix() -> None:
     assert "DOES NOT FIT" in text and "To fit: cluster." in text
 
 
-def test_cli_json() -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moe_train.plan",
-            "model=tiny",
-            "router=sam",
-            "router.num_groups=2",
-            "cluster.world_size=4",
-            "cluster.ep=2",
-            "plan.json=true",
-        ],
+def plan_cli(*overrides: str) -> subprocess.CompletedProcess:
+    """`python -m moe_train.plan` from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "moe_train.plan", *overrides],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
-        check=True,
-    ).stdout
-    plan = json.loads(out)
+    )
+
+
+def test_cli_json() -> None:
+    done = plan_cli(
+        "model=tiny",
+        "router=sam",
+        "router.num_groups=2",
+        "cluster.world_size=4",
+        "cluster.ep=2",
+        "plan.json=true",
+    )
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
     for key in (
         "total_params",
         "active_params",
@@ -94,22 +96,11 @@ def test_cli_json() -> None:
     assert plan["a2a"]["distinct_ranks_per_token"] == 1  # SAM: one copy per token
     assert plan["memory_per_gpu_bytes"] < 80 * GiB
 
-    bad = subprocess.run(
-        [sys.executable, "-m", "moe_train.plan", "model=tiny", "cluster.ep=3"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    bad = plan_cli("model=tiny", "cluster.ep=3")
     assert bad.returncode != 0 and "cluster.ep" in bad.stderr
 
 
-def test_cli_names_a_nan_router_field() -> None:
-    bad = subprocess.run(
-        [sys.executable, "-m", "moe_train.plan", "model=tiny", "router.capacity_factor=nan"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert bad.returncode != 0 and "router.capacity_factor" in bad.stderr
+@pytest.mark.parametrize("key", ["router.capacity_factor", "router.z_loss_coef"])
+def test_cli_names_a_nan_router_field(key: str) -> None:
+    bad = plan_cli("model=tiny", f"{key}=nan")
+    assert bad.returncode != 0 and key in bad.stderr
