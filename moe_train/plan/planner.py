@@ -25,7 +25,7 @@ def _params_section(pc: ParamCount, k: float, ep: int) -> dict[str, Any]:
     }
 
 
-def _suggestions(pc: ParamCount, model: Any, router: Any, cluster: ClusterConfig) -> dict:
+def _suggestions(pc: ParamCount, model: Any, router: Any, cluster: ClusterConfig) -> dict[str, Any]:
     """The cheapest layouts that fit; when they need more GPUs, also the best on the GPUs you
     have with a lighter optimizer (not one of the searched knobs)."""
     cands = suggest(pc, model, router, cluster)

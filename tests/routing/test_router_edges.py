@@ -152,7 +152,7 @@ def test_ordinary_configs_do_not_warn():
 
 def topk_pair(**kw):
     """Two topk routers with the same gate: normalize before_drop and after_drop."""
-    kw = dict(top_k=2, capacity_factor=0.5, group_size=16, drop_policy="position", **kw)
+    kw = {"top_k": 2, "capacity_factor": 0.5, "group_size": 16, "drop_policy": "position", **kw}
     before = make_router("topk", normalize="before_drop", **kw)
     after = make_router("topk", normalize="after_drop", **kw)
     after.load_state_dict(before.state_dict())
@@ -182,8 +182,7 @@ def test_normalize_after_capacity_drops():
 
 
 def test_normalize_after_random_routing_drops():
-    before, after = topk_pair(random_routing=True)
-    before.cfg.capacity_factor = after.cfg.capacity_factor = None
+    before, after = topk_pair(random_routing=True, capacity_factor=None)
     x = tokens(64, scale=6.0)
     a, b = before.train()(x, noise_seed=5), after.train()(x, noise_seed=5)
     check_normalisation(a, b, torch.softmax(before.gate(x), -1).detach())
