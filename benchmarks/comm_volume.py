@@ -2,9 +2,10 @@
 
 Counters come from the layer itself (`layer.last_stats`, summed over ranks); the analytic value is
 tokens x d x bytes x (distinct destination ranks per token), the distinct ranks counted from the
-router's own Assignment. The nominal column is what the routing rule implies for uniform routing:
-Switch and SAM send a token to exactly one rank whatever k is; top-2 to 2 - (E/ep - 1)/(E - 1) on
-average; M6-T prototypes (each spanning whole ranks) to exactly k.
+router's own Assignment. The nominal column is what the routing rule implies for uniform routing,
+as the router class states it (`expected_ranks`, the planner's number): Switch and SAM send a token
+to exactly one rank whatever k is; top-2 to 2 - (E/ep - 1)/(E - 1) on average; M6-T prototypes
+(each spanning whole ranks) to exactly k; expert choice to ep (1 - (1 - c/E)^(E/ep)).
 
     python benchmarks/comm_volume.py            # 4 ranks x 4096 tokens, d 512, 16 experts
     python benchmarks/comm_volume.py --quick    # seconds, for CI
@@ -24,28 +25,30 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, machine, machine_line, table, write_json  # noqa: E402
 
-from moe_train.routing import RouterConfig  # noqa: E402
+from moe_train.routing import RouterConfig, router_class  # noqa: E402
 
 ROUTERS = {
     "switch": dict(kind="switch"),
     "topk2": dict(kind="topk", top_k=2),
     "prototype2": dict(kind="prototype", top_k=2),
-    "sam2": dict(kind="sam", top_k=2),  # num_groups = ep: one group of E/ep experts per rank
+    "sam2": dict(kind="sam", top_k=2),  # fitted to ep: one group of E/ep experts per rank
     "expert_choice": dict(kind="expert_choice", capacity_factor=2.0),
     "tree": dict(kind="tree", tree_depth=2),
 }
 COUNTERS = ("dispatch_rows", "dispatch_bytes", "token_bytes", "send_bytes", "recv_bytes")
 
 
-def nominal_ranks(name: str, E: int, ep: int, k: int) -> float | None:
-    per_rank = E // ep
-    if name in ("switch", "sam2"):
-        return 1.0
-    if name == "topk2":
-        return 2 - (per_rank - 1) / (E - 1)
-    if name == "prototype2" and (E // k) % per_rank == 0:
-        return float(k)
-    return None  # expert choice: depends on what the experts pick
+def router_for(kw: dict, experts: int, ep: int, capacity_factor: float | None) -> RouterConfig:
+    """The benchmark's router, with the fields its class needs for `ep` ranks (SAM's groups)."""
+    kw = {"capacity_factor": capacity_factor, **kw}
+    cfg = RouterConfig(**kw)
+    cls = router_class(cfg.kind)
+    return RouterConfig(**kw, **cls.layout_fields(cfg, cls.num_experts_for(cfg, experts), ep))
+
+
+def nominal_ranks(router: RouterConfig, E: int, ep: int) -> float:
+    """Expected destination ranks per token under uniform routing (the router class's formula)."""
+    return router_class(router.kind).expected_ranks(router, E, ep)
 
 
 def _rank(rank: int, world: int, port: int, args: dict, queue) -> None:
@@ -67,11 +70,7 @@ def _rank(rank: int, world: int, port: int, args: dict, queue) -> None:
     out = {}
     state = None
     for name, kw in ROUTERS.items():
-        kw = dict(kw)
-        if name == "sam2":
-            kw["num_groups"] = world
-        kw.setdefault("capacity_factor", args["capacity_factor"])
-        router = RouterConfig(**kw)
+        router = router_for(kw, E, world, args["capacity_factor"])
         n_exp = router.num_experts_for(E)
         if n_exp % world:
             out[name] = {"skipped": f"{n_exp} experts do not split over ep={world}"}
@@ -172,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
         tok = sum(o["tokens"] for o in outs)
         tot = {c: sum(o[c] for o in outs) for c in (*COUNTERS, "distinct_pairs", "slots")}
         k = outs[0]["k"]
-        nom = nominal_ranks(name, outs[0]["experts"], a.ranks, k)
+        router = router_for(ROUTERS[name], a.experts, a.ranks, a.capacity_factor)
+        nom = nominal_ranks(router, outs[0]["experts"], a.ranks)
         r = {
             "k": k,
             "slots_per_token": tot["slots"] / tok,
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{r['slots_per_token']:.2f}",
                 f"{r['rows_per_token']:.3f}",
                 f"{r['analytic_rows_per_token']:.3f}",
-                "-" if nom is None else f"{nom:.3f}",
+                f"{nom:.3f}",
                 f"{r['dispatch_bytes_per_token']:,.0f}",
                 f"{r['analytic_bytes_per_token']:,.0f}",
                 f"{r['send_bytes_per_token']:,.0f}",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..routing import RouterConfig
+from ..routing import RouterConfig, router_class
 
 BACKENDS = ("auto", "gloo", "nccl")
 
@@ -60,12 +60,7 @@ class ParallelConfig:
                 "each rank must hold the same number of experts: choose ep among the divisors "
                 "of the expert count"
             )
-        if router.kind == "sam" and router.num_groups % self.ep:
-            raise ValueError(
-                f"router.num_groups={router.num_groups} is not a multiple of parallel.ep="
-                f"{self.ep}: SAM needs every rank to hold whole expert groups so each token has "
-                "one destination rank; use router.num_groups = parallel.ep (or a multiple of it)"
-            )
+        router_class(router.kind).check_layout(router, self.ep)
         if self.ranks_per_node is not None and self.ranks_per_node < 1:
             raise ValueError(
                 f"parallel.ranks_per_node: must be >= 1 or null, got {self.ranks_per_node}"

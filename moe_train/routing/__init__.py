@@ -1,37 +1,47 @@
-"""Routers: tokens -> Assignment. Pure tensor math, no communication."""
+"""Routers: tokens -> Assignment. Pure tensor math, no communication.
+
+Every router kind is one module that registers its class (registry.py). The built-in modules are
+imported below in the order `router_kinds()` lists them (the planner's comparison table follows it).
+"""
 
 from __future__ import annotations
 
 from .assignment import Assignment
 from .base import Router
-from .config import ROUTER_KINDS, RouterConfig
-from .expert_choice import ExpertChoiceRouter
-from .prototype import PrototypeRouter
-from .sam import SAMRouter
+from .config import RouterConfig
+from .context import RouteContext
+from .registry import register_router, router_class, router_kinds, unregister_router
+
+# isort: off
 from .switch import SwitchRouter
 from .topk import TopKRouter
+from .prototype import PrototypeRouter
+from .sam import SAMRouter
+from .expert_choice import ExpertChoiceRouter
 from .tree import TreeRouter
 
-_ROUTERS: dict[str, type[Router]] = {
-    "switch": SwitchRouter,
-    "topk": TopKRouter,
-    "prototype": PrototypeRouter,
-    "sam": SAMRouter,
-    "expert_choice": ExpertChoiceRouter,
-    "tree": TreeRouter,
-}
+# isort: on
 
 
 def build_router(cfg: RouterConfig, d_model: int, num_experts: int) -> Router:
-    """Build the router of `cfg.kind`. For the tree, num_experts must be 2^(depth+1)-1."""
-    if cfg.kind not in _ROUTERS:
-        raise ValueError(f"router.kind: got {cfg.kind!r}; allowed: {', '.join(ROUTER_KINDS)}")
-    if cfg.kind == "tree" and num_experts != cfg.num_experts_for(num_experts):
-        raise ValueError(
-            f"model.num_experts: the tree of router.tree_depth={cfg.tree_depth} has "
-            f"{cfg.num_experts_for(num_experts)} node experts, got num_experts={num_experts}"
-        )
-    return _ROUTERS[cfg.kind](cfg, d_model, num_experts)
+    """Build the router of `cfg.kind` (validated; the tree needs num_experts = 2^(depth+1)-1)."""
+    return router_class(cfg.kind)(cfg, d_model, num_experts)
 
 
-__all__ = ["Assignment", "Router", "RouterConfig", "ROUTER_KINDS", "build_router"]
+__all__ = [
+    "Assignment",
+    "ExpertChoiceRouter",
+    "PrototypeRouter",
+    "RouteContext",
+    "Router",
+    "RouterConfig",
+    "SAMRouter",
+    "SwitchRouter",
+    "TopKRouter",
+    "TreeRouter",
+    "build_router",
+    "register_router",
+    "router_class",
+    "router_kinds",
+    "unregister_router",
+]

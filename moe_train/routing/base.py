@@ -1,8 +1,14 @@
-"""The router base: a float32 gate, routing groups, noise. Subclasses implement `route`."""
+"""The router base: a float32 gate, routing groups, noise, and the facts every kind answers.
+
+Subclasses implement `route(logits, ctx)` and override the class-level facts that differ from the
+defaults here (the planner, the parallel layout checks and the benchmarks read them through
+`registry.router_class(kind)`, never by comparing kind strings).
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +17,9 @@ from torch import Tensor, nn
 from .assignment import Assignment
 from .capacity import expert_capacity, keep_within_capacity
 from .config import RouterConfig
-from .noise import counter_uniform, mix_seed
+from .context import RouteContext
+from .losses import z_loss
+from .noise import mix_seed
 
 
 class Router(nn.Module):
@@ -21,19 +29,67 @@ class Router(nn.Module):
     whatever the model's precision (Switch's selective precision).
     """
 
-    gate_bias: bool = False
+    kind: ClassVar[str] = ""  # set by @register_router
+    gate_bias: ClassVar[bool] = False
+    default_jitter_eps: ClassVar[float] = 0.0  # input jitter when router.jitter_eps is null
+    aux_losses: ClassVar[tuple[str, ...]] = ("balance",)  # loss names besides "z"
+    # fields the planner's router comparison sets for this kind; None: not compared
+    compare_as: ClassVar[dict[str, Any] | None] = {}
 
-    def __init__(
-        self, cfg: RouterConfig, d_model: int, num_experts: int, gate_units: int | None = None
-    ):
+    # ---- facts about the kind (classmethods of the config; no module needed) ---------------
+    @classmethod
+    def check_config(cls, cfg: RouterConfig, num_experts: int) -> None:
+        """Raise ValueError naming the field for values this kind cannot route with."""
+
+    @classmethod
+    def check_layout(cls, cfg: RouterConfig, ep: int) -> None:
+        """Raise ValueError when `ep` expert-parallel ranks cannot hold this router's experts."""
+
+    @classmethod
+    def layout_fields(cls, cfg: RouterConfig, num_experts: int, ep: int) -> dict[str, Any]:
+        """Fields that fit this router to `ep` ranks (SAM: one group per rank)."""
+        return {}
+
+    @classmethod
+    def num_experts_for(cls, cfg: RouterConfig, num_experts: int) -> int:
+        """Experts per MoE layer (the tree fixes its own count)."""
+        return num_experts
+
+    @classmethod
+    def gate_units(cls, cfg: RouterConfig, num_experts: int) -> int:
+        """Outputs of the gate (logits per token)."""
+        return num_experts
+
+    @classmethod
+    def gate_params(cls, cfg: RouterConfig, d_model: int, num_experts: int) -> int:
+        units = cls.gate_units(cfg, num_experts)
+        return d_model * units + (units if cls.gate_bias else 0)
+
+    @classmethod
+    def experts_per_token(cls, cfg: RouterConfig) -> float:
+        """Experts a token runs through on average, before capacity (k for token choice)."""
+        return cfg.top_k
+
+    @classmethod
+    def default_random_routing(cls, cfg: RouterConfig) -> bool:
+        """router.random_routing when null."""
+        return False
+
+    @classmethod
+    def expected_ranks(cls, cfg: RouterConfig, num_experts: int, ep: int) -> float:
+        """Expected distinct ep-ranks (each holding E/ep consecutive experts) a token is sent to
+        under uniform routing. Default: k independent uniform picks, ep * (1 - (1 - 1/ep)^k)."""
+        return ep * (1 - (1 - 1 / ep) ** cls.experts_per_token(cfg))
+
+    # ---- the module --------------------------------------------------------------------------
+    def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int):
         super().__init__()
         cfg.validate(num_experts)
         self.cfg = cfg
         self.d_model = d_model
         self.num_experts = num_experts
-        self.gate = nn.Linear(
-            d_model, gate_units or num_experts, bias=self.gate_bias, dtype=torch.float32
-        )
+        units = type(self).gate_units(cfg, num_experts)
+        self.gate = nn.Linear(d_model, units, bias=self.gate_bias, dtype=torch.float32)
         self.generator: torch.Generator | None = None  # seeds noise when no noise_seed is passed
         self.reset_parameters()
 
@@ -66,14 +122,14 @@ class Router(nn.Module):
         token: Tensor,
         expert: Tensor,
         priority: Tensor,
-        gs: int,
         capacity: int | Tensor | None,
+        ctx: RouteContext,
     ) -> Tensor:
-        """Capacity mask [S] for slots (token, expert), per routing group of gs tokens."""
+        """Capacity mask [S] for slots (token, expert), per routing group of ctx.group_size."""
         if capacity is None:
             return torch.ones_like(token, dtype=torch.bool)
-        G = max(1, (int(token.max()) // gs + 1) if token.numel() else 1)
-        bucket = (token // gs) * self.num_experts + expert
+        G = ctx.num_groups
+        bucket = (token // ctx.group_size) * self.num_experts + expert
         cap = capacity.repeat(G) if isinstance(capacity, Tensor) else capacity
         return keep_within_capacity(bucket, priority, cap, G * self.num_experts)
 
@@ -84,8 +140,12 @@ class Router(nn.Module):
             return score.detach()
         return -(choice * T + token).to(torch.float64)
 
-    def uniform(self, seed: int, stream: int, index: Tensor) -> Tensor:
-        return counter_uniform(mix_seed(seed, stream), index)
+    def z_loss_term(self, logits: Tensor) -> dict[str, Tensor]:
+        """{"z": coef * z_loss} over softmax logits [..., n], or {} when router.z_loss_coef = 0."""
+        return {"z": self.cfg.z_loss_coef * z_loss(logits)} if self.cfg.z_loss_coef > 0 else {}
+
+    def loss_names(self) -> tuple[str, ...]:
+        return (*self.aux_losses, *(("z",) if self.cfg.z_loss_coef > 0 else ()))
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(
@@ -100,24 +160,37 @@ class Router(nn.Module):
         layer passes the sequence length), used when cfg.group_size is None."""
         if x.dim() != 2 or x.shape[1] != self.d_model:
             raise ValueError(f"router expects x of shape [T, {self.d_model}], got {tuple(x.shape)}")
-        if noise_seed is None:
-            noise_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-        self.noise_seed, self.token_offset = noise_seed, token_offset
+        T = x.shape[0]
         with torch.autocast(device_type=x.device.type, enabled=False):
             x32 = x.float()
-            gs = self.group_size(x.shape[0], group_size)
+            if T == 0:
+                return self.empty(self.logits(x32))
+            gs = self.group_size(T, group_size)
+            if noise_seed is None:
+                noise_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+            ctx = RouteContext(T, gs, noise_seed, token_offset)
             eps = self.cfg.effective_jitter
             if self.training and eps > 0:
-                x32 = x32 * (
-                    1 - eps + 2 * eps * self.group_uniform(x32.shape, gs, noise_seed, token_offset)
-                )
-            bias = None if self.gate.bias is None else self.gate.bias.float()
-            logits = F.linear(x32, self.gate.weight.float(), bias)  # float32 even if cast to bf16
-            return self.route(logits, gs)
+                x32 = x32 * (1 - eps + 2 * eps * self.group_uniform(x32.shape, ctx))
+            return self.route(self.logits(x32), ctx)
 
-    def group_uniform(self, shape: torch.Size, gs: int, seed: int, token_offset: int) -> Tensor:
+    def logits(self, x32: Tensor) -> Tensor:
+        """Gate logits [T, units] in float32, even if the module was cast to bf16."""
+        bias = None if self.gate.bias is None else self.gate.bias.float()
+        return F.linear(x32, self.gate.weight.float(), bias)
+
+    def empty(self, logits: Tensor) -> Assignment:
+        """Zero tokens: no slots, and every loss an exact zero that is still connected to the
+        gate (backward gives zero gradients, not missing ones)."""
+        zero = logits.sum() * 0.0
+        none = torch.zeros(0, dtype=torch.int64, device=logits.device)
+        losses = {name: zero for name in self.loss_names()}
+        return Assignment(none, none, logits.new_zeros(0), 0, self.num_experts, losses)
+
+    def group_uniform(self, shape: torch.Size, ctx: RouteContext) -> Tensor:
         """U[0,1) noise [T, d], one generator per routing group keyed by the group's GLOBAL index,
         so it does not depend on how the batch is split (token_offset: a whole number of groups)."""
+        gs, token_offset = ctx.group_size, ctx.token_offset
         if token_offset % gs:
             raise ValueError(
                 f"token_offset={token_offset} is not a whole number of routing groups of {gs} "
@@ -128,14 +201,9 @@ class Router(nn.Module):
         device = self.gate.weight.device
         out = torch.empty(T // gs, gs, d, device=device)
         for g in range(T // gs):  # a loop over routing groups (sequences), never over tokens
-            gen = torch.Generator(device=device).manual_seed(mix_seed(seed, 1, first + g))
+            gen = torch.Generator(device=device).manual_seed(mix_seed(ctx.noise_seed, 1, first + g))
             torch.rand(gs, d, generator=gen, device=device, out=out[g])
         return out.view(T, d)
 
-    def route(self, logits: Tensor, gs: int) -> Assignment:  # pragma: no cover - abstract
+    def route(self, logits: Tensor, ctx: RouteContext) -> Assignment:  # pragma: no cover
         raise NotImplementedError
-
-    def z_loss_term(self, logits: Tensor) -> dict[str, Tensor]:
-        from .losses import z_loss
-
-        return {"z": self.cfg.z_loss_coef * z_loss(logits)} if self.cfg.z_loss_coef > 0 else {}

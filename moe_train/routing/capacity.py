@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-import math
+from fractions import Fraction
 
 import torch
 from torch import Tensor
 
 
+def exact_factor(factor: float) -> Fraction:
+    """The capacity factor as the decimal the user wrote: 1.1 -> 11/10 (the float 1.1 is
+    1.100000000000000088..., which would round 200 / 4 * 1.1 up to 56)."""
+    return Fraction(str(float(factor)))
+
+
 def expert_capacity(
     group_tokens: int, slots_per_token: int, num_experts: int, factor: float
 ) -> int:
-    """C = ceil(tokens * k / E * capacity_factor), at least 1."""
-    return max(1, math.ceil(group_tokens * slots_per_token / num_experts * factor))
+    """C = ceil(tokens * k / E * capacity_factor), at least 1, in exact arithmetic."""
+    f = exact_factor(factor)
+    num = group_tokens * slots_per_token * f.numerator
+    den = num_experts * f.denominator
+    return max(1, -(-num // den))
 
 
 def keep_within_capacity(

@@ -1,24 +1,34 @@
-"""Router configuration: one dataclass for every router kind."""
+"""Router configuration: one dataclass for every router kind.
+
+The checks common to every kind live here; what a kind needs of its own fields (SAM's groups, the
+prototypes' divisibility, the tree's depth) is its class's `check_config`, found through the
+registry.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-ROUTER_KINDS = ("switch", "topk", "prototype", "sam", "expert_choice", "tree")
+from ..validation import above, at_least, check_finite, in_range, one_of
+from .registry import router_class
+
 DROP_POLICIES = ("score", "position")
-TREE_GATES = ("straight_through", "sigmoid")
+NORMALIZE = ("before_drop", "after_drop")
 
 
 @dataclass
 class RouterConfig:
     """How tokens choose experts. Every field has a default; `validate` checks combinations.
 
-    kind: switch | topk | prototype | sam | expert_choice | tree
+    kind: a registered router (switch | topk | prototype | sam | expert_choice | tree built in).
     top_k: experts per token (topk, sam), prototypes (prototype). Ignored by switch.
     num_groups: SAM device groups G; E/G experts each.
     capacity_factor: slots per expert = ceil(tokens * k / E * capacity_factor); None = dropless.
         For expert_choice it is c in C = T * c / E (the paper uses 2) and may not be None.
     drop_policy: which slots an over-full expert keeps: by router `score` or by token `position`.
+    normalize: topk only: renormalise the k weights `before_drop` (GShard/lingvo: a token whose
+        2nd choice is dropped keeps g1/(g1+g2)) or `after_drop` over the surviving slots
+        (DeepSpeed, fairscale: a lone survivor gets weight 1.0). See docs/ROUTING.md.
     group_size: tokens per routing group (capacity, expert choice picks and balance statistics are
         computed per group); None = all tokens of the call.
     jitter_eps: multiplicative input noise U[1-eps, 1+eps] in training; None = 0.01 for switch,
@@ -31,6 +41,7 @@ class RouterConfig:
     num_groups: int = 1
     capacity_factor: float | None = 1.25
     drop_policy: str = "score"
+    normalize: str = "before_drop"
     group_size: int | None = None
     z_loss_coef: float = 1e-3
     balance_coef: float = 1e-2
@@ -47,85 +58,38 @@ class RouterConfig:
     def effective_jitter(self) -> float:
         if self.jitter_eps is not None:
             return self.jitter_eps
-        return 0.01 if self.kind == "switch" else 0.0
+        return router_class(self.kind).default_jitter_eps
 
     @property
     def effective_random_routing(self) -> bool:
         if self.random_routing is not None:
             return self.random_routing
-        return self.kind == "topk" and self.top_k == 2
+        return router_class(self.kind).default_random_routing(self)
 
-    def experts_per_token(self) -> int:
-        """k: slots per token for token-choice routers (upper bound for expert choice)."""
-        return {
-            "switch": 1,
-            "topk": self.top_k,
-            "prototype": self.top_k,
-            "sam": self.top_k,
-            "tree": self.tree_depth + 1,
-        }.get(self.kind, self.top_k)
+    def experts_per_token(self) -> float:
+        """Experts a token runs through on average before capacity (k for token choice; c for
+        expert choice). Delegates to the router class."""
+        return router_class(self.kind).experts_per_token(self)
 
     def num_experts_for(self, num_experts: int) -> int:
-        """The tree fixes its own expert count: 2^(depth+1) - 1 node experts."""
-        if self.kind == "tree":
-            return 2 ** (self.tree_depth + 1) - 1
-        return num_experts
+        """Experts per MoE layer for `model.num_experts` (the tree fixes its own count)."""
+        return router_class(self.kind).num_experts_for(self, num_experts)
 
     def validate(self, num_experts: int) -> None:
         """Raise ValueError naming the field for invalid values or combinations."""
-        E = num_experts
-
-        def bad(field: str, msg: str) -> ValueError:
-            return ValueError(f"router.{field}: {msg}")
-
-        if self.kind not in ROUTER_KINDS:
-            raise bad("kind", f"got {self.kind!r}; allowed: {', '.join(ROUTER_KINDS)}")
-        if self.drop_policy not in DROP_POLICIES:
-            raise bad("drop_policy", f"got {self.drop_policy!r}; allowed: score, position")
-        if self.tree_gate not in TREE_GATES:
-            raise bad("tree_gate", f"got {self.tree_gate!r}; allowed: {', '.join(TREE_GATES)}")
+        cls = router_class(self.kind)  # router.kind: got ...; allowed: ...
+        check_finite(self, "router")
+        one_of(self, "router", "drop_policy", DROP_POLICIES)
+        one_of(self, "router", "normalize", NORMALIZE)
         if self.router_dtype != "float32":
-            raise bad("router_dtype", "router math is always float32 (selective precision)")
-        if E < 1:
-            raise bad("num_experts", f"must be >= 1, got {E}")
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise bad(
-                "capacity_factor", f"must be > 0 or null (dropless), got {self.capacity_factor}"
+            raise ValueError(
+                "router.router_dtype: router math is always float32 (selective precision)"
             )
-        if self.kind == "expert_choice" and self.capacity_factor is None:
-            raise bad(
-                "capacity_factor", "expert_choice needs a capacity factor c (C = T*c/E), e.g. 2.0"
-            )
-        for name in ("z_loss_coef", "balance_coef", "alignment_coef", "init_scale"):
-            if getattr(self, name) < 0:
-                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
-        if self.jitter_eps is not None and not 0 <= self.jitter_eps < 1:
-            raise bad("jitter_eps", f"must be in [0, 1), got {self.jitter_eps}")
-        if self.group_size is not None and self.group_size < 1:
-            raise bad("group_size", f"must be >= 1 or null, got {self.group_size}")
-        if self.top_k < 1:
-            raise bad("top_k", f"must be >= 1, got {self.top_k}")
-        if self.kind == "topk" and self.top_k > E:
-            raise bad("top_k", f"top_k={self.top_k} exceeds num_experts={E}")
-        if self.kind == "prototype" and E % self.top_k != 0:
-            raise bad(
-                "top_k", f"prototype needs num_experts ({E}) divisible by top_k ({self.top_k})"
-            )
-        if self.kind == "sam":
-            if self.num_groups < 1 or E % self.num_groups != 0:
-                raise bad(
-                    "num_groups",
-                    f"SAM needs num_experts ({E}) divisible by num_groups ({self.num_groups})",
-                )
-            if self.top_k > E // self.num_groups:
-                raise bad(
-                    "top_k",
-                    f"SAM top_k={self.top_k} exceeds experts per group "
-                    f"({E}/{self.num_groups}={E // self.num_groups})",
-                )
-        if self.kind == "tree" and not 1 <= self.tree_depth <= 12:
-            raise bad("tree_depth", f"must be in [1, 12], got {self.tree_depth}")
-        if self.max_experts_per_token is not None and self.max_experts_per_token < 1:
-            raise bad(
-                "max_experts_per_token", f"must be >= 1 or null, got {self.max_experts_per_token}"
-            )
+        if num_experts < 1:
+            raise ValueError(f"router.num_experts: must be >= 1, got {num_experts}")
+        above(self, "router", 0, "capacity_factor", optional=True)  # null = dropless
+        at_least(self, "router", 0, "z_loss_coef", "balance_coef", "alignment_coef", "init_scale")
+        in_range(self, "router", 0, 1, "jitter_eps", optional=True)
+        at_least(self, "router", 1, "top_k")
+        at_least(self, "router", 1, "group_size", "max_experts_per_token", optional=True)
+        cls.check_config(self, num_experts)

@@ -31,6 +31,10 @@ from moe_train.routing import RouterConfig, build_router
         ({"kind": "tree", "tree_gate": "tanh"}, 7, "tree_gate"),
         ({"kind": "tree", "tree_depth": 0}, 1, "tree_depth"),
         ({"kind": "switch", "router_dtype": "bfloat16"}, 8, "router_dtype"),
+        ({"kind": "switch", "capacity_factor": float("nan")}, 8, "capacity_factor"),
+        ({"kind": "switch", "z_loss_coef": float("nan")}, 8, "z_loss_coef"),
+        ({"kind": "switch", "jitter_eps": float("inf")}, 8, "jitter_eps"),
+        ({"kind": "topk", "normalize": "later"}, 8, "normalize"),
         ({"kind": "bogus"}, 8, "kind"),
         ({"kind": "tree", "tree_depth": 2}, 8, "num_experts"),  # the depth-2 tree has 7 nodes
     ],
@@ -62,6 +66,7 @@ def test_wrong_input_shape_raises():
         r(torch.randn(4, 15))
 
 
+@pytest.mark.filterwarnings("ignore:router.top_k")  # one expert per prototype: weight 1.0
 @pytest.mark.parametrize("kind", KINDS)
 def test_valid_edge_configs_build(kind):
     """The limits themselves are allowed (top_k = experts per group, one expert per prototype)."""

@@ -116,7 +116,8 @@ def test_tree_balance_per_level():
             chosen = 2 * chosen + (z[:, m] > 0).long()
         total = total + switch_balance(reach, chosen)  # n * sum_i f_i P_i over this level
     torch.testing.assert_close(a.losses["balance"], 0.3 * total)
-    assert "z" not in a.losses
+    # z-loss of each unit's 2-way softmax over (-z/2, z/2): logsumexp = log(2 cosh(z/2))
+    torch.testing.assert_close(a.losses["z"], 0.07 * (torch.log(2 * torch.cosh(z / 2)) ** 2).mean())
 
 
 def test_expert_choice_has_only_z_loss():

@@ -1,0 +1,71 @@
+"""The Hydra command line: `moe-train-plan` / `python -m moe_train.plan` (configs/plan.yaml)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from typing import Any
+
+from .config import ClusterConfig, PlanOptions
+from .planner import make_plan
+from .render import render
+
+
+def _to_dataclass(cls: type, node: Any, where: str) -> Any:
+    from omegaconf import OmegaConf
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls), node)
+    except Exception as e:  # unknown key or wrong type, named by OmegaConf
+        raise ValueError(f"{where}: {e}".splitlines()[0]) from None
+    return OmegaConf.to_object(merged)
+
+
+def plan_from_config(cfg: Any) -> tuple[dict[str, Any], PlanOptions]:
+    """The plan of a composed Hydra config (model, router, cluster, plan groups)."""
+    from ..model import ModelConfig
+    from ..routing import RouterConfig
+
+    model = _to_dataclass(ModelConfig, cfg.model, "model")
+    router = _to_dataclass(RouterConfig, cfg.router, "router")
+    cluster = _to_dataclass(ClusterConfig, cfg.cluster, "cluster")
+    options = _to_dataclass(PlanOptions, cfg.plan, "plan")
+    if cluster.seq_len is None:
+        cluster.seq_len = model.seq_len
+    return make_plan(model, router, cluster, options), options
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and x.is_integer() and abs(x) < 2**63:
+        return int(x)
+    return x
+
+
+def run(cfg: Any) -> None:
+    """Print the plan (tables, or one JSON object with plan.json=true); config errors exit 1."""
+    try:
+        plan, options = plan_from_config(cfg)
+    except ValueError as e:
+        sys.exit(f"moe-train-plan: {e}")
+    if options.json:
+        print(json.dumps(_jsonable(plan)))
+        return
+    names: dict[str, str] = {}
+    with contextlib.suppress(Exception):
+        from hydra.core.hydra_config import HydraConfig
+
+        names = dict(HydraConfig.get().runtime.choices)
+    print(render(plan, names))
+
+
+def main() -> None:
+    import hydra
+
+    from ..config import CONFIG_DIR
+
+    hydra.main(config_path=CONFIG_DIR, config_name="plan", version_base=None)(run)()

@@ -1,0 +1,185 @@
+"""Closed-form costs of one optimizer step per GPU: memory, all-to-all traffic, gradient sync, FLOPs.
+
+Formulas (s = sequence length, b = micro batch, d = d_model, a = heads, f = FFN width, V = vocab,
+E = experts per MoE layer, k = experts per token, L = layers, bytes unless stated):
+- weights: params * param_bytes; gradients: params * param_bytes; optimizer state per param:
+  Adam 12 (fp32 master + 2 fp32 moments; 8 when param_bytes = 4), Adafactor 4 (master; the
+  factored second moment is ignored), SGD 8 (master + momentum). Dense parameters are replicated on
+  every GPU; an expert lives on one rank of each ep group, so world/ep GPUs hold the same expert.
+  ZeRO 1 shards optimizer state, ZeRO 2 also gradients: dense over the world, experts over the
+  world/ep ranks holding the same experts.
+- activations per layer (Korthikanti et al. 2022, arXiv 2205.05198, 16-bit): attention
+  11sbd + 5as^2b (the s^2 term dropped with flash attention), two LayerNorms 4sbd, dense FFN
+  3sbd + 4sbf (gelu; swiglu 3sbd + 8sbf; f = 4d gives the paper's 34sbd + 5as^2b in total).
+  MoE FFN: 3sbd + router (4sbd fp32 input + 8sb * gate units fp32 logits and probs) + per slot
+  (k*s*b slots) 4d (expert input and output rows) + 4f (gelu; swiglu 8f). LM head: 6sbV (16-bit
+  logits + fp32 log-softmax) + 2sbd. Full activation checkpointing keeps each block's input (2sbd
+  per layer) plus one block's activations while it is recomputed.
+- all-to-all per MoE layer and micro-batch: each token row (d * param_bytes bytes) goes once to each
+  DISTINCT remote rank holding one of its experts (the router class's `expected_ranks` for uniform
+  routing: exact hypergeometric for top-k, 1 for SAM's device-first routing, k for prototypes on
+  separate ranks, ep*(1-(1-1/ep)^k) as the with-replacement default) and comes back (combine):
+  2 transfers forward, 2 backward, 2 more when checkpointing recomputes the forward; plus 20 bytes
+  of slot metadata forward and 4 bytes of weight gradient backward per remote slot. Remote share
+  (1 - 1/ep). ep groups are consecutive ranks: a share (gpus_per_node-1)/(ep-1) of the remote
+  traffic stays in the node when ep > gpus_per_node. Intra- and inter-node links run
+  concurrently: time = max(intra bytes / intra bw, inter / inter).
+- FLOPs: 6 * N * tokens + 12 * s * d_attn * L per token (attention scores, fwd + bwd), N = active
+  matmul parameters (no position table, the tied head counted once); 8N and 16 s d_attn L with
+  activation checkpointing (hardware FLOPs). Compute time = FLOPs / achieved TFLOP/s.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..routing import router_class
+from .config import OPTIMIZERS, OPTIMIZERS_FP32, ClusterConfig, GiB
+from .params import ParamCount
+
+META_BYTES_FWD, META_BYTES_BWD = 20, 4  # per remote slot: (row, expert) int64 + weight fp32; grad
+
+
+def optimizer_bytes(cluster: ClusterConfig) -> int:
+    table = OPTIMIZERS if cluster.param_bytes == 2 else OPTIMIZERS_FP32
+    return table[cluster.optimizer]
+
+
+def activation_bytes(model: Any, router: Any, cluster: ClusterConfig) -> dict[str, float]:
+    """Activation memory of one micro-batch: without and with full activation checkpointing."""
+    s = cluster.seq_len or model.seq_len
+    b, d, a, V, L = (
+        cluster.micro_batch_size,
+        model.d_model,
+        model.n_heads,
+        model.vocab_size,
+        model.n_layers,
+    )
+    cls = router_class(router.kind)
+    units = cls.gate_units(router, cls.num_experts_for(router, model.num_experts))
+    sb, sbd = s * b, s * b * d
+    per_f = 8 if model.activation == "swiglu" else 4  # bytes per row per unit of FFN width
+
+    attn = 11 * sbd + (0 if cluster.flash_attention else 5 * a * s * s * b)
+    norms = 4 * sbd
+    dense_layer = attn + norms + 3 * sbd + per_f * sb * model.d_ff
+    slots = router.experts_per_token() * sb
+    moe_ffn = 3 * sbd + 4 * sbd + 8 * sb * units
+    moe_ffn += slots * (4 * d + per_f * (model.expert_d_ff or model.d_ff))
+    moe_layer = attn + norms + moe_ffn
+    layers = [moe_layer if model.is_moe_layer(i) else dense_layer for i in range(L)]
+    head = 6 * sb * V + 2 * sbd
+    return {
+        "no_checkpointing": sum(layers) + head,
+        "checkpointing": 2 * sbd * L + max(layers) + head,
+        "moe_layer": moe_layer,
+        "dense_layer": dense_layer,
+    }
+
+
+def memory(pc: ParamCount, model: Any, router: Any, cluster: ClusterConfig) -> dict[str, float]:
+    """Bytes per GPU by term, plus the fit against the GPU's memory."""
+    world, ep = cluster.world_size, cluster.ep or 1
+    edp = world // ep  # ranks holding the same experts
+    dense, expert = pc.dense, pc.experts / ep
+    pb, ob = cluster.param_bytes, optimizer_bytes(cluster)
+    z = cluster.zero_stage
+    weights = (dense + expert) * pb
+    grads = dense * pb / (world if z >= 2 else 1) + expert * pb / (edp if z >= 2 else 1)
+    optim = dense * ob / (world if z >= 1 else 1) + expert * ob / (edp if z >= 1 else 1)
+    acts = activation_bytes(model, router, cluster)
+    act = acts["checkpointing" if cluster.activation_checkpointing else "no_checkpointing"]
+    reserved = cluster.reserved_gb * GiB
+    total = weights + grads + optim + act + reserved
+    capacity = cluster.gpu_memory_gb * GiB
+    return {
+        "weights": weights,
+        "gradients": grads,
+        "optimizer": optim,
+        "activations": act,
+        "activations_no_checkpointing": acts["no_checkpointing"],
+        "activations_checkpointing": acts["checkpointing"],
+        "reserved": reserved,
+        "total": total,
+        "capacity": capacity,
+        "margin": capacity - total,  # < 0: short by that much
+        "fits": total <= capacity,
+    }
+
+
+def distinct_ranks(router: Any, num_experts: int, ep: int) -> float:
+    """Expected distinct ep-ranks holding a token's experts under uniform routing."""
+    if ep == 1:
+        return 1.0
+    cls = router_class(router.kind)
+    return cls.expected_ranks(router, cls.num_experts_for(router, num_experts), ep)
+
+
+def a2a(pc: ParamCount, model: Any, router: Any, cluster: ClusterConfig) -> dict[str, float]:
+    """All-to-all bytes sent per GPU per optimizer step and the time they take."""
+    ep = cluster.ep or 1
+    s = cluster.seq_len or model.seq_len
+    tokens = s * cluster.micro_batch_size  # per micro-batch per GPU
+    D = distinct_ranks(router, model.num_experts, ep)
+    remote = 1 - 1 / ep
+    transfers = 6 if cluster.activation_checkpointing else 4
+    rows = tokens * D * remote
+    slots = tokens * router.experts_per_token() * remote
+    meta = slots * (META_BYTES_FWD * (transfers // 2 - 1) + META_BYTES_BWD)
+    per_layer = transfers * rows * model.d_model * cluster.param_bytes + meta
+    total = per_layer * pc.moe_layers * cluster.grad_accum
+    g = cluster.gpus_per_node
+    intra_share = 1.0 if ep <= g else (g - 1) / (ep - 1)
+    t_intra = total * intra_share / (cluster.intra_node_gbps * 1e9)
+    t_inter = total * (1 - intra_share) / (cluster.inter_node_gbps * 1e9)
+    return {
+        "distinct_ranks_per_token": D,
+        "bytes_per_gpu_per_step": total,
+        "intra_node_share": intra_share,
+        "seconds": max(t_intra, t_inter),
+    }
+
+
+def grad_sync(pc: ParamCount, cluster: ClusterConfig) -> dict[str, float]:
+    """Ring all-reduce (or ZeRO reduce-scatter + all-gather) bytes per GPU per step; overlappable."""
+    world, ep = cluster.world_size, cluster.ep or 1
+    edp = world // ep
+    pb = cluster.param_bytes
+    dense = 2 * (world - 1) / world * pc.dense * pb
+    expert = 2 * (edp - 1) / edp * pc.experts / ep * pb
+    multi_node = world > cluster.gpus_per_node
+    bw = (cluster.inter_node_gbps if multi_node else cluster.intra_node_gbps) * 1e9
+    return {"dense_bytes": dense, "expert_bytes": expert, "seconds": (dense + expert) / bw}
+
+
+def flops(pc: ParamCount, model: Any, router: Any, cluster: ClusterConfig) -> dict[str, float]:
+    """Model FLOPs per token and hardware FLOPs per GPU per step (recompute included)."""
+    s = cluster.seq_len or model.seq_len
+    n = pc.active(router.experts_per_token()) - pc.lookup_only  # matmul parameters per token
+    attn = 12 * s * model.d_model * model.n_layers  # scores + weighted values, fwd + bwd
+    per_token = 6 * n + attn
+    hw_per_token = (8 * n + attn * 4 / 3) if cluster.activation_checkpointing else per_token
+    tokens = s * cluster.micro_batch_size * cluster.grad_accum  # per GPU per step
+    return {
+        "model_flops_per_token": per_token,
+        "flops_per_gpu_per_step": hw_per_token * tokens,
+        "flops_per_step": hw_per_token * tokens * cluster.world_size,
+        "tokens_per_step": tokens * cluster.world_size,
+        "seconds": hw_per_token * tokens / (cluster.tflops * 1e12),
+    }
+
+
+def estimate_step(
+    pc: ParamCount, model: Any, router: Any, cluster: ClusterConfig
+) -> dict[str, Any]:
+    """Memory, all-to-all, compute and gradient sync of one step on `cluster`."""
+    mem = memory(pc, model, router, cluster)
+    comm = a2a(pc, model, router, cluster)
+    comp = flops(pc, model, router, cluster)
+    return {
+        "memory": mem,
+        "a2a": comm,
+        "compute": comp,
+        "grad_sync": grad_sync(pc, cluster),
+        "comm_compute_ratio": comm["seconds"] / comp["seconds"],
+    }

@@ -1,0 +1,116 @@
+"""Closed-form parameter count of MoETransformer (decoder-only) or a T5-style encoder-decoder.
+
+The router's share (gate width, bias, experts per layer) comes from its class in the router
+registry; nothing here depends on the router kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..routing import router_class
+from .config import ARCHITECTURES, EncDecConfig
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameters of the whole model (all ranks), by kind."""
+
+    embedding: int  # token table (+ position table, + untied head)
+    attention: int
+    norms: int
+    dense_ffn: int
+    router: int
+    experts: int  # all experts of all MoE layers
+    moe_layers: int
+    experts_per_layer: int
+    expert_size: int  # one expert: w_in + w_out
+    lookup_only: int  # parameters that are looked up, not multiplied (position table, ...)
+
+    @property
+    def dense(self) -> int:
+        return self.embedding + self.attention + self.norms + self.dense_ffn + self.router
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.experts
+
+    def active_expert(self, k: float) -> float:
+        return k * self.expert_size * self.moe_layers
+
+    def active(self, k: float) -> float:
+        return self.dense + self.active_expert(k)
+
+
+def ffn_mult(activation: str) -> int:
+    """Weight matrices of one FFN's input side: swiglu has gate and up, gelu one."""
+    return 3 if activation == "swiglu" else 2
+
+
+def _decoder_terms(model: Any) -> dict[str, int]:
+    """MoETransformer: learned positions, LayerNorm with bias, qkv + proj without bias."""
+    d, V, L = model.d_model, model.vocab_size, model.n_layers
+    untied = 0 if model.tie_embeddings else V * d
+    return {
+        "layers": L,
+        "moe_layers": sum(model.is_moe_layer(i) for i in range(L)),
+        "embedding": V * d + model.seq_len * d + untied,
+        "attention": L * 4 * d * d,  # qkv [d, 3d] + proj [d, d]
+        "norms": L * 2 * 2 * d + 2 * d,  # weight + bias: two per block + final
+        "lookup_only": model.seq_len * d + untied,
+    }
+
+
+def _encdec_terms(model: Any, ed: EncDecConfig) -> dict[str, int]:
+    """T5 / Switch: relative position bias, RMSNorm (or LayerNorm), cross attention."""
+    d, V, L, h = model.d_model, model.vocab_size, model.n_layers, model.n_heads
+    n_enc = ed.encoder_layers if ed.encoder_layers is not None else L // 2
+    n_dec = L - n_enc
+    if not 0 < n_enc < L:
+        raise ValueError(
+            f"plan.encoder_decoder.encoder_layers: must be in [1, {L - 1}], got {n_enc}"
+        )
+    inner = h * (ed.d_kv or d // h)  # attention width: heads x d_kv
+    rel = 2 * ed.relative_buckets * h  # one relative-bias table per stack
+    norm = d if ed.rms_norm else 2 * d
+    moe = sum(model.is_moe_layer(i) for i in range(n_enc))
+    moe += sum(model.is_moe_layer(i) for i in range(n_dec))
+    return {
+        "layers": n_enc + n_dec,
+        "moe_layers": moe,
+        "embedding": V * d * (1 if ed.tie_embeddings else 2),
+        "attention": (n_enc * 4 + n_dec * 8) * d * inner + rel,  # decoder: self + cross
+        "norms": (2 * n_enc + 3 * n_dec + 2) * norm,  # + final norm of each stack
+        "lookup_only": rel + (V * d if not ed.tie_embeddings else 0),
+    }
+
+
+def count_params(
+    model: Any, router: Any, architecture: str = "decoder_only", encdec: EncDecConfig | None = None
+) -> ParamCount:
+    """Closed-form parameter count of MoETransformer (decoder_only) or a T5-style encoder-decoder."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"plan.architecture: got {architecture!r}; allowed: {', '.join(ARCHITECTURES)}"
+        )
+    if architecture == "decoder_only":
+        terms = _decoder_terms(model)
+    else:
+        terms = _encdec_terms(model, encdec or EncDecConfig())
+    d, moe = model.d_model, terms["moe_layers"]
+    cls = router_class(router.kind)
+    E = cls.num_experts_for(router, model.num_experts)
+    expert_size = d * (model.expert_d_ff or model.d_ff) * ffn_mult(model.activation)
+    return ParamCount(
+        embedding=terms["embedding"],
+        attention=terms["attention"],
+        norms=terms["norms"],
+        dense_ffn=(terms["layers"] - moe) * d * model.d_ff * ffn_mult(model.activation),
+        router=moe * cls.gate_params(router, d, E),
+        experts=moe * E * expert_size,
+        moe_layers=moe,
+        experts_per_layer=E,
+        expert_size=expert_size,
+        lookup_only=terms["lookup_only"],
+    )

@@ -1,0 +1,106 @@
+"""plan/cli.py and render.py: the command line, its JSON, its errors and its tables."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from plan_helpers import FAST, ROOT, SMALL
+
+from moe_train.plan import (
+    ClusterConfig,
+    GiB,
+    PlanOptions,
+    format_bytes,
+    format_count,
+    format_seconds,
+    make_plan,
+    render,
+)
+from moe_train.routing import RouterConfig
+
+
+def test_bad_cluster_field_is_named() -> None:
+    with pytest.raises(ValueError, match="cluster.ep"):
+        make_plan(SMALL, RouterConfig(), ClusterConfig(world_size=8, ep=3), FAST)
+
+
+@pytest.mark.parametrize(
+    "router,cluster,key",
+    [
+        (RouterConfig(capacity_factor=math.nan), ClusterConfig(), "router.capacity_factor"),
+        (RouterConfig(z_loss_coef=math.nan), ClusterConfig(), "router.z_loss_coef"),
+        (RouterConfig(), ClusterConfig(tflops=math.inf), "cluster.tflops"),
+        (RouterConfig(), ClusterConfig(reserved_gb=math.nan), "cluster.reserved_gb"),
+        (RouterConfig(), ClusterConfig(reserved_gb=-1.0), "cluster.reserved_gb"),
+        (RouterConfig(), ClusterConfig(zero_stage=3), "cluster.zero_stage"),
+        (RouterConfig(), ClusterConfig(seq_len=0), "cluster.seq_len"),
+    ],
+)
+def test_non_finite_and_out_of_range_fields_are_named(router, cluster, key) -> None:
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        make_plan(SMALL, router, cluster, FAST)
+
+
+def test_formatters() -> None:
+    assert format_count(1571.3e9) == "1.571T" and format_count(999) == "999"
+    assert format_bytes(1.5 * GiB) == "1.50 GiB"
+    assert (format_seconds(0.0125), format_seconds(2.5)) == ("12.5 ms", "2.50 s")
+
+
+def test_render_shows_every_section_and_the_fix() -> None:
+    memory = 95_000 / GiB  # 104 KB needed as configured; checkpointing brings it under
+    cluster = ClusterConfig(world_size=8, ep=1, gpu_memory_gb=memory, reserved_gb=0, seq_len=16)
+    plan = make_plan(SMALL, RouterConfig(kind="topk"), cluster, PlanOptions(meta_check=False))
+    text = render(plan, {"model": "small", "router": "topk"})
+    for title in ("Parameters", "Memory per GPU", "Per optimizer step", "Routers on this layout"):
+        assert title in text
+    assert "DOES NOT FIT" in text and "To fit: cluster." in text
+
+
+def plan_cli(*overrides: str) -> subprocess.CompletedProcess:
+    """`python -m moe_train.plan` from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "moe_train.plan", *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_cli_json() -> None:
+    done = plan_cli(
+        "model=tiny",
+        "router=sam",
+        "router.num_groups=2",
+        "cluster.world_size=4",
+        "cluster.ep=2",
+        "plan.json=true",
+    )
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    for key in (
+        "total_params",
+        "active_params",
+        "params_per_gpu",
+        "memory_per_gpu_bytes",
+        "fits",
+        "a2a_bytes_per_gpu_per_step",
+    ):
+        assert key in plan
+    assert plan["meta_check"]["match"] and plan["fits"]
+    assert plan["a2a"]["distinct_ranks_per_token"] == 1  # SAM: one copy per token
+    assert plan["memory_per_gpu_bytes"] < 80 * GiB
+
+    bad = plan_cli("model=tiny", "cluster.ep=3")
+    assert bad.returncode != 0 and "cluster.ep" in bad.stderr
+
+
+@pytest.mark.parametrize("key", ["router.capacity_factor", "router.z_loss_coef"])
+def test_cli_names_a_nan_router_field(key: str) -> None:
+    bad = plan_cli("model=tiny", f"{key}=nan")
+    assert bad.returncode != 0 and key in bad.stderr

@@ -1,0 +1,99 @@
+"""plan/costs.py: memory, activation and all-to-all arithmetic by hand."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from plan_helpers import SMALL
+
+from moe_train.plan import (
+    ClusterConfig,
+    a2a,
+    activation_bytes,
+    count_params,
+    distinct_ranks,
+    estimate_step,
+    memory,
+)
+from moe_train.routing import RouterConfig
+
+
+def test_memory_terms_by_hand() -> None:
+    model = SMALL  # 3 layers, layer 1 is MoE (moe_every=2)
+    router = RouterConfig(kind="topk", top_k=2)
+    pc = count_params(model, router)
+    d, V, s, f, E = 16, 50, 16, 24, 8
+    dense = V * d + s * d + 3 * (4 * d * d + 4 * d) + 2 * d + 2 * (2 * d * f) + d * E
+    expert = 1 * E * 2 * d * f
+    assert (pc.dense, pc.experts) == (dense, expert)
+
+    base = ClusterConfig(
+        world_size=8, ep=4, micro_batch_size=2, seq_len=16, gpu_memory_gb=1, reserved_gb=0
+    )
+    for zero, grad_div, opt_div in ((0, (1, 1), (1, 1)), (1, (1, 1), (8, 2)), (2, (8, 2), (8, 2))):
+        m = memory(pc, model, router, replace(base, zero_stage=zero))
+        assert m["weights"] == 2 * (dense + expert / 4)
+        assert m["gradients"] == pytest.approx(
+            2 * dense / grad_div[0] + 2 * expert / 4 / grad_div[1]
+        )
+        assert m["optimizer"] == pytest.approx(
+            12 * dense / opt_div[0] + 12 * expert / 4 / opt_div[1]
+        )
+
+    # activations: Korthikanti per layer + MoE terms + head, b=2, s=16, a=2
+    b, a, k = 2, 2, 2
+    sbd = s * b * d
+    attn_norm = 11 * sbd + 5 * a * s * s * b + 4 * sbd
+    dense_layer = attn_norm + 3 * sbd + 4 * s * b * f
+    moe_layer = attn_norm + 3 * sbd + 4 * sbd + 8 * s * b * E + k * s * b * (4 * d + 4 * f)
+    head = 6 * s * b * V + 2 * sbd
+    acts = activation_bytes(model, router, base)
+    assert acts["no_checkpointing"] == 2 * dense_layer + moe_layer + head
+    assert acts["checkpointing"] == 3 * 2 * sbd + max(dense_layer, moe_layer) + head
+    flash = activation_bytes(model, router, replace(base, flash_attention=True))
+    assert acts["no_checkpointing"] - flash["no_checkpointing"] == 3 * 5 * a * s * s * b
+    # Korthikanti's 34sbh + 5as^2b for a dense layer with d_ff = 4d
+    dense4 = replace(model, d_ff=4 * d, moe_every=0)
+    one = activation_bytes(dense4, router, base)["dense_layer"]
+    assert one == 34 * sbd + 5 * a * s * s * b
+
+
+def test_a2a_sam_one_copy_topk_distinct_ranks() -> None:
+    E, ep = 64, 8
+    assert distinct_ranks(RouterConfig(kind="switch"), E, ep) == 1
+    assert distinct_ranks(RouterConfig(kind="sam", top_k=4, num_groups=8), E, ep) == 1
+    # top-2 of 64 without replacement, 8 experts per rank: P(same rank) = 7/63
+    assert distinct_ranks(RouterConfig(kind="topk", top_k=2), E, ep) == pytest.approx(2 - 7 / 63)
+    assert distinct_ranks(RouterConfig(kind="prototype", top_k=2), E, ep) == pytest.approx(2)
+    assert distinct_ranks(RouterConfig(kind="topk", top_k=2), E, 1) == 1
+
+    model = replace(SMALL, d_model=16, num_experts=E)
+    r = RouterConfig(kind="switch")
+    pc = count_params(model, r)
+    c = ClusterConfig(world_size=8, ep=8, micro_batch_size=2, seq_len=16, grad_accum=3)
+    tokens, remote = 32, 7 / 8
+    # 4 row transfers (dispatch+combine, fwd+bwd) of d*2 bytes + 24 B metadata per remote slot
+    per_layer = 4 * tokens * remote * 16 * 2 + tokens * remote * (20 + 4)
+    assert a2a(pc, model, r, c)["bytes_per_gpu_per_step"] == pytest.approx(per_layer * 1 * 3)
+    ck = a2a(pc, model, r, replace(c, activation_checkpointing=True))["bytes_per_gpu_per_step"]
+    assert ck == pytest.approx((6 * tokens * remote * 32 + tokens * remote * (40 + 4)) * 3)
+
+
+def test_distinct_ranks_of_sam_groups_spanning_ranks_and_expert_choice() -> None:
+    """SAM with 2 groups of 32 over 8 ranks: top-2 inside a group of 4 ranks (hypergeometric);
+    expert choice with c = 2: each of a rank's 8 experts takes a token w.p. 2/64."""
+    sam = RouterConfig(kind="sam", top_k=2, num_groups=2)
+    assert distinct_ranks(sam, 64, 8) == pytest.approx(4 * (1 - (24 / 32) * (23 / 31)))
+    ec = RouterConfig(kind="expert_choice", capacity_factor=2.0)
+    assert distinct_ranks(ec, 64, 8) == pytest.approx(8 * (1 - (1 - 2 / 64) ** 8))
+
+
+def test_estimate_step_is_the_sum_of_its_terms() -> None:
+    router = RouterConfig(kind="topk", top_k=2)
+    pc = count_params(SMALL, router)
+    c = ClusterConfig(world_size=8, ep=4, seq_len=16)
+    est = estimate_step(pc, SMALL, router, c)
+    assert est["memory"] == memory(pc, SMALL, router, c)
+    assert est["a2a"] == a2a(pc, SMALL, router, c)
+    assert est["comm_compute_ratio"] == est["a2a"]["seconds"] / est["compute"]["seconds"]
