@@ -74,6 +74,14 @@ def test_wrong_type_fails_naming_the_key():
         (["optim.lr=0"], "optim.lr"),
         (["trainer.precision=fp8"], "trainer.precision"),
         (["trainer.engine=jax"], "trainer.engine"),
+        (["optim.lr=inf"], "optim.lr"),
+        (["optim.weight_decay=nan"], "optim.weight_decay"),
+        (["optim.grad_clip=nan"], "optim.grad_clip"),
+        (["optim.beta2=1.0"], "optim.beta2"),
+        (["trainer.threads=-1"], "trainer.threads"),
+        (["trainer.zero_stage=3"], "trainer.zero_stage"),
+        (["trainer.eval_batches=-1"], "trainer.eval_batches"),
+        (["data.default_corpus_bytes=10"], "data.default_corpus_bytes"),
     ],
 )
 def test_semantic_errors_name_the_field(overrides, field):
