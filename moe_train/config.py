@@ -15,12 +15,14 @@ from .data.config import DataConfig
 from .model import ModelConfig
 from .parallel import ParallelConfig
 from .routing import RouterConfig
+from .validation import above, at_least, check_finite, in_range, one_of
 
 # configs/ at the repo root (editable install); absolute, so console scripts find it from any folder
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIM_IMPLS = ("torch", "apex")
 ENGINES = ("native", "deepspeed")
+ZERO_STAGES = (0, 1, 2)
 
 
 @dataclass
@@ -38,19 +40,12 @@ class OptimConfig:
     grad_clip: float = 1.0  # global norm across ranks; <= 0 disables clipping
 
     def validate(self) -> None:
-        if self.impl not in OPTIM_IMPLS:
-            raise ValueError(f"optim.impl: got {self.impl!r}; allowed: {', '.join(OPTIM_IMPLS)}")
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr: must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
-        if self.weight_decay < 0:
-            raise ValueError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"optim.{name}: must be in [0, 1), got {getattr(self, name)}")
+        check_finite(self, "optim")
+        one_of(self, "optim", "impl", OPTIM_IMPLS)
+        above(self, "optim", 0, "lr")
+        in_range(self, "optim", 0, 1, "min_lr_ratio", high_inclusive=True)
+        at_least(self, "optim", 0, "warmup_steps", "weight_decay", "eps")
+        in_range(self, "optim", 0, 1, "beta1", "beta2")
 
 
 @dataclass
@@ -59,12 +54,10 @@ class TrainerConfig:
 
     max_steps: int = 1000
     global_batch_size: int = 16
-    micro_batch_size: int | None = (
-        None  # per rank; None = global_batch_size / world (no accumulation)
-    )
-    precision: str = (
-        "auto"  # auto (bf16 on Ampere+, fp16 on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16
-    )
+    # sequences per rank per micro-step; None = global_batch_size / world (no accumulation)
+    micro_batch_size: int | None = None
+    # auto (bf16 on Ampere+, fp16 on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"
     engine: str = "native"  # native | deepspeed
     zero_stage: int = 1  # deepspeed engine only: ZeRO stage for dense state (0, 1, 2)
     log_every: int = 10
@@ -79,23 +72,14 @@ class TrainerConfig:
     threads: int | None = None  # torch CPU threads per rank; None = torch's default
 
     def validate(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"trainer.precision: got {self.precision!r}; allowed: {', '.join(PRECISIONS)}"
-            )
-        if self.engine not in ENGINES:
-            raise ValueError(f"trainer.engine: got {self.engine!r}; allowed: {', '.join(ENGINES)}")
-        if self.zero_stage not in (0, 1, 2):
-            raise ValueError(f"trainer.zero_stage: got {self.zero_stage}; allowed: 0, 1, 2")
-        for name in ("max_steps", "global_batch_size", "log_every", "eval_every", "ckpt_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"trainer.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ValueError(
-                f"trainer.micro_batch_size: must be >= 1 or null, got {self.micro_batch_size}"
-            )
-        if self.eval_batches < 0 or self.keep_checkpoints < 1:
-            raise ValueError("trainer.eval_batches must be >= 0 and trainer.keep_checkpoints >= 1")
+        check_finite(self, "trainer")
+        one_of(self, "trainer", "precision", PRECISIONS)
+        one_of(self, "trainer", "engine", ENGINES)
+        one_of(self, "trainer", "zero_stage", ZERO_STAGES)
+        at_least(self, "trainer", 1, "max_steps", "global_batch_size", "log_every", "eval_every")
+        at_least(self, "trainer", 1, "ckpt_every", "keep_checkpoints")
+        at_least(self, "trainer", 0, "eval_batches")
+        at_least(self, "trainer", 1, "micro_batch_size", "threads", optional=True)
 
     def batch_split(self, data_world: int) -> tuple[int, int]:
         """(micro_batch_size, grad_accum) per rank so that world * micro * accum == global batch."""

@@ -1,11 +1,25 @@
-"""Run metrics: console lines, metrics.jsonl, TensorBoard (when installed). Rank 0 writes."""
+"""Run metrics: metrics.jsonl, TensorBoard (when installed), the progress bar, GPU stats, and the
+TrainLogger that gathers them on the log cadence. Rank 0 writes."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .gpu_stats import gather_gpu_stats, gpu_stats
+
+if TYPE_CHECKING:
+    from .engines import Engine
+    from .training.cadence import Every
+    from .training.state import TrainState
+    from .training.step import StepOutput
 
 
 def moe_layer_metrics(layers) -> dict[str, float]:
@@ -64,3 +78,95 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The records of run_dir/metrics.jsonl (for tests and tools)."""
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(run_dir: str | Path, step: int) -> None:
+    """On resume, drop records logged after the checkpoint (they will be logged again)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.exists():
+        keep = [r for r in read_metrics(run_dir) if r["step"] <= step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        tmp.replace(path)
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kw: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def progress_bar(start: int, total: int, enabled: bool) -> Any:
+    """A tqdm bar over the steps (or one that shows nothing)."""
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+
+class TrainLogger:
+    """The log cadence. Every log_every steps and at the last: loss and aux losses (mean over
+    ranks), lr, grad_norm, tokens_per_s since the last log, skipped_steps, per-MoE-layer stats and,
+    on GPUs, every rank's GPU stats (gpu{r}/...) to metrics.jsonl/TensorBoard and the progress bar.
+    Collective on log steps: every rank calls after_step. On rank 0 (`is_main`) a resumed run's
+    metrics.jsonl is cut back to the resume step first."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        cadence: Every,
+        *,
+        start: int,
+        tokens_per_step: int,
+        mean_over_ranks: Callable[[Tensor], Tensor],
+        device: torch.device,
+        is_main: bool,
+        tensorboard: bool,
+        progress: bool,
+    ):
+        if is_main:
+            truncate_metrics(run_dir, start)
+        self.writer = MetricsWriter(run_dir, enabled=is_main, tensorboard=tensorboard)
+        self.bar = progress_bar(start, cadence.last, enabled=is_main and progress)
+        self.cadence, self.tokens_per_step = cadence, tokens_per_step
+        self.mean_over_ranks, self.device = mean_over_ranks, device
+        self._since = time.perf_counter()  # start of the current log window
+        self._steps_in_window = 0
+
+    def after_step(self, train_state: TrainState, out: StepOutput, engine: Engine) -> None:
+        self._steps_in_window += 1
+        if self.cadence.due(train_state.step):
+            record = self.record(train_state, out, engine)
+            train_state.last_loss = record["loss"]
+            self.writer.log(train_state.step, record)
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}"
+            )
+            self._since, self._steps_in_window = time.perf_counter(), 0
+        self.bar.update(1)
+
+    def record(self, train_state: TrainState, out: StepOutput, engine: Engine) -> dict[str, Any]:
+        """The metrics of one log step (collective: means over ranks, GPU stats gather)."""
+        elapsed = time.perf_counter() - self._since
+        record: dict[str, Any] = {
+            "loss": float(self.mean_over_ranks(out.loss)),
+            "lr": out.lr,
+            "grad_norm": engine.grad_norm(),
+            "tokens_per_s": self.tokens_per_step * self._steps_in_window / elapsed,
+            "skipped_steps": train_state.skipped,
+            **{
+                f"aux/{name}": float(self.mean_over_ranks(torch.as_tensor(value)))
+                for name, value in out.aux.items()
+            },
+            **moe_layer_metrics(engine.module.moe_layers()),
+        }
+        if self.device.type == "cuda":  # a collective: every rank reports, rank 0 logs
+            per_rank = gather_gpu_stats(gpu_stats(self.device.index))
+            for r, stats in enumerate(per_rank or []):
+                record.update({f"gpu{r}/{k}": v for k, v in stats.items()})
+        return record
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()

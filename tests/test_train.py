@@ -74,6 +74,14 @@ def test_wrong_type_fails_naming_the_key():
         (["optim.lr=0"], "optim.lr"),
         (["trainer.precision=fp8"], "trainer.precision"),
         (["trainer.engine=jax"], "trainer.engine"),
+        (["optim.lr=inf"], "optim.lr"),
+        (["optim.weight_decay=nan"], "optim.weight_decay"),
+        (["optim.grad_clip=nan"], "optim.grad_clip"),
+        (["optim.beta2=1.0"], "optim.beta2"),
+        (["trainer.threads=-1"], "trainer.threads"),
+        (["trainer.zero_stage=3"], "trainer.zero_stage"),
+        (["trainer.eval_batches=-1"], "trainer.eval_batches"),
+        (["data.default_corpus_bytes=10"], "data.default_corpus_bytes"),
     ],
 )
 def test_semantic_errors_name_the_field(overrides, field):
@@ -197,9 +205,9 @@ def test_mixed_precision_trains_with_float32_router(tmp_path, small_data, precis
 def test_non_finite_loss_skips_the_step_and_counts_it(tmp_path, small_data, monkeypatch):
     import torch
 
-    import moe_train.train as train_mod
+    import moe_train.training.step as step_mod
 
-    real = train_mod.lm_loss
+    real = step_mod.lm_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -207,7 +215,7 @@ def test_non_finite_loss_skips_the_step_and_counts_it(tmp_path, small_data, monk
         calls["n"] += 1
         return (loss * float("nan"), aux) if calls["n"] == 3 else (loss, aux)
 
-    monkeypatch.setattr(train_mod, "lm_loss", poisoned)
+    monkeypatch.setattr(step_mod, "lm_loss", poisoned)
     summary = train(
         tiny_cfg(tmp_path / "run", small_data, "trainer.max_steps=5", "trainer.eval_batches=0")
     )

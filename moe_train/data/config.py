@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..validation import at_least, check_finite
 from .default_corpus import DEFAULT_MAX_BYTES, default_corpus_dir
 from .tokens import DataError, TokenFile
 
@@ -24,14 +25,12 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field (`data.<field>`)."""
-        if self.dir is not None and not str(self.dir).strip():
-            raise ValueError("data.dir must be a folder path or null (the default corpus), got ''")
-        if self.default_corpus_bytes < 10_000:
-            raise ValueError(
-                f"data.default_corpus_bytes must be >= 10000, got {self.default_corpus_bytes}"
-            )
-        if self.cache_dir is not None and not str(self.cache_dir).strip():
-            raise ValueError("data.cache_dir must be a folder path or null, got ''")
+        check_finite(self, "data")
+        for name in ("dir", "cache_dir"):
+            value = getattr(self, name)
+            if value is not None and not str(value).strip():
+                raise ValueError(f"data.{name}: must be a folder path or null, got ''")
+        at_least(self, "data", 10_000, "default_corpus_bytes")
 
 
 def resolve_data_dir(cfg: DataConfig) -> Path:

@@ -1,0 +1,81 @@
+"""moe-train's own engine: DDP/bucketed gradient sync, global-norm clipping, fp16 loss scaling."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..parallel import ParallelState
+
+
+class NativeEngine:
+    """The update with the collectives of `parallel` (a ParallelState).
+
+    backward: loss / grad_accum, scaled by the GradScaler when computing in fp16.
+    step: sync gradients (dense over the world, experts over their dp group), unscale, clip to the
+    global norm, apply only when that norm is finite (else the step is skipped), zero the grads.
+    Checkpoints: DCP, reshardable across expert-parallel sizes (moe_train.checkpoint).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        parallel: ParallelState,
+        *,
+        grad_accum: int,
+        grad_clip: float,
+        amp_dtype: torch.dtype | None,
+    ):
+        self.model, self.module, self.optimizer = model, module, optimizer
+        self.parallel = parallel
+        self.grad_accum, self.grad_clip, self.amp_dtype = grad_accum, grad_clip, amp_dtype
+        device_type = parallel.device.type
+        self.scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
+        self._grad_norm: Tensor = torch.zeros(())  # [] of the last step, before clipping
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.parallel.device.type, dtype=self.amp_dtype)
+
+    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
+        return self.parallel.no_sync(self.model, last_micro_step=last)  # DDP: reduce once
+
+    def backward(self, loss: Tensor) -> None:
+        self.scaler.scale(loss / self.grad_accum).backward()
+
+    def step(self) -> bool:
+        self.parallel.sync_gradients(self.model)
+        self.scaler.unscale_(self.optimizer)
+        self._grad_norm = self.parallel.clip_grad_norm_(self.module, self.grad_clip)
+        applied = bool(torch.isfinite(self._grad_norm))
+        if applied:  # a non-finite loss or gradient is never applied
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return applied
+
+    def grad_norm(self) -> float:
+        return float(self._grad_norm)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scaler.load_state_dict(state["scaler"])
+
+    def save_checkpoint(self, run_dir: Path, step: int, extra: dict[str, Any], keep: int) -> None:
+        save_checkpoint(run_dir, step, self.module, self.optimizer, extra, self.parallel, keep=keep)
+
+    def load_latest(self, run_dir: Path) -> dict[str, Any] | None:
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            return None
+        return load_checkpoint(path, self.module, self.optimizer, self.parallel)

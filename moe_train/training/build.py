@@ -1,0 +1,59 @@
+"""From config to the things the loop runs on: the token files, the model and its engine.
+
+The only places that build the model (`build_model`) and wrap it for its engine (`build_engine`:
+DDP for the native engine, deepspeed.initialize for DeepSpeed); gradient sync and clipping live in
+the native engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import TrainConfig
+from ..data import TokenFile, open_splits, resolve_data_dir
+from ..engines import DeepSpeedEngine, Engine, NativeEngine, deepspeed_initialize
+from ..model import MoETransformer
+from ..parallel import ParallelState
+from .optim import autocast_dtype, build_optimizer
+
+
+def open_training_data(cfg: TrainConfig) -> tuple[Path, TokenFile, TokenFile]:
+    """(data folder, train tokens, val tokens); the model's vocabulary must cover the data's."""
+    data_dir = resolve_data_dir(cfg.data)
+    train_tokens, val_tokens = open_splits(data_dir)
+    if train_tokens.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
+            f"({train_tokens.vocab_size}, {data_dir}); raise model.vocab_size"
+        )
+    return data_dir, train_tokens, val_tokens
+
+
+def build_model(cfg: TrainConfig, parallel: ParallelState) -> MoETransformer:
+    """This rank's model on its device: dense weights from cfg.seed (the same on every rank),
+    experts seeded by their global ids, MoE layers talking over the expert-parallel group."""
+    torch.manual_seed(cfg.seed)
+    model = MoETransformer(cfg.model, cfg.router, seed=cfg.seed, ep_group=parallel.ep_group)
+    return model.to(parallel.device)
+
+
+def build_engine(
+    cfg: TrainConfig, parallel: ParallelState, micro_batch: int, grad_accum: int
+) -> Engine:
+    """The model, its optimizer and the engine of trainer.engine around them."""
+    module = build_model(cfg, parallel)
+    optimizer = build_optimizer(module, cfg.optim, parallel.device)
+    amp_dtype = autocast_dtype(cfg.trainer.precision, parallel.device)
+    if cfg.trainer.engine == "deepspeed":  # DeepSpeed broadcasts, reduces and steps itself
+        wrapped = deepspeed_initialize(
+            module, optimizer, ep=parallel.ep, micro_batch=micro_batch, grad_accum=grad_accum,
+            zero_stage=cfg.trainer.zero_stage, grad_clip=cfg.optim.grad_clip, amp_dtype=amp_dtype,
+        )  # fmt: skip
+        return DeepSpeedEngine(wrapped, module, optimizer)
+    model = parallel.prepare(module)  # replicas made identical; DDP reduces dense grads
+    return NativeEngine(
+        model, module, optimizer, parallel,
+        grad_accum=grad_accum, grad_clip=cfg.optim.grad_clip, amp_dtype=amp_dtype,
+    )  # fmt: skip

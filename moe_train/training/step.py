@@ -1,0 +1,64 @@
+"""One optimizer step: forward and backward over this rank's micro-batches, then the update."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data import TokenFile
+from ..engines import Engine
+from ..routing.noise import mix_seed
+from .batches import BatchPlan
+from .optim import set_lr
+
+NOISE_STREAM = 0x0153  # mix_seed stream of the router noise (the same on every rank)
+
+
+def lm_loss(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    amp: Callable[[], AbstractContextManager],
+    noise_seed: int,
+    token_offset: int,
+) -> tuple[Tensor, Tensor]:
+    """(cross-entropy [], aux []) for tokens x -> targets y, both [b, T]."""
+    with amp():
+        logits, aux = model(x, noise_seed=noise_seed, token_offset=token_offset)  # [b, T, vocab]
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), aux
+
+
+@dataclass
+class StepOutput:
+    """What one step leaves for the logger. Tensors are this rank's, not yet reduced over ranks."""
+
+    lr: float
+    loss: Tensor  # [] mean LM loss over the micro-batches
+    aux: dict[str, Tensor]  # name -> [] mean over the micro-batches of each aux loss term
+    applied: bool  # False: non-finite loss or gradients, the update was skipped
+
+
+def train_step(
+    engine: Engine, tokens: TokenFile, plan: BatchPlan, step: int, lr: float, rank: int
+) -> StepOutput:
+    """Step `step` (0-based) at learning rate `lr`: every micro-batch's forward and backward through
+    the engine, then engine.step(). Dropout is seeded by (seed, step, rank), router noise by
+    (seed, step), so both are functions of the step and a resumed run repeats them."""
+    set_lr(engine.optimizer, lr)
+    torch.manual_seed(mix_seed(plan.seed, step, rank))
+    noise_seed = mix_seed(plan.seed, step, NOISE_STREAM)
+    loss_sum = torch.zeros((), device=plan.device)
+    aux_sum: dict[str, Tensor] = {}
+    for m, (x, y, token_offset) in enumerate(plan.micro_batches(tokens, step)):
+        with engine.micro_batch(last=m == plan.grad_accum - 1):
+            loss, aux = lm_loss(engine.model, x, y, engine.autocast, noise_seed, token_offset)
+            engine.backward(loss + aux)
+        loss_sum += loss.detach() / plan.grad_accum
+        for name, value in engine.module.last_aux.items():
+            aux_sum[name] = aux_sum.get(name, 0.0) + value.detach() / plan.grad_accum
+    return StepOutput(lr=lr, loss=loss_sum, aux=aux_sum, applied=engine.step())
