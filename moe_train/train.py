@@ -24,8 +24,8 @@ from .data import TokenFile, get_batch, open_splits, resolve_data_dir, val_batch
 from .engines import deepspeed_initialize
 from .gpu_stats import gather_gpu_stats, gpu_stats
 from .metrics import MetricsWriter, moe_layer_metrics, read_metrics
-from .model import MoETransformer, is_expert_param
-from .parallel import init_parallel
+from .model import MoETransformer
+from .parallel import init_parallel, is_expert_param, parallelize
 from .routing.noise import mix_seed
 
 
@@ -116,10 +116,12 @@ def train(cfg: TrainConfig) -> dict:
         )
 
     torch.manual_seed(cfg.seed)  # dense init: same on every rank; experts seed from global ids
-    raw_model = MoETransformer(cfg.model, cfg.router, seed=cfg.seed, ep_group=state.ep_group)
+    raw_model = MoETransformer(cfg.model, cfg.router, seed=cfg.seed, shard=state.dims.expert_shard)
     raw_model.to(state.device)
-    # native: replicas made identical, dense grads reduced by DDP; DeepSpeed does both itself
-    model = state.prepare(raw_model) if tc.engine == "native" else raw_model
+    # native: groups wired, replicas made identical, dense grads reduced by DDP; DeepSpeed (ep=1,
+    # no groups to wire) does the rest itself
+    native = tc.engine == "native"
+    model = parallelize(raw_model, state.dims, state.groups, cfg.parallel) if native else raw_model
     optimizer = build_optimizer(raw_model, cfg.optim, state.device)
     amp_dtype = autocast_dtype(tc.precision, state.device)
     scaler = torch.amp.GradScaler(state.device.type, enabled=amp_dtype == torch.float16)
