@@ -24,6 +24,33 @@ import torch.multiprocessing as mp
 
 from moe_train.parallel.launch_env import free_port, torchrun_env
 
+DIST_CALLS = (
+    "init_process_group",
+    "is_initialized",
+    "new_group",
+    "get_world_size",
+    "get_rank",
+    "broadcast",
+    "all_reduce",
+    "all_to_all_single",
+    "barrier",
+)
+
+
+def forbid_torch_distributed(monkeypatch: Any) -> None:
+    """Make every torch.distributed entry point the package uses raise (pytest's monkeypatch
+    undoes it): for code that must run without a process group."""
+    import torch.distributed as dist
+
+    def forbid(name: str):
+        def fail(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError(f"torch.distributed.{name} was called")
+
+        return fail
+
+    for name in DIST_CALLS:
+        monkeypatch.setattr(dist, name, forbid(name))
+
 
 def teardown(state: Any = None) -> None:
     """Drop references, gc, barrier, destroy the process group (the recipe that avoids gloo's

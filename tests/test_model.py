@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from distributed_utils import forbid_torch_distributed
 
 from moe_train import ModelConfig, MoELayer, MoETransformer, RouterConfig
 
@@ -165,17 +166,7 @@ def test_half_batch_with_token_offset_matches_the_full_batch(kind):
 @pytest.fixture
 def no_dist(monkeypatch):
     """Any call into torch.distributed fails the test."""
-    import torch.distributed as dist
-
-    def forbid(name):
-        def fail(*args, **kwargs):
-            raise AssertionError(f"torch.distributed.{name} called while building the model")
-
-        return fail
-
-    names = ("is_initialized", "get_world_size", "get_rank", "new_group", "broadcast")
-    for name in names:
-        monkeypatch.setattr(dist, name, forbid(name))
+    forbid_torch_distributed(monkeypatch)
 
 
 def test_one_rank_of_ep2_builds_on_cpu_without_a_process_group(no_dist):

@@ -6,36 +6,15 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch.distributed as dist
+from distributed_utils import forbid_torch_distributed
 
 from moe_train.parallel import ExpertShard, ParallelConfig, ParallelDims
 from moe_train.routing import RouterConfig
 
-DIST_CALLS = (
-    "init_process_group",
-    "is_initialized",
-    "new_group",
-    "get_world_size",
-    "get_rank",
-    "broadcast",
-    "all_reduce",
-    "all_to_all_single",
-    "barrier",
-)
-
 
 @pytest.fixture
 def no_dist(monkeypatch):
-    """Make any call into torch.distributed fail loudly."""
-
-    def forbid(name):
-        def fail(*args, **kwargs):
-            raise AssertionError(f"torch.distributed.{name} was called")
-
-        return fail
-
-    for name in DIST_CALLS:
-        monkeypatch.setattr(dist, name, forbid(name))
+    forbid_torch_distributed(monkeypatch)
 
 
 @pytest.mark.parametrize(("world", "ep"), [(1, 1), (4, 2), (8, 4), (8, 8), (6, 1)])
