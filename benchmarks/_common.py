@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -52,6 +53,25 @@ def write_json(name: str, payload: dict, out_dir: str | Path | None = None) -> P
     path = out / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def command_line() -> str:
+    """How this benchmark was started (stored with its results)."""
+    return " ".join(["python", *sys.argv])
+
+
+def print_table(headers: list[str], rows: list[list]) -> None:
+    print()
+    print(table(headers, rows))
+
+
+def publish(name: str, mach: dict, fields: dict, out_dir: str | Path | None = None) -> dict:
+    """Write {benchmark, machine, command, **fields} to <out_dir>/<name>.json, say where, and
+    return it (the shared tail of every benchmark script)."""
+    payload = {"benchmark": name, "machine": mach, "command": command_line(), **fields}
+    path = write_json(name, payload, out_dir)
+    print(f"\nwrote {path}")
+    return payload
 
 
 def table(headers: list[str], rows: list[list]) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -23,8 +22,9 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, machine, machine_line, table, write_json  # noqa: E402
+from _common import RESULTS_DIR, machine, machine_line, print_table, publish  # noqa: E402
 
+from moe_train.parallel.launch_env import free_port, torchrun_env  # noqa: E402
 from moe_train.routing import RouterConfig, router_class  # noqa: E402
 
 ROUTERS = {
@@ -52,19 +52,11 @@ def nominal_ranks(router: RouterConfig, E: int, ep: int) -> float:
 
 
 def _rank(rank: int, world: int, port: int, args: dict, queue) -> None:
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-    )
+    os.environ.update(torchrun_env(rank, world, port))
     torch.set_num_threads(1)
     from moe_train import MoELayer
     from moe_train.parallel import ParallelConfig, init_parallel
+    from moe_train.parallel.parallelize import connect_process_groups
 
     T, d, h, E = args["tokens"], args["d_model"], args["d_ff"], args["experts"]
     out = {}
@@ -78,7 +70,8 @@ def _rank(rank: int, world: int, port: int, args: dict, queue) -> None:
         if state is None:
             state = init_parallel(ParallelConfig(ep=world, backend="gloo"), n_exp, router)
         torch.manual_seed(1234 + rank)
-        layer = MoELayer(d, h, n_exp, router=router, ep_group=state.ep_group, seed=0)
+        layer = MoELayer(d, h, n_exp, router=router, shard=state.dims.expert_shard, seed=0)
+        connect_process_groups(layer, state.dims, state.groups)
         seen = {}
         inner = layer.dispatcher
 
@@ -140,9 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{a.experts} experts, fp32, capacity factor {a.capacity_factor or 'dropless'}"
     )
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [
@@ -199,22 +190,19 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{r['send_bytes_per_token']:,.0f}",
             ]
         )
-    print()
-    print(
-        table(
-            [
-                "router",
-                "k",
-                "slots/token",
-                "dest ranks/token (counter)",
-                "(analytic)",
-                "(nominal)",
-                "dispatch B/token (counter)",
-                "analytic B/token",
-                "wire B/token (remote, both ways + meta)",
-            ],
-            rows,
-        )
+    print_table(
+        [
+            "router",
+            "k",
+            "slots/token",
+            "dest ranks/token (counter)",
+            "(analytic)",
+            "(nominal)",
+            "dispatch B/token (counter)",
+            "analytic B/token",
+            "wire B/token (remote, both ways + meta)",
+        ],
+        rows,
     )
     if all(n in results and "rows_per_token" in results[n] for n in ("switch", "sam2", "topk2")):
         s, w, t = (results[n]["dispatch_bytes_per_token"] for n in ("sam2", "switch", "topk2"))
@@ -223,18 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"\nSAM(k=2) == Switch(k=1) < top-2: {s:,.0f} == {w:,.0f} < {t:,.0f} B/token: {verdict}"
         )
         results["sam_equals_switch_lt_top2"] = verdict == "holds"
-    payload = {
-        "benchmark": "comm_volume",
-        "machine": mach,
-        "command": " ".join(["python", *sys.argv]),
-        "ranks": a.ranks,
-        "ep": a.ranks,
-        "shapes": args,
-        "results": results,
-    }
-    path = write_json("comm_volume", payload, a.out)
-    print(f"wrote {path}")
-    return payload
+    fields = {"ranks": a.ranks, "ep": a.ranks, "shapes": args, "results": results}
+    return publish("comm_volume", mach, fields, a.out)
 
 
 if __name__ == "__main__":

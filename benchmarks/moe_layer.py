@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import sys
 import time
 from functools import partial
@@ -30,9 +29,18 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, machine, machine_line, median, table, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS_DIR,
+    command_line,
+    machine,
+    machine_line,
+    median,
+    print_table,
+    publish,
+)
 
 from moe_train import MoELayer  # noqa: E402
+from moe_train.parallel.launch_env import ensure_single_process_env  # noqa: E402
 from moe_train.routing import RouterConfig  # noqa: E402
 
 
@@ -51,18 +59,7 @@ class FFN(nn.Module):
 def init_single_process_group() -> None:
     if dist.is_initialized():
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in {
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "LOCAL_WORLD_SIZE": "1",
-    }.items():
-        os.environ.setdefault(k, v)
+    ensure_single_process_env()
     dist.init_process_group("gloo", rank=0, world_size=1)
 
 
@@ -274,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
         "capacity_factor": cf,
         "sam_groups": a.sam_groups,
     }
-    runs = {kind: {"machine": mach, "command": " ".join(["python", *sys.argv])} for kind in results}
+    runs = {kind: {"machine": mach, "command": command_line()} for kind in results}
     old = a.out / "moe_layer.json"
     if a.merge and old.exists():  # keep the other routers' results of an earlier run
         prev = json.loads(old.read_text())
@@ -299,32 +296,18 @@ def main(argv: list[str] | None = None) -> dict:
     if "sam2" in results and "top2" in results:
         s, t = results["sam2"]["moe-train"]["median_s"], results["top2"]["moe-train"]["median_s"]
         rows.append(["sam2 vs top2", "moe-train", "", "", "", f"{s / t:.2f}x of top2"])
-    print()
-    print(
-        table(
-            [
-                "router",
-                "contender",
-                "median ms (fwd+bwd)",
-                "min ms",
-                "vs dense floor",
-                "vs moe-train",
-            ],
-            rows,
-        )
+    print_table(
+        ["router", "contender", "median ms (fwd+bwd)", "min ms", "vs dense floor", "vs moe-train"],
+        rows,
     )
-    payload = {
-        "benchmark": "moe_layer",
-        "machine": mach,
-        "command": " ".join(["python", *sys.argv]),
+    fields = {
         "shapes": shapes,
         "runs": runs,  # per router: when and how it was measured (differs after --merge)
         "repeats": a.repeats,
         "skipped": {k: v for k, v in peers.items() if v},
         "results": results,
     }
-    path = write_json("moe_layer", payload, a.out)
-    print(f"\nwrote {path}")
+    payload = publish("moe_layer", mach, fields, a.out)
     dist.destroy_process_group()
     return payload
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, machine, machine_line, table, write_json  # noqa: E402
+from _common import RESULTS_DIR, machine, machine_line, print_table, publish  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -193,26 +193,20 @@ def main(argv: list[str] | None = None) -> dict | None:
         ]
         for r in results
     ]
-    print()
-    print(
-        table(
-            [
-                "processes",
-                "tokens/s",
-                "tokens/s per rank",
-                "weak-scaling efficiency",
-                "step ms",
-                "all-to-all ms/step (rank 0)",
-                "all-to-all share",
-                "note",
-            ],
-            rows,
-        )
+    print_table(
+        [
+            "processes",
+            "tokens/s",
+            "tokens/s per rank",
+            "weak-scaling efficiency",
+            "step ms",
+            "all-to-all ms/step (rank 0)",
+            "all-to-all share",
+            "note",
+        ],
+        rows,
     )
-    payload = {
-        "benchmark": "scaling",
-        "machine": mach,
-        "command": " ".join(["python", *sys.argv]),
+    fields = {
         "model": a.model,
         "router": a.router,
         "per_rank_sequences": a.per_rank,
@@ -220,9 +214,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "threads_per_rank": a.threads,
         "results": results,
     }
-    path = write_json("scaling", payload, a.out)
-    print(f"\nwrote {path}")
-    return payload
+    return publish("scaling", mach, fields, a.out)
 
 
 if __name__ == "__main__":

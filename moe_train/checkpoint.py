@@ -5,8 +5,8 @@ Layout of `run_dir`:
     latest              text file naming the newest complete checkpoint directory
     .tmp_step_*/        a save in progress (or one that crashed; ignored and cleaned up later)
 
-Keys: dense parameters/buffers as `model/<fqn>`; expert parameters (attribute is_expert, stacked
-[E_local, ...] with the MoE layer's first_expert) as one key per GLOBAL expert,
+Keys: dense parameters/buffers as `model/<fqn>`; expert parameters (`is_expert_param`, stacked
+[E_local, ...], this rank's share given by the layer's ExpertShard) as one key per GLOBAL expert,
 `model/<fqn>/expert_<id>`, and so is their optimizer state (`optim/<fqn>/<name>/expert_<id>`).
 Each rank writes only the experts it holds and DCP de-duplicates replicated keys across data
 parallel ranks, so nothing is written twice and a checkpoint taken at ep=2 loads at ep=4 or ep=1.
@@ -28,8 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 
 from .layer import MoELayer
-from .parallel import ParallelState
-from .parallel.state import unwrap_model
+from .parallel import ParallelState, is_expert_param, unwrap_model
 
 FORMAT = 1
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
@@ -47,11 +46,12 @@ def _expert_info(model: nn.Module) -> dict[str, tuple[int, int, int]]:
     info: dict[str, tuple[int, int, int]] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, MoELayer):
-            bank = mod.experts
+            shard, E = mod.shard, mod.num_experts
+            where = (shard.first_expert(E), shard.num_local(E), E)
             prefix = f"{name}.experts." if name else "experts."
-            for pname, p in bank.named_parameters(recurse=False):
-                if getattr(p, "is_expert", False):
-                    info[prefix + pname] = (bank.first_expert, bank.num_local, mod.num_experts)
+            for pname, p in mod.experts.named_parameters(recurse=False):
+                if is_expert_param(p):
+                    info[prefix + pname] = where
     return info
 
 
@@ -59,7 +59,7 @@ def _param_table(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, tuple[i
     params = dict(model.named_parameters(remove_duplicate=True))
     info = _expert_info(model)
     for fqn, p in params.items():
-        if getattr(p, "is_expert", False) and fqn not in info:
+        if is_expert_param(p) and fqn not in info:
             raise CheckpointError(f"expert parameter {fqn} is not inside a MoELayer")
     return params, info
 

@@ -6,9 +6,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .parallel.placement import mark_expert
 from .routing.noise import mix_seed
 
 ACTIVATIONS = ("gelu", "swiglu")
+
+
+def activate(h: Tensor, activation: str) -> Tensor:
+    """The FFN's nonlinearity: GELU (tanh) on h [.., h], or SwiGLU silu(gate) * up on the two
+    halves of h [.., 2h] -> [.., h]. Shared by the experts and the dense FFN."""
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h, approximate="tanh")
 
 
 class ExpertBank(nn.Module):
@@ -41,10 +51,8 @@ class ExpertBank(nn.Module):
         self.init_std = init_std
         self.out_std = out_std if out_std is not None else init_std
         width = 2 * d_ff if activation == "swiglu" else d_ff
-        self.w_in = nn.Parameter(torch.empty(num_local, d_model, width))
-        self.w_out = nn.Parameter(torch.empty(num_local, d_ff, d_model))
-        self.w_in.is_expert = True  # type: ignore[attr-defined]
-        self.w_out.is_expert = True  # type: ignore[attr-defined]
+        self.w_in = mark_expert(nn.Parameter(torch.empty(num_local, d_model, width)))
+        self.w_out = mark_expert(nn.Parameter(torch.empty(num_local, d_ff, d_model)))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -62,13 +70,7 @@ class ExpertBank(nn.Module):
 
     def ffn(self, x: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
         """One expert's FFN on its rows x: [n, d] with w_in [d, h|2h], w_out [h, d] -> [n, d]."""
-        h = x @ w_in.to(x.dtype)
-        if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate="tanh")
-        return h @ w_out.to(x.dtype)
+        return activate(x @ w_in.to(x.dtype), self.activation) @ w_out.to(x.dtype)
 
     def expert_ffn(self, x: Tensor, i: int) -> Tensor:
         """Local expert i on its rows x: [n, d] -> [n, d]."""

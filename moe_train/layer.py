@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from .dispatch import Dispatcher
 from .experts import ExpertBank
+from .parallel import ExpertShard, ParallelDims, ProcessGroups
 from .routing import RouterConfig, build_router
 from .routing.noise import mix_seed
 
@@ -16,7 +16,8 @@ class MoELayer(nn.Module):
     """A sparse feed-forward layer.
 
     `y, losses = layer(x)` for x of shape [B, T, d] or [T, d]. The router sees the flattened tokens;
-    with `ep_group` the experts are split over its ranks (this rank holds E/ep of them).
+    `shard` says which experts this rank holds (E/ep of them; default all). Construction touches no
+    process group: with ep > 1, `moe_train.parallel.parallelize` connects the groups afterwards.
     `last_stats` holds the last call's expert load, dropped fraction and all-to-all bytes.
     """
 
@@ -27,7 +28,7 @@ class MoELayer(nn.Module):
         num_experts: int,
         router: RouterConfig | None = None,
         activation: str = "gelu",
-        ep_group: dist.ProcessGroup | None = None,
+        shard: ExpertShard | None = None,
         layer_id: int = 0,
         seed: int = 0,
         init_std: float = 0.02,
@@ -38,7 +39,8 @@ class MoELayer(nn.Module):
         self.layer_id = layer_id
         self.num_experts = num_experts
         self.router = build_router(self.router_cfg, d_model, num_experts)
-        self.dispatcher = Dispatcher(num_experts, ep_group)
+        self.shard = shard or ExpertShard()  # which experts this rank holds
+        self.dispatcher = Dispatcher(num_experts, self.shard)
         self.experts = ExpertBank(
             d_model,
             d_ff,
@@ -53,6 +55,10 @@ class MoELayer(nn.Module):
         # the last call's load [E], dropped, requested, tokens and dispatcher counters
         self._last: tuple[Tensor, Tensor, int, int] | None = None
         self._last_comm: dict[str, float | Tensor] = {}
+
+    def connect_process_groups(self, dims: ParallelDims, groups: ProcessGroups) -> None:
+        """Receive the layout's groups (moe_train.parallel.UsesProcessGroups; see parallelize)."""
+        self.dispatcher.connect(dims, groups)
 
     def forward(
         self,

@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .experts import ACTIVATIONS
+from .experts import ACTIVATIONS, activate
 from .layer import MoELayer
+from .parallel import ExpertShard, is_expert_param
 from .routing import RouterConfig
+from .validation import at_least, check_finite, in_range, one_of
 
 
 @dataclass
@@ -36,32 +38,17 @@ class ModelConfig:
         return self.moe_every > 0 and i % self.moe_every == self.moe_every - 1
 
     def validate(self) -> None:
-        def bad(field: str, msg: str) -> ValueError:
-            return ValueError(f"model.{field}: {msg}")
-
-        for name in (
-            "vocab_size",
-            "seq_len",
-            "d_model",
-            "n_layers",
-            "n_heads",
-            "d_ff",
-            "num_experts",
-        ):
-            if getattr(self, name) < 1:
-                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+        check_finite(self, "model")
+        at_least(self, "model", 1, "vocab_size", "seq_len", "d_model", "n_layers", "n_heads")
+        at_least(self, "model", 1, "d_ff", "num_experts")
+        at_least(self, "model", 1, "expert_d_ff", optional=True)
+        at_least(self, "model", 0, "moe_every")  # 0 = dense model
+        one_of(self, "model", "activation", ACTIVATIONS)
+        in_range(self, "model", 0, 1, "dropout")
         if self.d_model % self.n_heads:
-            raise bad(
-                "n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
+            raise ValueError(
+                f"model.n_heads: d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
             )
-        if self.moe_every < 0:
-            raise bad("moe_every", f"must be >= 0 (0 = dense), got {self.moe_every}")
-        if self.activation not in ACTIVATIONS:
-            raise bad("activation", f"got {self.activation!r}; allowed: {', '.join(ACTIVATIONS)}")
-        if not 0 <= self.dropout < 1:
-            raise bad("dropout", f"must be in [0, 1), got {self.dropout}")
-        if self.expert_d_ff is not None and self.expert_d_ff < 1:
-            raise bad("expert_d_ff", f"must be >= 1 or null, got {self.expert_d_ff}")
 
 
 class Attention(nn.Module):
@@ -88,18 +75,18 @@ class DenseFFN(nn.Module):
         self.w_out = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.w_in(x)
-        if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate="tanh")
-        return self.w_out(h)
+        return self.w_out(activate(self.w_in(x), self.activation))
 
 
 class Block(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, router: RouterConfig, layer_id: int, moe: bool, seed: int, ep_group
+        self,
+        cfg: ModelConfig,
+        router: RouterConfig,
+        layer_id: int,
+        moe: bool,
+        seed: int,
+        shard: ExpertShard | None,
     ):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
@@ -114,7 +101,7 @@ class Block(nn.Module):
                 router.num_experts_for(cfg.num_experts),
                 router=router,
                 activation=cfg.activation,
-                ep_group=ep_group,
+                shard=shard,
                 layer_id=layer_id,
                 seed=seed,
                 init_std=cfg.init_std,
@@ -138,12 +125,22 @@ class Block(nn.Module):
 class MoETransformer(nn.Module):
     """`logits, aux_loss = model(idx)`; idx: [B, T] int64 -> logits [B, T, V], aux_loss scalar.
 
+    Built from configs alone: `shard` (an ExpertShard, default all experts) says which experts
+    this rank holds; no process group is touched, so any rank's model builds on any device,
+    `torch.device("meta")` included (then nothing is initialised). Under torch.distributed,
+    `moe_train.parallel.parallelize` connects the groups afterwards.
     `last_aux` holds the aux losses by name (summed over layers) of the last call.
     Dense parameters are initialised from the global torch RNG (seed it the same on every rank);
     experts from their global ids, so the model is the same whatever the expert-parallel layout.
     """
 
-    def __init__(self, cfg: ModelConfig, router: RouterConfig, seed: int = 0, ep_group=None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        router: RouterConfig,
+        seed: int = 0,
+        shard: ExpertShard | None = None,
+    ):
         super().__init__()
         cfg.validate()
         router.validate(router.num_experts_for(cfg.num_experts))
@@ -152,7 +149,7 @@ class MoETransformer(nn.Module):
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            Block(cfg, router, i, cfg.is_moe_layer(i), seed, ep_group) for i in range(cfg.n_layers)
+            Block(cfg, router, i, cfg.is_moe_layer(i), seed, shard) for i in range(cfg.n_layers)
         )
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -164,7 +161,7 @@ class MoETransformer(nn.Module):
     def _init_dense(self, cfg: ModelConfig) -> None:
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         for name, p in self.named_parameters():
-            if getattr(p, "is_expert", False) or ".router." in name or p.dim() < 2:
+            if is_expert_param(p) or ".router." in name or p.dim() < 2:
                 continue
             std = out_std if name.endswith(("proj.weight", "w_out.weight")) else cfg.init_std
             nn.init.normal_(p, std=std)
@@ -198,12 +195,8 @@ class MoETransformer(nn.Module):
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            if getattr(p, "is_expert", False):
+            if is_expert_param(p):
                 expert += p.numel()
             else:
                 dense += p.numel()
         return {"dense": dense, "expert": expert, "total": dense + expert}
-
-
-def is_expert_param(p: nn.Parameter) -> bool:
-    return bool(getattr(p, "is_expert", False))

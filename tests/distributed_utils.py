@@ -1,8 +1,8 @@
 """Spawn small gloo process groups for tests, with hard timeouts and a clean teardown.
 
 `run_ranks(fn, world, *args, timeout=...)` starts `world` spawned processes that see the torchrun
-environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT on a free
-port), calls `fn(rank, world, *args)` in each and returns the list of return values (picklable).
+environment (moe_train.parallel.launch_env.torchrun_env, on a free loopback port), calls
+`fn(rank, world, *args)` in each and returns the list of return values (picklable).
 A rank that raises fails the test with its traceback; a run that exceeds `timeout` is killed and
 fails. `fn` is responsible for init (e.g. via init_parallel) and should end with
 `teardown(state)`; the child runs `teardown()` again as a safety net (skipped, with a plain exit,
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import time
 import traceback
@@ -23,17 +22,40 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
+from moe_train.parallel.launch_env import free_port, torchrun_env
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+DIST_CALLS = (
+    "init_process_group",
+    "is_initialized",
+    "new_group",
+    "get_world_size",
+    "get_rank",
+    "broadcast",
+    "all_reduce",
+    "all_to_all_single",
+    "barrier",
+)
+
+
+def forbid_torch_distributed(monkeypatch: Any) -> None:
+    """Make every torch.distributed entry point the package uses raise (pytest's monkeypatch
+    undoes it): for code that must run without a process group."""
+    import torch.distributed as dist
+
+    def forbid(name: str):
+        def fail(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError(f"torch.distributed.{name} was called")
+
+        return fail
+
+    for name in DIST_CALLS:
+        monkeypatch.setattr(dist, name, forbid(name))
 
 
 def teardown(state: Any = None) -> None:
     """Drop references, gc, barrier, destroy the process group (the recipe that avoids gloo's
     abort at exit)."""
-    from moe_train.parallel.state import teardown_process_group
+    from moe_train.parallel import teardown_process_group
 
     if state is not None and hasattr(state, "shutdown"):
         state.shutdown()
@@ -42,18 +64,7 @@ def teardown(state: Any = None) -> None:
 
 
 def _child(fn, rank: int, world: int, port: int, out_dir: str, env: dict, args: tuple) -> None:
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-            **env,
-        }
-    )
+    os.environ.update({**torchrun_env(rank, world, port), "OMP_NUM_THREADS": "1", **env})
     import torch
 
     torch.set_num_threads(1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from distributed_utils import forbid_torch_distributed
 
 from moe_train import ModelConfig, MoELayer, MoETransformer, RouterConfig
 
@@ -159,3 +160,78 @@ def test_half_batch_with_token_offset_matches_the_full_batch(kind):
     torch.testing.assert_close(half, full[2:], atol=1e-5, rtol=1e-5)
     wrong, _ = model(idx[2:], noise_seed=8, token_offset=0)
     assert not torch.allclose(wrong, full[2:], atol=1e-5, rtol=1e-5)
+
+
+# ---- built from configs alone: no process group, any device --------------------------------------
+@pytest.fixture
+def no_dist(monkeypatch):
+    """Any call into torch.distributed fails the test."""
+    forbid_torch_distributed(monkeypatch)
+
+
+def test_one_rank_of_ep2_builds_on_cpu_without_a_process_group(no_dist):
+    """Rank r of ep=2 holds experts [2r, 2r+2) of 4, the same weights as in the whole model."""
+    from moe_train.parallel import ExpertShard
+
+    torch.manual_seed(0)
+    full = MoETransformer(tiny(), router("switch"), seed=5)
+    for r in range(2):
+        torch.manual_seed(0)
+        part = MoETransformer(tiny(), router("switch"), seed=5, shard=ExpertShard(2, r))
+        assert part.num_params()["dense"] == full.num_params()["dense"]
+        assert 2 * part.num_params()["expert"] == full.num_params()["expert"]
+        for whole, half in zip(full.moe_layers(), part.moe_layers()):
+            assert half.experts.first_expert == 2 * r and half.experts.num_local == 2
+            assert torch.equal(half.experts.w_in, whole.experts.w_in[2 * r : 2 * r + 2])
+            assert torch.equal(half.experts.w_out, whole.experts.w_out[2 * r : 2 * r + 2])
+        dense = [n for n, _ in part.named_parameters() if ".experts." not in n]
+        for name in dense:
+            assert torch.equal(part.get_parameter(name), full.get_parameter(name)), name
+
+
+@pytest.mark.parametrize(("ep", "rank"), [(2, 1), (4, 3)])
+def test_one_rank_builds_on_meta_and_counts_its_experts(no_dist, ep, rank):
+    """The planner's case: any rank's model, shapes only (no memory, no init)."""
+    from moe_train.parallel import ExpertShard
+
+    cfg = tiny(num_experts=8, moe_every=1)
+    whole = MoETransformer(cfg, router("topk")).num_params()
+    with torch.device("meta"):
+        part = MoETransformer(cfg, router("topk"), shard=ExpertShard(ep, rank))
+    assert all(p.is_meta for p in part.parameters())
+    counts = part.num_params()
+    assert counts["dense"] == whole["dense"] and counts["expert"] * ep == whole["expert"]
+    assert [m.experts.first_expert for m in part.moe_layers()] == [rank * 8 // ep] * 2
+
+
+def test_expert_parallel_layer_without_groups_says_to_parallelize():
+    from moe_train.parallel import ExpertShard
+
+    layer = MoELayer(8, 8, 4, router=RouterConfig(kind="switch"), shard=ExpertShard(2, 0))
+    with pytest.raises(RuntimeError, match=r"call moe_train\.parallel\.parallelize"):
+        layer(torch.randn(2, 4, 8))
+
+
+def test_parallelize_refuses_a_model_built_for_another_rank():
+    from moe_train.parallel import (
+        ExpertShard,
+        ParallelConfig,
+        ParallelDims,
+        ProcessGroups,
+        parallelize,
+    )
+
+    model = MoETransformer(tiny(), router("switch"), shard=ExpertShard(2, 1))
+    with pytest.raises(ValueError, match="shard=dims.expert_shard"):
+        parallelize(model, ParallelDims(), ProcessGroups(), ParallelConfig())
+    one = MoETransformer(tiny(), router("switch"))  # one process: the same module back
+    assert parallelize(one, ParallelDims(), ProcessGroups(), ParallelConfig()) is one
+
+
+def test_bad_floats_in_the_model_config_name_the_key():
+    with pytest.raises(ValueError, match="model.init_std: must be a finite number"):
+        tiny(init_std=float("nan")).validate()
+    with pytest.raises(ValueError, match=r"model.dropout: must be in \[0, 1\)"):
+        tiny(dropout=1.0).validate()
+    with pytest.raises(ValueError, match="model.activation"):
+        tiny(activation="relu").validate()

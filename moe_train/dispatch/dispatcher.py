@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .. import ops
+from ..parallel.dims import ParallelDims
+from ..parallel.groups import ProcessGroups
+from ..parallel.placement import ExpertShard
 from ..routing import Assignment
-from .all_to_all import all_to_all, all_to_all_rows, dispatch_all_to_all, exchange_counts
+from .all_to_all import Splits, all_to_all, all_to_all_rows, dispatch_all_to_all, exchange_counts
 from .layout import plan_send, sort_by_expert
 
 ExpertFn = Callable[[Tensor, list[int]], Tensor]  # rows sorted by local expert, counts -> outputs
-# receiver side of one hop: (rows [R, d], slot row [S], slot expert id [S], slot weight [S]) -> [R, d]
-_Inner = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 _META_BYTES_PER_SLOT = 2 * 8 + 4  # (row, local expert) int64 + weight float32
 
@@ -32,18 +35,49 @@ STAT_KEYS = (
 )
 
 
+class Slots(NamedTuple):
+    """Kept slots of one hop: token (row of the hop's input), expert id local to the hop, weight;
+    each [S]."""
+
+    token: Tensor
+    expert: Tensor
+    weight: Tensor
+
+
+# the receiver side of one hop: (rows [R, d], the slots naming them) -> partial outputs [R, d]
+Inner = Callable[[Tensor, Slots], Tensor]
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One all-to-all round trip over `group`, whose rank i holds experts
+    [i * experts_per_dest, (i + 1) * experts_per_dest) (ids local to the hop).
+
+    me: my index in the group; node_of: group index -> node, to count inter-node bytes;
+    first: the hop that takes the token payload off this rank (counted as dispatch rows).
+    """
+
+    group: dist.ProcessGroup
+    experts_per_dest: int
+    me: int
+    node_of: Callable[[int], int]
+    first: bool
+
+
 class Dispatcher:
     """Moves token rows to the experts that the Assignment names and sums their outputs back.
 
-    ep_group None (or of size 1): everything is local, the all-to-alls are skipped.
-    Otherwise experts [r*E/ep, (r+1)*E/ep) live on ep-rank r; each token is sent once per rank that
-    holds any of its experts; the receiver runs them and sums the weighted partial outputs per row
-    before the reverse all-to-all, so the return trip is one row per (token, rank) too.
+    Built from a placement value (`ExpertShard`), never from a process group: ep-rank r of ep holds
+    experts [r*E/ep, (r+1)*E/ep). With ep 1 everything is local and no group is needed; with ep > 1
+    `moe_train.parallel.parallelize` hands the groups over (`connect`) before the first call. Each
+    token is sent once per rank that holds any of its experts; the receiver runs them and sums the
+    weighted partial outputs per row before the reverse all-to-all, so the return trip is one row
+    per (token, rank) too.
 
-    Hierarchical (`set_hierarchy`): the ep group is split into nodes of `ranks_per_node` ranks.
-    Hop 1 crosses nodes: one row per (token, destination NODE), sent to the rank with the same
-    local index on that node. Hop 2 stays inside the node: the row goes once to each local rank
-    holding its experts. The return trip reduces inside the node first, then crosses nodes once.
+    Hierarchical (node groups connected): the ep group is split into nodes of `ranks_per_node`
+    ranks. Hop 1 crosses nodes: one row per (token, destination NODE), sent to the rank with the
+    same local index on that node. Hop 2 stays inside the node: the row goes once to each local
+    rank holding its experts. The return trip reduces inside the node first, then crosses once.
 
     Stats (per call, this rank): dispatch_rows/bytes = rows in the first-hop send buffer (incl.
     rows kept on this rank; the token payload); token_bytes = token rows this rank sends to other
@@ -53,38 +87,47 @@ class Dispatcher:
     slots this rank's experts computed.
     """
 
-    def __init__(self, num_experts: int, ep_group: dist.ProcessGroup | None = None):
+    def __init__(self, num_experts: int, shard: ExpertShard | None = None):
         self.num_experts = num_experts
-        self.group = ep_group
-        self.ep = dist.get_world_size(ep_group) if ep_group is not None else 1
-        self.ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
-        if num_experts % self.ep != 0:
-            raise ValueError(
-                f"model.num_experts={num_experts} is not divisible by parallel.ep={self.ep}; "
-                "choose ep among the divisors of the expert count"
-            )
-        self.num_local = num_experts // self.ep
-        self.first_expert = self.ep_rank * self.num_local
+        self.shard = shard or ExpertShard()
+        self.num_local = self.shard.num_local(num_experts)  # raises when E does not split
+        self.first_expert = self.shard.first_expert(num_experts)
+        self.group: dist.ProcessGroup | None = None
         self.ranks_per_node: int | None = None
         self.intra_group: dist.ProcessGroup | None = None
         self.inter_group: dist.ProcessGroup | None = None
 
-    def set_hierarchy(
-        self,
-        intra_group: dist.ProcessGroup | None,
-        inter_group: dist.ProcessGroup | None,
-        ranks_per_node: int,
-    ) -> None:
-        """Use the two-hop all-to-all. Groups: my node's ep ranks (ordered by local index) and the
-        ep ranks with my local index (ordered by node). Both None: flat, only counting bytes."""
-        self.ranks_per_node = ranks_per_node
-        self.intra_group, self.inter_group = intra_group, inter_group
-        if intra_group is not None:
-            if dist.get_world_size(intra_group) != ranks_per_node or self.ep % ranks_per_node:
-                raise ValueError(
-                    f"parallel.ranks_per_node={ranks_per_node} does not split parallel.ep="
-                    f"{self.ep} into whole nodes"
-                )
+    @property
+    def ep(self) -> int:
+        return self.shard.ep_size
+
+    @property
+    def ep_rank(self) -> int:
+        return self.shard.ep_rank
+
+    def connect(self, dims: ParallelDims, groups: ProcessGroups) -> None:
+        """Take the layout's groups: the ep group, and the node groups of the hierarchical
+        all-to-all (intra: my node's ep ranks by local index; inter: the ep ranks with my local
+        index, by node). Called by moe_train.parallel.parallelize."""
+        if dims.expert_shard != self.shard:
+            raise ValueError(
+                f"the MoE layer was built for {self.shard} but the layout places this rank at "
+                f"{dims.expert_shard}: build the model with shard=dims.expert_shard"
+            )
+        if self.ep > 1 and (groups.ep is None or dist.get_world_size(groups.ep) != self.ep):
+            raise ValueError(
+                f"parallel.ep={self.ep}: the expert-parallel group is missing or of "
+                "another size; create the groups with build_process_groups(dims)"
+            )
+        rpn = dims.node_size
+        if groups.intra_node is not None and (
+            dist.get_world_size(groups.intra_node) != rpn or self.ep % rpn
+        ):
+            raise ValueError(
+                f"parallel.ranks_per_node={rpn} does not split parallel.ep={self.ep} into whole nodes"
+            )
+        self.group, self.ranks_per_node = groups.ep, rpn
+        self.intra_group, self.inter_group = groups.intra_node, groups.inter_node
 
     @property
     def hierarchical(self) -> bool:
@@ -96,110 +139,69 @@ class Dispatcher:
         """x: [T, d] -> (y [T, d], stats)."""
         stats: dict[str, float | Tensor] = dict.fromkeys(STAT_KEYS, 0.0)
         stats["slots"] = float(a.num_slots)
+        slots = Slots(a.token, a.expert, a.weight)
 
-        def leaf(rows: Tensor, row: Tensor, local_expert: Tensor, weight: Tensor) -> Tensor:
-            order, counts = sort_by_expert(local_expert, self.num_local)
+        def leaf(rows: Tensor, s: Slots) -> Tensor:  # my local experts on the rows they got
+            order, counts = sort_by_expert(s.expert, self.num_local)
             stats["expert_slots"] += float(sum(counts))
-            row = row[order]
+            row = s.token[order]
             out = experts(ops.dispatch(rows, row), counts)  # [S, d] sorted by local expert
-            return ops.combine(out, weight[order], row, rows.shape[0])
+            return ops.combine(out, s.weight[order], row, rows.shape[0])
 
         if self.ep == 1:
             # tokens with any kept slot, as a tensor: no host sync in the forward pass
             rows = (torch.bincount(a.token, minlength=x.shape[0]) > 0).sum()
-            stats["dispatch_rows"], stats["dispatch_bytes"] = (
-                rows,
-                rows * x.shape[1] * x.element_size(),
+            stats["dispatch_rows"] = rows
+            stats["dispatch_bytes"] = rows * x.shape[1] * x.element_size()
+            return leaf(x, slots), stats
+        if self.group is None:
+            raise RuntimeError(
+                f"MoE dispatcher for ep-rank {self.ep_rank} of parallel.ep={self.ep} has no "
+                "process group: call moe_train.parallel.parallelize(model, dims, groups, cfg) "
+                "before the first forward"
             )
-            return leaf(x, a.token, a.expert, a.weight), stats
         if not self.hierarchical:
             rpn = self.ranks_per_node or self.ep
-            y = self._hop(
-                x,
-                a.token,
-                a.expert,
-                a.weight,
-                self.num_local,
-                self.group,
-                leaf,
-                stats,
-                node_of=lambda r: r // rpn,
-                me=self.ep_rank,
-                first=True,
-            )
-            return y, stats
+            flat = Hop(self.group, self.num_local, self.ep_rank, lambda r: r // rpn, first=True)
+            return self._hop(x, slots, flat, leaf, stats), stats
+        return self._two_hops(x, slots, leaf, stats), stats
 
+    def _two_hops(self, x: Tensor, slots: Slots, leaf: Inner, stats: dict) -> Tensor:
+        """Across nodes (one row per destination node), then inside the destination node."""
         rpn = self.ranks_per_node
-        assert rpn is not None
-        per_node = self.num_local * rpn
+        assert rpn is not None and self.inter_group is not None
         me_node, me_local = divmod(self.ep_rank, rpn)
+        inside = Hop(self.intra_group, self.num_local, me_local, lambda r: 0, first=False)
+        across = Hop(self.inter_group, self.num_local * rpn, me_node, lambda n: n, first=True)
 
-        def intra(rows: Tensor, row: Tensor, node_expert: Tensor, weight: Tensor) -> Tensor:
-            return self._hop(
-                rows,
-                row,
-                node_expert,
-                weight,
-                self.num_local,
-                self.intra_group,
-                leaf,
-                stats,
-                node_of=lambda r: 0,
-                me=me_local,
-                first=False,
-            )
+        def intra(rows: Tensor, s: Slots) -> Tensor:
+            return self._hop(rows, s, inside, leaf, stats)
 
-        y = self._hop(
-            x,
-            a.token,
-            a.expert,
-            a.weight,
-            per_node,
-            self.inter_group,
-            intra,
-            stats,
-            node_of=lambda n: n,
-            me=me_node,
-            first=True,
-        )
-        return y, stats
+        return self._hop(x, slots, across, intra, stats)
 
-    def _hop(
-        self,
-        x: Tensor,
-        token: Tensor,
-        expert: Tensor,
-        weight: Tensor,
-        experts_per_dest: int,
-        group: dist.ProcessGroup | None,
-        inner: _Inner,
-        stats: dict[str, float],
-        node_of: Callable[[int], int],
-        me: int,
-        first: bool,
-    ) -> Tensor:
-        """One all-to-all round trip over `group`: rows of x to the group ranks holding the slots'
-        experts (once per (row, destination)), `inner` on the receiver, partial sums back, and the
-        sum per row. x: [T, d]; token/expert/weight: [S] slots (expert ids local to this hop)."""
+    def _hop(self, x: Tensor, slots: Slots, hop: Hop, inner: Inner, stats: dict) -> Tensor:
+        """One all-to-all round trip: rows of x to the group ranks holding the slots' experts (once
+        per (row, destination)), `inner` on the receiver, partial sums back, and the sum per row.
+        x: [T, d]; slots [S] with expert ids local to this hop."""
         T, d = x.shape
-        n = dist.get_world_size(group)
-        plan = plan_send(token, expert, T, experts_per_dest, n)
-        recv_counts = exchange_counts(torch.stack([plan.row_splits, plan.slot_splits], 1), group)
-        send_rows, send_slots = plan.row_splits.tolist(), plan.slot_splits.tolist()
-        recv_rows, recv_slots = recv_counts[:, 0].tolist(), recv_counts[:, 1].tolist()
+        n = dist.get_world_size(hop.group)
+        plan = plan_send(slots.token, slots.expert, T, hop.experts_per_dest, n)
+        counts = torch.stack([plan.row_splits, plan.slot_splits], 1)  # [n, 2] rows, slots
+        recv_counts = exchange_counts(counts, hop.group)
+        splits = Splits(
+            send_rows=plan.row_splits.tolist(),
+            recv_rows=recv_counts[:, 0].tolist(),
+            send_slots=plan.slot_splits.tolist(),
+            recv_slots=recv_counts[:, 1].tolist(),
+        )
 
         # dispatch: one row per (row of x, destination); slot metadata and weights alongside
-        recv_x, recv_w = dispatch_all_to_all(
-            ops.dispatch(x, plan.row_token),
-            weight[plan.slot_order],
-            send_rows,
-            recv_rows,
-            send_slots,
-            recv_slots,
-            group,
-        )
+        sent = ops.dispatch(x, plan.row_token)
+        recv_x, recv_w = dispatch_all_to_all(sent, slots.weight[plan.slot_order], splits, hop.group)
         meta = torch.stack([plan.slot_row, plan.slot_local_expert], 1)  # [S, 2]
-        meta = all_to_all_rows(meta, send_slots, recv_slots, group, "MoE slot metadata")
+        meta = all_to_all_rows(
+            meta, splits.send_slots, splits.recv_slots, hop.group, "MoE slot metadata"
+        )
 
         # receiver: slot -> row of recv_x; run the experts behind this hop, partial sums per row
         source = torch.repeat_interleave(
@@ -207,41 +209,29 @@ class Dispatcher:
         )
         row_start = torch.cumsum(recv_counts[:, 0], 0) - recv_counts[:, 0]
         row = row_start.to(x.device)[source] + meta[:, 0]  # [S_in] row of recv_x
-        partial = inner(recv_x, row, meta[:, 1], recv_w)  # [R_in, d]
+        partial = inner(recv_x, Slots(row, meta[:, 1], recv_w))  # [R_in, d]
 
         # reverse all-to-all, then sum each row's partial outputs over destinations
-        back = all_to_all(partial, recv_rows, send_rows, group, "MoE return rows")
-        y = ops.combine(back, None, plan.row_token, T)
-        self._count(
-            stats,
-            send_rows,
-            recv_rows,
-            send_slots,
-            recv_slots,
-            d * x.element_size(),
-            node_of,
-            me,
-            first,
-        )
-        return y
+        back = all_to_all(partial, splits.recv_rows, splits.send_rows, hop.group, "MoE return rows")
+        _count(stats, hop, splits, d * x.element_size())
+        return ops.combine(back, None, plan.row_token, T)
 
-    @staticmethod
-    def _count(stats, send_rows, recv_rows, send_slots, recv_slots, row_bytes, node_of, me, first):
-        if first:
-            stats["dispatch_rows"] += float(sum(send_rows))
-            stats["dispatch_bytes"] += float(sum(send_rows) * row_bytes)
-        for peer in range(len(send_rows)):
-            if peer == me:
-                continue
-            # dispatch rows out + return rows out (the rows this peer sent us) + slot metadata
-            tok_out = (send_rows[peer] + recv_rows[peer]) * row_bytes
-            out = tok_out + send_slots[peer] * _META_BYTES_PER_SLOT
-            stats["token_bytes"] += float(tok_out)
-            stats["send_bytes"] += float(out)
-            stats["recv_bytes"] += float(
-                (recv_rows[peer] + send_rows[peer]) * row_bytes
-                + recv_slots[peer] * _META_BYTES_PER_SLOT
-            )
-            if node_of(peer) != node_of(me):
-                stats["inter_node_bytes"] += float(out)
-                stats["inter_node_rows"] += float(send_rows[peer])
+
+def _count(stats: dict, hop: Hop, s: Splits, row_bytes: int) -> None:
+    """Add one hop's rows and bytes to the stats (see Dispatcher)."""
+    if hop.first:
+        stats["dispatch_rows"] += float(sum(s.send_rows))
+        stats["dispatch_bytes"] += float(sum(s.send_rows) * row_bytes)
+    for peer in range(len(s.send_rows)):
+        if peer == hop.me:
+            continue
+        # dispatch rows out + return rows out (the rows this peer sent us) + slot metadata
+        tok_out = (s.send_rows[peer] + s.recv_rows[peer]) * row_bytes
+        out = tok_out + s.send_slots[peer] * _META_BYTES_PER_SLOT
+        tok_in = (s.recv_rows[peer] + s.send_rows[peer]) * row_bytes
+        stats["token_bytes"] += float(tok_out)
+        stats["send_bytes"] += float(out)
+        stats["recv_bytes"] += float(tok_in + s.recv_slots[peer] * _META_BYTES_PER_SLOT)
+        if hop.node_of(peer) != hop.node_of(hop.me):
+            stats["inter_node_bytes"] += float(out)
+            stats["inter_node_rows"] += float(s.send_rows[peer])

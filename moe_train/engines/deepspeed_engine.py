@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-
-def _ensure_env_for_single_process() -> None:
-    """DeepSpeed always wants a process group; give a lone process a loopback one."""
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(
-        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
+from ..parallel.launch_env import ensure_single_process_env
 
 
 def deepspeed_initialize(
@@ -54,7 +42,7 @@ def deepspeed_initialize(
             "moe-train's experts over the whole world. Use parallel.ep=1 with DeepSpeed (experts "
             "replicated, ZeRO shards their state too), or trainer.engine=native for expert parallelism"
         )
-    _ensure_env_for_single_process()
+    ensure_single_process_env()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..routing import RouterConfig, router_class
+from ..validation import above, at_least, check_finite, one_of
+from .dims import ParallelDims
+from .placement import ExpertShard
 
 BACKENDS = ("auto", "gloo", "nccl")
 
@@ -41,30 +44,14 @@ class ParallelConfig:
         multiple of num_groups a group would straddle ranks and a token would cross the network
         up to k times, which defeats SAM, so that layout is refused.
         """
-        if self.backend not in BACKENDS:
-            raise ValueError(
-                f"parallel.backend: got {self.backend!r}; allowed: {', '.join(BACKENDS)}"
-            )
-        if self.timeout_s <= 0:
-            raise ValueError(f"parallel.timeout_s: must be > 0 seconds, got {self.timeout_s}")
-        if self.ep < 1:
-            raise ValueError(f"parallel.ep: must be >= 1, got {self.ep}")
-        if world_size % self.ep:
-            raise ValueError(
-                f"parallel.ep={self.ep} does not divide the world size {world_size} "
-                f"(world = ep * dp); launch a multiple of {self.ep} processes or change parallel.ep"
-            )
-        if num_experts % self.ep:
-            raise ValueError(
-                f"model.num_experts={num_experts} is not divisible by parallel.ep={self.ep}; "
-                "each rank must hold the same number of experts: choose ep among the divisors "
-                "of the expert count"
-            )
+        check_finite(self, "parallel")
+        one_of(self, "parallel", "backend", BACKENDS)
+        above(self, "parallel", 0, "timeout_s")
+        at_least(self, "parallel", 1, "ep")
+        at_least(self, "parallel", 1, "ranks_per_node", optional=True)
+        ParallelDims(world_size=world_size, ep=self.ep)  # parallel.ep divides the world
+        ExpertShard(self.ep).num_local(num_experts)  # and the experts of every MoE layer
         router_class(router.kind).check_layout(router, self.ep)
-        if self.ranks_per_node is not None and self.ranks_per_node < 1:
-            raise ValueError(
-                f"parallel.ranks_per_node: must be >= 1 or null, got {self.ranks_per_node}"
-            )
         rpn = self.ranks_per_node
         if self.hierarchical_a2a and rpn is not None and world_size > 1:
             if world_size % rpn:

@@ -42,7 +42,7 @@ from .costs import (
     memory,
     optimizer_bytes,
 )
-from .meta_check import build_one_rank, meta_check, meta_count, one_rank_build
+from .meta_check import build_one_rank, meta_check, meta_count
 from .params import ParamCount, count_params
 from .planner import make_plan
 from .render import format_bytes, format_count, format_seconds, render
@@ -74,7 +74,6 @@ __all__ = [
     "memory",
     "meta_check",
     "meta_count",
-    "one_rank_build",
     "optimizer_bytes",
     "plan_from_config",
     "render",

@@ -15,7 +15,7 @@ from ..config import TrainConfig
 from ..data import TokenFile, open_splits, resolve_data_dir
 from ..engines import DeepSpeedEngine, Engine, NativeEngine, deepspeed_initialize
 from ..model import MoETransformer
-from ..parallel import ParallelState
+from ..parallel import ParallelState, parallelize
 from .optim import autocast_dtype, build_optimizer
 
 
@@ -33,9 +33,10 @@ def open_training_data(cfg: TrainConfig) -> tuple[Path, TokenFile, TokenFile]:
 
 def build_model(cfg: TrainConfig, parallel: ParallelState) -> MoETransformer:
     """This rank's model on its device: dense weights from cfg.seed (the same on every rank),
-    experts seeded by their global ids, MoE layers talking over the expert-parallel group."""
+    experts seeded by their global ids; this rank's share of the experts (no process group yet)."""
     torch.manual_seed(cfg.seed)
-    model = MoETransformer(cfg.model, cfg.router, seed=cfg.seed, ep_group=parallel.ep_group)
+    shard = parallel.dims.expert_shard
+    model = MoETransformer(cfg.model, cfg.router, seed=cfg.seed, shard=shard)
     return model.to(parallel.device)
 
 
@@ -52,7 +53,8 @@ def build_engine(
             zero_stage=cfg.trainer.zero_stage, grad_clip=cfg.optim.grad_clip, amp_dtype=amp_dtype,
         )  # fmt: skip
         return DeepSpeedEngine(wrapped, module, optimizer)
-    model = parallel.prepare(module)  # replicas made identical; DDP reduces dense grads
+    # groups into the MoE layers, replicas made identical, DDP reduces dense grads
+    model = parallelize(module, parallel.dims, parallel.groups, cfg.parallel)
     return NativeEngine(
         model, module, optimizer, parallel,
         grad_accum=grad_accum, grad_clip=cfg.optim.grad_clip, amp_dtype=amp_dtype,

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..config import OptimConfig
-from ..model import is_expert_param
+from ..parallel import is_expert_param
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -9,13 +9,14 @@ process asserts on them so a failure names the case.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from moe_train.layer import MoELayer
 from moe_train.model import ModelConfig, MoETransformer
-from moe_train.parallel import ParallelConfig, ParallelState, init_parallel
+from moe_train.parallel import ParallelConfig, ParallelState, init_parallel, parallelize
 from moe_train.routing import RouterConfig
 from moe_train.routing.noise import mix_seed
 
@@ -84,11 +85,13 @@ def check_layer(
     torch.manual_seed(seed)
     ref = MoELayer(D, FF, E, router=rcfg, seed=seed, layer_id=3)
     torch.manual_seed(seed)
-    lay = MoELayer(D, FF, E, router=rcfg, ep_group=state.ep_group, seed=seed, layer_id=3)
+    lay = MoELayer(D, FF, E, router=rcfg, shard=state.dims.expert_shard, seed=seed, layer_id=3)
     if push:
         _push(ref, X)
         _push(lay, X)
-    state.prepare(lay)
+    # the flat (after-backward) gradient sync; the DDP path runs in train_steps
+    flat = replace(state.cfg, overlap_grad_sync=False)
+    assert parallelize(lay, state.dims, state.groups, flat) is lay
 
     Xr = X.clone().requires_grad_()
     y_ref, aux_ref = ref(Xr, noise_seed=seed)
@@ -170,11 +173,10 @@ def build_model(
     state: ParallelState | None, rcfg: RouterConfig, seed: int = 0, lr: float = 3e-3
 ) -> tuple[MoETransformer, torch.optim.Optimizer]:
     torch.manual_seed(seed)
-    model = MoETransformer(
-        tiny_model_cfg(), rcfg, seed=seed, ep_group=state.ep_group if state else None
-    )
+    shard = state.dims.expert_shard if state else None
+    model = MoETransformer(tiny_model_cfg(), rcfg, seed=seed, shard=shard)
     if state is not None:
-        model = state.prepare(model)
+        model = parallelize(model, state.dims, state.groups, state.cfg)
     return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
 
 

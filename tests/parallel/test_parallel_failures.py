@@ -83,8 +83,10 @@ TIMEOUT_S = 3.0
 
 def _forward_until_error(state) -> dict:
     from moe_train.layer import MoELayer
+    from moe_train.parallel.parallelize import connect_process_groups
 
-    layer = MoELayer(8, 8, 4, router=RouterConfig(kind="switch"), ep_group=state.ep_group)
+    layer = MoELayer(8, 8, 4, router=RouterConfig(kind="switch"), shard=state.dims.expert_shard)
+    connect_process_groups(layer, state.dims, state.groups)  # no collective before the a2a
     try:
         layer(torch.randn(2, 4, 8))
         layer(torch.randn(2, 4, 8))

@@ -8,19 +8,21 @@ import pytest
 from plan_helpers import SMALL, model_cfg
 
 from moe_train.model import MoETransformer
-from moe_train.plan import count_params, meta_check, meta_count, one_rank_build
+from moe_train.parallel import ExpertShard
+from moe_train.plan import build_one_rank, count_params, meta_check, meta_count
 from moe_train.routing import RouterConfig
 
 
 def test_one_rank_build_holds_its_share_of_experts() -> None:
     """Without a process group, rank 1 of ep=4 holds E/4 experts per layer, dense replicated."""
     pc = count_params(SMALL, RouterConfig())
-    with one_rank_build(4, rank=1) as group:
-        module = MoETransformer(replace(SMALL), RouterConfig(), ep_group=group)
+    module = build_one_rank(SMALL, RouterConfig(), 4, rank=1)
     counts = module.num_params()
     assert counts["dense"] == pc.dense and counts["expert"] == pc.experts // 4
     assert module.moe_layers()[0].experts.first_expert == 2
-    # the patch is scoped: a plain build still gets all experts
+    # the same as the trainer's build with that shard, on the CPU
+    cpu = MoETransformer(replace(SMALL), RouterConfig(), shard=ExpertShard(4, 1))
+    assert cpu.num_params() == counts
     assert MoETransformer(replace(SMALL), RouterConfig()).num_params()["expert"] == pc.experts
 
 

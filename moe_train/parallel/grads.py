@@ -1,0 +1,129 @@
+"""Gradient policy: synchronisation over the layout, world scaling and global-norm clipping.
+
+The loss each rank back-propagates is the mean over its own tokens; the step uses the gradient of
+the mean of the per-rank losses, so every gradient is summed over the ranks that share it and
+divided by the world size:
+- dense parameters are replicated on every rank: SUM over the world / world;
+- expert parameters live on one ep-rank and already hold the contributions of every token of
+  their ep group (they came back through the all-to-all): SUM over the dp group / world.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .dims import ParallelDims
+from .errors import guarded
+from .groups import ProcessGroups
+from .placement import is_expert_param
+
+BUCKET_ELEMS = 1 << 24  # the flat path all-reduces gradients in buckets of at most this many
+
+
+def unique_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, param) with tied parameters listed once, in module order (DDP unwrapped)."""
+    module = model.module if isinstance(model, DDP) else model
+    return list(module.named_parameters(remove_duplicate=True))
+
+
+def sync_gradients(model: nn.Module, dims: ParallelDims, groups: ProcessGroups) -> None:
+    """All-reduce after backward (and after gradient accumulation), as the module docstring says.
+
+    A DDP-wrapped model (parallel.overlap_grad_sync) had its dense gradients reduced during
+    backward; only the experts are reduced here. Otherwise everything is reduced here, in flat
+    buckets per dtype, after the backward pass.
+    """
+    if not dims.distributed:
+        return
+    if isinstance(model, DDP):
+        expert = [p.grad for _, p in unique_params(model) if is_expert_param(p)]
+        _sync_experts([g for g in expert if g is not None], dims, groups)
+        return
+    params = [p for _, p in unique_params(model) if p.requires_grad]
+    _agree_on_presence(params)
+    grads = [(p.grad, is_expert_param(p)) for p in params if p.grad is not None]
+    reduce_sum_scaled([g for g, e in grads if not e], None, dims.world_size, "dense gradients")
+    _sync_experts([g for g, e in grads if e], dims, groups)
+
+
+def _agree_on_presence(params: list[nn.Parameter]) -> None:
+    """A parameter with a gradient on any rank gets one (zeros) on every rank, so that every rank
+    reduces the same tensors in the same order."""
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8)
+    guarded("all_reduce(grad presence)", lambda: dist.all_reduce(has, op=dist.ReduceOp.MAX))
+    for p, h in zip(params, has.tolist()):
+        if h and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def _sync_experts(grads: list[Tensor], dims: ParallelDims, groups: ProcessGroups) -> None:
+    if dims.dp > 1:
+        reduce_sum_scaled(grads, groups.dp, dims.world_size, "expert gradients over the dp group")
+    elif grads:
+        torch._foreach_div_(grads, float(dims.world_size))
+
+
+def reduce_sum_scaled(
+    grads: list[Tensor], group: dist.ProcessGroup | None, divisor: int, what: str
+) -> None:
+    """grads <- SUM over `group` (None: the world) / divisor, in flat buckets per dtype."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for tensors in by_dtype.values():
+        for bucket in buckets(tensors, BUCKET_ELEMS):
+            flat = torch.cat([b.reshape(-1) for b in bucket])
+            guarded(f"all_reduce({what})", lambda flat=flat: dist.all_reduce(flat, group=group))
+            flat.div_(divisor)
+            offset = 0
+            for b in bucket:
+                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
+
+
+def buckets(tensors: list[Tensor], max_elems: int) -> list[list[Tensor]]:
+    """Consecutive runs of tensors of at most max_elems elements (a larger tensor stands alone)."""
+    out: list[list[Tensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if out[-1] and size + t.numel() > max_elems:
+            out.append([])
+            size = 0
+        out[-1].append(t)
+        size += t.numel()
+    return [b for b in out if b]
+
+
+def clip_grad_norm_(
+    model: nn.Module, max_norm: float, dims: ParallelDims, groups: ProcessGroups
+) -> Tensor:
+    """Global L2 norm of all gradients, each parameter counted once: dense grads are the same on
+    every rank after sync; expert grads are summed over the ep group. Scales the grads by
+    min(1, max_norm / (norm + 1e-6)) when max_norm > 0. Call after sync_gradients."""
+    params = [p for _, p in unique_params(model) if p.grad is not None]
+    dense = [p.grad for p in params if not is_expert_param(p)]
+    expert = [p.grad for p in params if is_expert_param(p)]
+    held = params or [p for _, p in unique_params(model)]
+    dev = held[0].device if held else torch.device("cpu")
+    exp_sq = _sum_of_squares(expert, dev)
+    if dims.ep > 1:
+        guarded(
+            "all_reduce(expert grad norm)",
+            lambda: dist.all_reduce(exp_sq, group=groups.ep),
+            "the ep group",
+        )
+    norm = (_sum_of_squares(dense, dev) + exp_sq).sqrt()
+    if max_norm > 0 and params:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        grads = [p.grad for p in params]
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
+    return norm
+
+
+def _sum_of_squares(grads: list[Tensor], device: torch.device) -> Tensor:
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
