@@ -31,8 +31,10 @@ if ! "$py" -c "import sys, torch; sys.exit(not torch.__version__.startswith('$fl
   echo "torch_floor: pip install '$spec' (first run: a few GB, several minutes)"
 fi
 # Resolves against what is installed (fast when cached); re-points the editable install here.
-"$py" -m pip install -q --disable-pip-version-check -e "${repo}[dev]" "$spec" 2>&1 \
-  | grep -v "^WARNING: Location .* is ignored" || true
+log="$venv/pip-install.log"
+"$py" -m pip install -q --disable-pip-version-check -e "${repo}[dev]" "$spec" >"$log" 2>&1 \
+  || { cat "$log" >&2; exit 1; }
+grep -v "^WARNING: Location .* is ignored" "$log" || true
 "$py" -c "import torch; print('torch_floor: torch', torch.__version__, '(floor $floor) ready in' , $(( $(date +%s) - t0 )), 's')"
 "$py" -c "import sys, torch; sys.exit(not torch.__version__.startswith('$floor.'))" \
   || { echo "torch_floor: the venv does not hold torch $floor.*" >&2; exit 1; }
