@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # CI: the CUDA kernels of moe_train.ops must compile on this GPU-less machine. Two levels:
-#   1. `nvcc -c` of kernels/*.cu alone (CUDA headers + the shared index header) for sm_80, sm_90;
+#   1. `nvcc -c` of kernels/*.cu alone (CUDA headers + the shared index header), checked to
+#      assemble machine code for every target:
+#      a. with the CUDA 13 toolkit for sm_80, sm_90 (CUDA 13 cannot target Volta);
+#      b. with CUDA 11.8 (Debian's, provisioned by .ci/cuda118_toolkit.sh) for sm_70, sm_80, sm_90;
 #   2. the full CUDA extension built against the CUDA build of torch 2.14.1 in its own virtual
 #      environment (outside the repo, reused between runs), then loaded without a GPU.
-# Idempotent: the venv and the build cache are reused; ninja recompiles only what changed.
+# Idempotent: the venv, the 11.8 toolkit and the build cache are reused; ninja recompiles only
+# what changed.
 # Environment:
-#   CUDA_HOME                 toolkit (default /usr/local/cuda-13.0, else the one of `nvcc`)
-#   MOE_TRAIN_CUDA_ARCHS      level-1 archs (default "80 90"; add 70 with a CUDA 12 toolkit)
+#   CUDA_HOME                 toolkit of 1a and 2 (default /usr/local/cuda-13.0, else nvcc's)
+#   MOE_TRAIN_CUDA_ARCHS      level-1a archs (default "80 90")
+#   MOE_TRAIN_CUDA118_ARCHS   level-1b archs (default "70 80 90")
+#   MOE_TRAIN_SKIP_CUDA118=1  skip level 1b (no apt here): sm_70 is then NOT compiled
 #   MOE_TRAIN_CUDA_VENV       venv of level 2 (default ${TMPDIR:-/tmp}/moe_train_cuda_venv)
 #   MOE_TRAIN_CUDA_TORCH      torch of level 2 (default 2.14.1)
 #   MOE_TRAIN_SKIP_CUDA_LINK=1  skip level 2
@@ -30,18 +36,40 @@ nvcc="$CUDA_HOME/bin/nvcc"
 [ -x "$nvcc" ] || { echo "cuda_build: $nvcc not found or not executable" >&2; exit 1; }
 echo "cuda_build: toolkit $CUDA_HOME ($("$nvcc" --version | grep -o 'release [0-9.]*'))"
 
-# ---- level 1: nvcc -c of the kernel sources alone ----
-archs="${MOE_TRAIN_CUDA_ARCHS:-80 90}"
-gencode=()
-for a in $archs; do gencode+=(-gencode "arch=compute_$a,code=sm_$a"); done
+# ---- level 1: nvcc -c of the kernel sources alone, SASS for every target ----
 objdir="$(mktemp -d "$tmp/moe_train_nvcc.XXXXXX")"
 trap 'rm -rf "$objdir"' EXIT
-for cu in "$kernels"/*.cu; do
-  echo "cuda_build: level 1: nvcc -c $(basename "$cu") for sm_${archs// /, sm_}"
-  t0=$(date +%s)
-  "$nvcc" -c -O3 -std=c++17 -I"$kernels" "${gencode[@]}" -o "$objdir/$(basename "$cu").o" "$cu"
-  echo "cuda_build: level 1: ok in $(( $(date +%s) - t0 )) s"
-done
+# compile LABEL NVCC "ARCHS" [extra nvcc flags...]: ptxas -v names the target of every kernel it
+# assembles, which proves machine code (not only PTX) for each arch (minimal toolkits lack cuobjdump).
+compile() {
+  local label=$1 nvcc_bin=$2 archs=$3
+  shift 3
+  local gencode=() a cu obj log t0 counts
+  for a in $archs; do gencode+=(-gencode "arch=compute_$a,code=sm_$a"); done
+  for cu in "$kernels"/*.cu; do
+    obj="$objdir/$label.$(basename "$cu").o"
+    log="$obj.ptxas.log"
+    echo "cuda_build: level $label: nvcc -c $(basename "$cu") for sm_${archs// /, sm_}" \
+      "($("$nvcc_bin" --version | grep -o 'release [0-9.]*'))"
+    t0=$(date +%s)
+    "$nvcc_bin" -c -O3 -std=c++17 -I"$kernels" -Xptxas -v "${gencode[@]}" "$@" -o "$obj" "$cu" \
+      >"$log" 2>&1 || { cat "$log" >&2; exit 1; }
+    counts=""
+    for a in $archs; do
+      n=$(grep -c "Compiling entry function .* for 'sm_$a'" "$log" || true)
+      [[ $n -gt 0 ]] || { cat "$log" >&2; echo "cuda_build: no sm_$a code in $obj" >&2; exit 1; }
+      counts+="${counts:+,} sm_$a: $n kernels"
+    done
+    echo "cuda_build: level $label: ok in $(( $(date +%s) - t0 )) s;$counts"
+  done
+}
+compile 1a "$nvcc" "${MOE_TRAIN_CUDA_ARCHS:-80 90}"
+if [ "${MOE_TRAIN_SKIP_CUDA118:-0}" = "1" ]; then
+  echo "cuda_build: level 1b SKIPPED (MOE_TRAIN_SKIP_CUDA118=1): sm_70 was not compiled"
+else
+  nvcc118="$(bash "$repo/.ci/cuda118_toolkit.sh")"
+  compile 1b "$nvcc118" "${MOE_TRAIN_CUDA118_ARCHS:-70 80 90}" -ccbin g++-11
+fi
 
 # ---- level 2: full extension against the CUDA build of torch ----
 if [ "${MOE_TRAIN_SKIP_CUDA_LINK:-0}" = "1" ]; then
@@ -69,16 +97,16 @@ t0=$(date +%s)
 (cd "$repo" && PYTHONPATH="$repo" "$py" -m moe_train.ops.build)
 echo "cuda_build: level 2: build step took $(( $(date +%s) - t0 )) s"
 
-echo "cuda_build: level 2: loading the built library in a fresh process (no GPU)"
+echo "cuda_build: level 2: loading the built library in a fresh process (no GPU, no build)"
 (cd "$repo" && PYTHONPATH="$repo" "$py" - <<'EOF'
-import glob
-import os
-
 import torch
 
-libs = glob.glob(os.path.join(os.environ["MOE_TRAIN_EXT_DIR"], "*_cuda", "moe_train_ops_cuda.so"))
-assert len(libs) == 1, f"expected one built CUDA library, found {libs}"
-torch.ops.load_library(libs[0])
+from moe_train.ops import build
+
+# As a run finds the kernels the image ships: prebuilt, loaded without building.
+build._build(verbose=False, build=False)
+assert build._state["prebuilt"] and build._state["cuda"], build._state
+lib = build._state["path"]
 for op in ("dispatch", "dispatch_backward", "combine", "combine_backward", "csr_by_row"):
     for key in ("CPU", "CUDA") if op != "csr_by_row" else ("CPU",):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_train::{op}", key), (op, key)
@@ -93,7 +121,7 @@ from moe_train.ops._custom import csr_by_row
 row_ptr, perm = csr_by_row(index, 16)
 y = torch.ops.moe_train.combine(buf, None, index, row_ptr, perm, 16)
 torch.testing.assert_close(y, combine_reference(buf, None, index, 16))
-print(f"cuda_build: level 2: ok: {libs[0]} loads, CPU and CUDA kernels registered, "
+print(f"cuda_build: level 2: ok: {lib} loads, CPU and CUDA kernels registered, "
       f"CUDA available here: {torch.cuda.is_available()}")
 EOF
 )

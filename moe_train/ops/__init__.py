@@ -1,8 +1,9 @@
 """Python face of the row-moving ops: dispatch (gather rows) and combine (weighted row sums).
 
 The fused C++/CUDA kernels (kernels/, registered as ``torch.ops.moe_train.*``) are built on first
-use and replace the plain-PyTorch references; if they cannot be built the references run (one
-warning). ``MOE_TRAIN_NO_EXT=1`` forces the references. Both paths support autograd.
+use (or found prebuilt, see ``build``) and replace the plain-PyTorch references. If they cannot be
+built, a machine with CUDA stops with the compiler's error; a CPU-only one runs the references
+after one warning. ``MOE_TRAIN_NO_EXT=1`` forces the references. Both paths support autograd.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ FUSED_CPU_DISPATCH = os.environ.get("MOE_TRAIN_FUSED_CPU_DISPATCH") == "1"
 
 
 def extension_available() -> bool:
-    """True when the fused kernels are built and loaded (builds them on the first call)."""
+    """True when the fused kernels are loaded (builds them on the first call; raises
+    ``build.ExtensionBuildError`` when that fails on a machine with CUDA)."""
     return _build.load()
 
 

