@@ -14,12 +14,12 @@ from hydra.core.config_store import ConfigStore
 from .data.config import DataConfig
 from .model import ModelConfig
 from .parallel import ParallelConfig
+from .precision import PRECISIONS
 from .routing import RouterConfig
 from .validation import above, at_least, check_finite, in_range, one_of
 
 # configs/ at the repo root (editable install); absolute, so console scripts find it from any folder
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIM_IMPLS = ("torch", "apex")
 ENGINES = ("native", "deepspeed")
 ZERO_STAGES = (0, 1, 2)

@@ -17,12 +17,13 @@ from .config import CONFIG_DIR, TrainConfig, register_configs
 from .engines import Engine
 from .metrics import TrainLogger
 from .parallel import ParallelState, init_parallel
+from .precision import autocast_dtype
 from .training.batches import BatchPlan
 from .training.build import build_engine, build_model, open_training_data
 from .training.cadence import Every
 from .training.checkpointer import Checkpointer
 from .training.evaluation import Evaluator, evaluate
-from .training.optim import autocast_dtype, build_optimizer, lr_at
+from .training.optim import build_optimizer, lr_at
 from .training.state import TrainState
 from .training.step import lm_loss, train_step
 

@@ -16,7 +16,8 @@ from ..data import TokenFile, open_splits, resolve_data_dir
 from ..engines import DeepSpeedEngine, Engine, NativeEngine, deepspeed_initialize
 from ..model import MoETransformer
 from ..parallel import ParallelState, parallelize
-from .optim import autocast_dtype, build_optimizer
+from ..precision import autocast_dtype
+from .optim import build_optimizer
 
 
 def open_training_data(cfg: TrainConfig) -> tuple[Path, TokenFile, TokenFile]:

@@ -50,12 +50,3 @@ def build_optimizer(
         return FusedAdam(param_groups, lr=cfg.lr, betas=betas, eps=cfg.eps, adam_w_mode=True)
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=betas, eps=cfg.eps, **fast)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. auto: bf16 on Ampere+, fp16 on older GPUs, fp32 on CPU."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
