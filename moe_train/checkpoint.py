@@ -289,11 +289,17 @@ def _save_errors(run_dir: Path, tmp: Path, step: int, main: bool) -> Iterator[No
                 f"{tmp}; {_free_space(run_dir)} free on the filesystem of {run_dir}). The partial "
                 f"save was removed and {kept}. Free space, lower trainer.keep_checkpoints or move "
                 "trainer.run_dir to a larger disk, then run again to resume"
-            ) from e
+            ) from _short_cause(e)
         raise CheckpointError(
             f"saving checkpoint step {step} into {tmp} failed: {_describe(e)}. The partial save "
             f"was removed and {kept}"
-        ) from e
+        ) from _short_cause(e)
+
+
+def _short_cause(e: BaseException) -> BaseException | None:
+    """The cause to chain: not torch's CheckpointException, whose text is every rank's traceback
+    (its per-rank summary is in our message)."""
+    return None if isinstance(e, CheckpointException) else e
 
 
 def _causes(e: BaseException) -> Iterator[BaseException]:
@@ -590,7 +596,7 @@ def load_checkpoint(
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
         raise CorruptCheckpointError(
             f"checkpoint {path}: reading the tensors failed: {_describe(e)}"
-        ) from e
+        ) from _short_cause(e)
 
     with torch.no_grad():
         for key, live, _ in entries:
