@@ -214,34 +214,47 @@ def save_checkpoint(
     raises CheckpointError naming the folder; the partial save is removed, `latest` untouched.
     """
     run_dir = Path(run_dir)
+    tmp = run_dir / f".tmp_step_{step:08d}"
+    with _save_errors(run_dir, tmp, step, main=state is None or state.is_main):
+        return _write_checkpoint(run_dir, step, model, optimizer, extra, state, keep)
+
+
+def _write_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    extra: dict,
+    state: ParallelState | None,
+    keep: int,
+) -> Path:
     model = unwrap_model(model)  # keys are the bare model's names
     main = state is None or state.is_main
     final = run_dir / f"step_{step:08d}"
     tmp = run_dir / f".tmp_step_{step:08d}"
-    with _save_errors(run_dir, tmp, step, main):
-        if main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        _barrier(state)
-        sd, optim_meta = _save_state(model, optimizer)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=not _dist(state))
-        if main:
-            meta = {
-                "format": FORMAT,
-                "step": step,
-                "extra": extra,
-                "params": _shapes(model),
-                "optim": optim_meta,
-                "world_size": state.world_size if state else 1,
-                "ep": state.ep if state else 1,
-            }
-            _write_meta(tmp, meta)
-        _barrier(state)
-        _finish_save(run_dir, tmp, final, keep, state)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier(state)
+    sd, optim_meta = _save_state(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=not _dist(state))
+    if main:
+        meta = {
+            "format": FORMAT,
+            "step": step,
+            "extra": extra,
+            "params": _shapes(model),
+            "optim": optim_meta,
+            "world_size": state.world_size if state else 1,
+            "ep": state.ep if state else 1,
+        }
+        _write_meta(tmp, meta)
+    _barrier(state)
+    _finish_save(run_dir, tmp, final, keep, state)
     _barrier(state)
     return final
 
