@@ -1,36 +1,49 @@
 """Atomic, reshardable checkpoints with torch.distributed.checkpoint (DCP).
 
 Layout of `run_dir`:
-    step_00000100/      one checkpoint: DCP shards (`*.distcp`, `.metadata`) + `meta.pt` (rank 0)
-    latest              text file naming the newest complete checkpoint directory
+    step_00000100/      one checkpoint: DCP shards (`*.distcp`, `.metadata`), `meta.pt` (rank 0)
+                        and `checksums.json` (size and CRC-32 of every file, moe_train.checksums)
+    latest              text file naming the newest complete checkpoint directory (a bare
+                        `step_*` name: anything else, e.g. `../other/step_*`, is refused)
     .tmp_step_*/        a save in progress (or one that crashed; ignored and cleaned up later)
+    .old_step_*/        the previous copy of a step being re-saved (restored or removed later)
+    .corrupt_step_*/    a checkpoint that failed verification on load, kept for inspection
 
 Keys: dense parameters/buffers as `model/<fqn>`; expert parameters (`is_expert_param`, stacked
 [E_local, ...], this rank's share given by the layer's ExpertShard) as one key per GLOBAL expert,
 `model/<fqn>/expert_<id>`, and so is their optimizer state (`optim/<fqn>/<name>/expert_<id>`).
 Each rank writes only the experts it holds and DCP de-duplicates replicated keys across data
 parallel ranks, so nothing is written twice and a checkpoint taken at ep=2 loads at ep=4 or ep=1.
-A save is written into a temp dir, renamed into place, then `latest` is replaced atomically: a
-crash at any point leaves the previous checkpoint loadable.
+A save is written into a temp dir, checksummed, renamed into place, then `latest` is replaced
+atomically: a crash at any point leaves the previous checkpoint loadable. A load verifies every
+file first; `load_latest_checkpoint` falls back to the newest checkpoint that verifies.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import os
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.api import CheckpointException
 
+from .checksums import verify_checksums, write_checksums
 from .layer import MoELayer
-from .parallel import ParallelState, is_expert_param, unwrap_model
+from .parallel import CollectiveError, ParallelState, is_expert_param, unwrap_model
+from .parallel.objects import from_main
 
-FORMAT = 1
+FORMAT = 2  # 2: checksums.json in every checkpoint; 1 (no checksums) still loads
+FORMATS = (1, 2)
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 META_FILE = "meta.pt"
 LATEST_FILE = "latest"
@@ -38,6 +51,11 @@ LATEST_FILE = "latest"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupt or does not fit the model."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint's files are damaged (checksum, size, missing file, unreadable): an earlier
+    checkpoint may still load. A checkpoint that does not fit the model is not corrupt."""
 
 
 # ---- the model's parameters, with experts along the global axis --------------------------------
@@ -152,13 +170,24 @@ def _publish(tmp: Path, final: Path) -> None:
     os.rename(tmp, final)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write, fsync, rename into place: a full disk raises OSError(ENOSPC) naming nothing else."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    _write_bytes_atomic(path, text.encode())
+
+
+def _write_meta(folder: Path, meta: dict) -> None:
+    buf = io.BytesIO()  # serialised in memory, written by Python: write errors keep their errno
+    torch.save(meta, buf)
+    _write_bytes_atomic(folder / META_FILE, buf.getvalue())
 
 
 def _dist(state: ParallelState | None) -> bool:
@@ -181,9 +210,24 @@ def save_checkpoint(
 ) -> Path:
     """Save model + optimizer (+ `extra`, picklable, from rank 0) as run_dir/step_{step:08d}.
 
-    Every rank calls this. Returns the checkpoint directory.
+    Every rank calls this. Returns the checkpoint directory. A failed write (a full disk, ...)
+    raises CheckpointError naming the folder; the partial save is removed, `latest` untouched.
     """
     run_dir = Path(run_dir)
+    tmp = run_dir / f".tmp_step_{step:08d}"
+    with _save_errors(run_dir, tmp, step, main=state is None or state.is_main):
+        return _write_checkpoint(run_dir, step, model, optimizer, extra, state, keep)
+
+
+def _write_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    extra: dict,
+    state: ParallelState | None,
+    keep: int,
+) -> Path:
     model = unwrap_model(model)  # keys are the bare model's names
     main = state is None or state.is_main
     final = run_dir / f"step_{step:08d}"
@@ -208,39 +252,144 @@ def save_checkpoint(
             "world_size": state.world_size if state else 1,
             "ep": state.ep if state else 1,
         }
-        torch.save(meta, tmp / ".meta.tmp")
-        os.replace(tmp / ".meta.tmp", tmp / META_FILE)
+        _write_meta(tmp, meta)
     _barrier(state)
-    if main:
-        old = None
-        if final.exists():  # re-saving a step (e.g. after a resume): move the old copy aside
-            old = run_dir / f".old_{final.name}"
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(final, old)
-        _publish(tmp, final)
-        _write_text_atomic(run_dir / LATEST_FILE, final.name + "\n")
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        _prune(run_dir, keep, final)
+    _finish_save(run_dir, tmp, final, keep, state)
     _barrier(state)
     return final
 
 
+def _finish_save(
+    run_dir: Path, tmp: Path, final: Path, keep: int, state: ParallelState | None
+) -> None:
+    """Once every rank's files in `tmp` are complete: checksums (collective), then on rank 0
+    publish `tmp` as `final`, point `latest` at it and prune."""
+    write_checksums(tmp, state)
+    if state is not None and not state.is_main:
+        return
+    old = None
+    if final.exists():  # re-saving a step (e.g. after a resume): move the old copy aside
+        old = run_dir / f".old_{final.name}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(final, old)
+    _publish(tmp, final)
+    _write_text_atomic(run_dir / LATEST_FILE, final.name + "\n")
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    _prune(run_dir, keep, final)
+
+
+@contextlib.contextmanager
+def _save_errors(run_dir: Path, tmp: Path, step: int, main: bool) -> Iterator[None]:
+    """Turn write failures (OSError, torch's CheckpointException) into a CheckpointError that says
+    what happened and where; a full disk is named as such. Collective failures pass through."""
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except (OSError, RuntimeError, CheckpointException) as e:
+        full = _disk_full(e)
+        if not full and not isinstance(e, (OSError, CheckpointException)):
+            raise
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+        previous = latest_checkpoint(run_dir)
+        kept = f"{previous} is intact" if previous else "there is no earlier checkpoint"
+        if full:
+            raise CheckpointError(
+                f"saving checkpoint step {step} failed: the disk is full (no space left writing "
+                f"{tmp}; {_free_space(run_dir)} free on the filesystem of {run_dir}). The partial "
+                f"save was removed and {kept}. Free space, lower trainer.keep_checkpoints or move "
+                "trainer.run_dir to a larger disk, then run again to resume"
+            ) from _short_cause(e)
+        raise CheckpointError(
+            f"saving checkpoint step {step} into {tmp} failed: {_describe(e)}. The partial save "
+            f"was removed and {kept}"
+        ) from _short_cause(e)
+
+
+def _short_cause(e: BaseException) -> BaseException | None:
+    """The cause to chain: not torch's CheckpointException, whose text is every rank's traceback
+    (its per-rank summary is in our message)."""
+    return None if isinstance(e, CheckpointException) else e
+
+
+def _causes(e: BaseException) -> Iterator[BaseException]:
+    """e, its causes and contexts, and the per-rank failures inside a CheckpointException."""
+    seen: set[int] = set()
+    todo = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        todo += [x.__cause__, x.__context__]  # type: ignore[list-item]
+        if isinstance(x, CheckpointException):
+            todo += [f[0] if isinstance(f, tuple) else f for f in x.failures.values()]
+
+
+def _disk_full(e: BaseException) -> bool:
+    for x in _causes(e):
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left" in str(x) or "unexpected pos" in str(x):  # torch's C++ writers
+            return True
+    return False
+
+
+def _free_space(path: Path) -> str:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown space"
+    return f"{free / 2**20:.1f} MiB"
+
+
+def _describe(e: BaseException) -> str:
+    """One line per underlying failure (torch's CheckpointException holds one per rank)."""
+    if isinstance(e, CheckpointException):
+        parts = []
+        for rank, failure in sorted(e.failures.items()):
+            exc = failure[0] if isinstance(failure, tuple) else failure
+            parts.append(f"rank {rank}: {_one_line(exc)}")
+        return "; ".join(parts) or "CheckpointException"
+    return _one_line(e)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    hint = " (a file ends early: truncated?)" if isinstance(e, EOFError) else ""
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}{hint}"
+
+
+# ---- the checkpoints of a run folder ------------------------------------------------------------
 def _complete(path: Path) -> bool:
     return (path / META_FILE).is_file() and (path / ".metadata").is_file()
 
 
-def _steps(run_dir: Path) -> list[tuple[int, Path]]:
+def _steps(run_dir: Path, prefix: str = "") -> list[tuple[int, Path]]:
     out = []
     for p in run_dir.iterdir() if run_dir.is_dir() else []:
-        m = _STEP_RE.match(p.name)
+        m = _STEP_RE.match(p.name.removeprefix(prefix)) if p.name.startswith(prefix) else None
         if m and p.is_dir():
             out.append((int(m.group(1)), p))
     return sorted(out)
 
 
 def _prune(run_dir: Path, keep: int, current: Path) -> None:
+    """Keep the newest `keep` complete checkpoints (always `current`, the one just published);
+    remove crashed saves; restore or remove what a killed re-save left (`.old_step_*`)."""
+    for step, old in _steps(run_dir, ".old_"):
+        twin = run_dir / f"step_{step:08d}"
+        if _complete(twin):
+            shutil.rmtree(old, ignore_errors=True)
+        elif _complete(old):  # killed between moving the old copy aside and publishing
+            shutil.rmtree(twin, ignore_errors=True)
+            os.rename(old, twin)
     done = [p for _, p in _steps(run_dir) if _complete(p)]
     for p in done[: max(0, len(done) - max(1, keep))]:
         if p != current:
@@ -249,16 +398,79 @@ def _prune(run_dir: Path, keep: int, current: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def _pointer(run_dir: Path) -> Path | None:
+    """The folder `latest` names when it is a step_* folder of run_dir (else None, with a
+    warning: the pointer may not lead outside the run folder)."""
+    pointer = run_dir / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    if not _STEP_RE.match(name):
+        warnings.warn(
+            f"{pointer} names {name!r}, not a step_* folder inside {run_dir}: ignored (a run "
+            "resumes only from its own checkpoints); using the newest complete checkpoint",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return run_dir / name
+
+
+def checkpoint_candidates(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoints a resume may load, in the order to try them: the one `latest`
+    names, then the older complete ones, newest first. A step whose re-save was killed counts
+    with its `.old_step_*` copy."""
+    run_dir = Path(run_dir)
+    found = {s: p for s, p in _steps(run_dir, ".old_") if _complete(p)}
+    found.update({s: p for s, p in _steps(run_dir) if _complete(p)})
+    order = [found[s] for s in sorted(found, reverse=True)]
+    target = _pointer(run_dir)
+    if target is not None and target in order:
+        return order[order.index(target) :]
+    return order
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The checkpoint `latest` names, or the newest complete step_* dir; None when there is none."""
+    found = checkpoint_candidates(run_dir)
+    return found[0] if found else None
+
+
+def _quarantine(path: Path) -> Path:
+    """Move a checkpoint that failed verification out of the way (rank 0), for inspection."""
+    dest = path.with_name(f".corrupt_{path.name.removeprefix('.old_')}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = path.with_name(f".corrupt_{path.name.removeprefix('.old_')}.{n}")
+    os.rename(path, dest)
+    return dest
+
+
+def load_latest_checkpoint(
+    run_dir: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    state: ParallelState | None = None,
+) -> tuple[Path, dict] | None:
+    """Load the newest checkpoint of run_dir that verifies: (its path, its extra), or None when
+    none does. A damaged one is reported (a RuntimeWarning naming the file), moved aside as
+    `.corrupt_step_*` and the next older one tried. Every rank calls this and all load the same."""
     run_dir = Path(run_dir)
-    pointer = run_dir / LATEST_FILE
-    if pointer.is_file():
-        path = run_dir / pointer.read_text().strip()
-        if path.name and _complete(path):
-            return path
-    done = [p for _, p in _steps(run_dir) if _complete(p)]
-    return done[-1] if done else None
+    main = state is None or state.is_main
+    for path in from_main(state, lambda: checkpoint_candidates(run_dir)):
+        try:
+            return path, load_checkpoint(path, model, optimizer, state)
+        except CorruptCheckpointError as e:
+            if main:
+                aside = _quarantine(path)
+                warnings.warn(
+                    f"{e}. It was moved to {aside}; trying the checkpoint before it",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            _barrier(state)
+    return None
 
 
 # ---- load ---------------------------------------------------------------------------------------
@@ -266,16 +478,59 @@ def _read_meta(path: Path) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path}: no such directory")
     if not _complete(path):
-        raise CheckpointError(
+        raise CorruptCheckpointError(
             f"checkpoint {path} is incomplete (missing {META_FILE} or .metadata): a save was "
             "interrupted; load an earlier checkpoint (latest_checkpoint skips incomplete ones)"
         )
     try:
         meta = torch.load(path / META_FILE, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling problem means corrupt
-        raise CheckpointError(f"checkpoint {path}: cannot read {META_FILE}: {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path}: unknown format (expected {FORMAT})")
+        raise CorruptCheckpointError(
+            f"checkpoint {path}: cannot read {path / META_FILE}: {_one_line(e)}"
+        ) from e
+    if not isinstance(meta, dict) or meta.get("format") not in FORMATS:
+        raise CheckpointError(
+            f"checkpoint {path}: unknown format {meta.get('format') if isinstance(meta, dict) else '?'}"
+            f" (this moe-train reads {', '.join(map(str, FORMATS))})"
+        )
+    return meta
+
+
+def _storage_problems(path: Path) -> list[str]:
+    """Files that DCP's .metadata names but that are missing or shorter than it says (the check of
+    checkpoints saved before checksums.json existed)."""
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - empty, truncated or garbage .metadata
+        return [f"{path / '.metadata'} is unreadable ({_one_line(e)})"]
+    need: dict[str, int] = {}
+    for info in getattr(metadata, "storage_data", {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    problems = []
+    for name, size in sorted(need.items()):
+        f = path / name
+        if not f.is_file():
+            problems.append(f"{f} is missing")
+        elif f.stat().st_size < size:
+            problems.append(f"{f}: {f.stat().st_size} bytes, .metadata needs {size} (truncated)")
+    return problems
+
+
+def verify_checkpoint(path: str | Path, state: ParallelState | None = None) -> dict:
+    """Check every file of a checkpoint before loading it: against checksums.json (format 2), or
+    that every shard .metadata names is there and long enough (format 1). Returns its meta;
+    raises CorruptCheckpointError naming the damaged files. Collective: every rank calls it."""
+    path = Path(path)
+    meta = _read_meta(path)
+    if meta["format"] >= 2:
+        problems = verify_checksums(path, state)
+    else:
+        problems = from_main(state, lambda: _storage_problems(path))
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CorruptCheckpointError(
+            f"checkpoint {path} is damaged: {'; '.join(problems[:3])}{more}"
+        )
     return meta
 
 
@@ -308,15 +563,19 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     state: ParallelState | None = None,
+    *,
+    verify: bool = True,
 ) -> dict:
     """Load into `model` (and `optimizer`) in place, at any parallel.ep; returns the saved extra.
 
-    Every rank calls this. Raises CheckpointError naming the path when the checkpoint is missing,
-    incomplete, corrupt, or does not fit the model (shapes, expert count).
+    Every rank calls this. Raises CheckpointError naming the path when the checkpoint is missing
+    or does not fit the model (shapes, expert count), CorruptCheckpointError naming the file when
+    it is incomplete or damaged (checked first: verify_checkpoint; verify=False skips the
+    checksums). On an error nothing has been loaded.
     """
     model = unwrap_model(model)  # keys are the bare model's names
     path = Path(path)
-    meta = _read_meta(path)
+    meta = verify_checkpoint(path, state) if verify else _read_meta(path)
     _check_fit(path, meta["params"], model)
     params, info = _param_table(model)
     entries = _model_tensors(model, params, info)
@@ -347,8 +606,10 @@ def load_checkpoint(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(sd, storage_reader=dcp.FileSystemReader(str(path)), no_dist=not _dist(state))
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint {path}: reading the tensors failed: {e}") from e
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
+        raise CorruptCheckpointError(
+            f"checkpoint {path}: reading the tensors failed: {_describe(e)}"
+        ) from _short_cause(e)
 
     with torch.no_grad():
         for key, live, _ in entries:
@@ -380,4 +641,13 @@ def _load_optimizer(path, optimizer, saved, slots, targets) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
-__all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "CorruptCheckpointError",
+    "checkpoint_candidates",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_latest_checkpoint",
+    "save_checkpoint",
+    "verify_checkpoint",
+]

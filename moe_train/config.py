@@ -70,6 +70,9 @@ class TrainerConfig:
     progress: bool = True
     tensorboard: bool = True  # when tensorboard is installed
     threads: int | None = None  # torch CPU threads per rank; None = torch's default
+    # stop with an error after this many consecutive skipped steps (non-finite loss or
+    # gradients: the run diverged); None = never stop. fp16 skips a few while its scale settles
+    max_skipped_steps: int | None = 50
 
     def validate(self) -> None:
         check_finite(self, "trainer")
@@ -80,6 +83,7 @@ class TrainerConfig:
         at_least(self, "trainer", 1, "ckpt_every", "keep_checkpoints")
         at_least(self, "trainer", 0, "eval_batches")
         at_least(self, "trainer", 1, "micro_batch_size", "threads", optional=True)
+        at_least(self, "trainer", 1, "max_skipped_steps", optional=True)
 
     def batch_split(self, data_world: int) -> tuple[int, int]:
         """(micro_batch_size, grad_accum) per rank so that world * micro * accum == global batch."""

@@ -13,7 +13,7 @@ from .experts import ACTIVATIONS, activate
 from .layer import MoELayer
 from .parallel import ExpertShard, is_expert_param
 from .routing import RouterConfig
-from .validation import at_least, check_finite, in_range, one_of
+from .validation import above, at_least, check_finite, in_range, one_of
 
 
 @dataclass
@@ -45,6 +45,7 @@ class ModelConfig:
         at_least(self, "model", 0, "moe_every")  # 0 = dense model
         one_of(self, "model", "activation", ACTIVATIONS)
         in_range(self, "model", 0, 1, "dropout")
+        above(self, "model", 0, "init_std")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"model.n_heads: d_model={self.d_model} is not divisible by n_heads={self.n_heads}"

@@ -15,15 +15,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import CONFIG_DIR, TrainConfig, register_configs
 from .engines import Engine
-from .metrics import TrainLogger
+from .metrics import TrainLogger, last_logged
 from .parallel import ParallelState, init_parallel
 from .precision import autocast_dtype
 from .training.batches import BatchPlan
 from .training.build import build_engine, build_model, open_training_data
 from .training.cadence import Every
 from .training.checkpointer import Checkpointer
+from .training.divergence import check_skipped_steps
 from .training.evaluation import Evaluator, evaluate
 from .training.optim import build_optimizer, lr_at
+from .training.run_dir import RunFolder
 from .training.state import TrainState
 from .training.step import lm_loss, train_step
 
@@ -34,10 +36,21 @@ __all__ = [
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train from config; returns the run summary. Resumes from run_dir when it can."""
+    """Train from config; returns the run summary. Resumes from run_dir when it can.
+
+    Every check that can fail runs before the first step: the config, the layout, the run folder
+    (one run at a time, one configuration: training.run_dir), the data, the checkpoint."""
     cfg.validate()
     num_experts = cfg.router.num_experts_for(cfg.model.num_experts)
     parallel = init_parallel(cfg.parallel, num_experts, cfg.router)
+    run_folder = RunFolder.open(cfg, parallel)
+    try:
+        return _train(cfg, parallel, run_folder)
+    finally:
+        run_folder.close()
+
+
+def _train(cfg: TrainConfig, parallel: ParallelState, run_folder: RunFolder) -> dict:
     trainer, run_dir = cfg.trainer, Path(cfg.trainer.run_dir)
     if trainer.threads:
         torch.set_num_threads(trainer.threads)
@@ -52,8 +65,10 @@ def train(cfg: TrainConfig) -> dict:
     train_state = TrainState()
     ckpt_cadence = Every(trainer.ckpt_every, trainer.max_steps)
     checkpointer = Checkpointer(run_dir, ckpt_cadence, keep=trainer.keep_checkpoints)
-    if trainer.resume:
-        checkpointer.restore(train_state, engine)
+    if not (trainer.resume and checkpointer.restore(train_state, engine)) and parallel.is_main:
+        run_folder.start_fresh(trainer.resume)  # an earlier run's files go aside, said so
+    if train_state.step >= trainer.max_steps:
+        return _nothing_to_do(train_state, parallel, run_dir, trainer.max_steps)
     logger = TrainLogger(
         run_dir, Every(trainer.log_every, trainer.max_steps), start=train_state.step,
         tokens_per_step=trainer.global_batch_size * cfg.model.seq_len,
@@ -73,6 +88,7 @@ def train(cfg: TrainConfig) -> dict:
         out = train_step(engine, train_tokens, plan, step, lr, rank=parallel.rank)
         train_state.finish_step(out.applied)
         logger.after_step(train_state, out, engine)
+        check_skipped_steps(train_state, trainer.max_skipped_steps, lr)
         evaluator.after_step(train_state, engine)
         checkpointer.after_step(train_state, engine)
     logger.close()
@@ -82,6 +98,23 @@ def train(cfg: TrainConfig) -> dict:
             f"done: {train_state.step} steps, train loss {train_state.last_loss:.4f}, best val "
             f"loss {train_state.best_val:.4f}, {train_state.skipped} skipped steps, run folder "
             f"{run_dir}"
+        )
+    parallel.shutdown()
+    return train_state.summary()
+
+
+def _nothing_to_do(
+    train_state: TrainState, parallel: ParallelState, run_dir: Path, max_steps: int
+) -> dict:
+    """A finished run started again: say what was done, train nothing."""
+    last = last_logged(run_dir, train_state.step) if parallel.is_main else {}
+    train_state.last_loss = float(last.get("loss", float("nan")))
+    if parallel.is_main:
+        losses = ", ".join(f"{k.replace('_', ' ')} {float(v):.4f}" for k, v in last.items())
+        print(
+            f"already at step {train_state.step} (trainer.max_steps={max_steps}); nothing to do"
+            + (f"; last logged {losses}" if losses else "")
+            + f"; run folder {run_dir}. Raise trainer.max_steps to train further"
         )
     parallel.shutdown()
     return train_state.summary()

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoint import load_latest_checkpoint, save_checkpoint
 from ..parallel import ParallelState
 
 
@@ -75,7 +75,6 @@ class NativeEngine:
         save_checkpoint(run_dir, step, self.module, self.optimizer, extra, self.parallel, keep=keep)
 
     def load_latest(self, run_dir: Path) -> dict[str, Any] | None:
-        path = latest_checkpoint(run_dir)
-        if path is None:
-            return None
-        return load_checkpoint(path, self.module, self.optimizer, self.parallel)
+        """The newest checkpoint that verifies (damaged ones are reported and moved aside)."""
+        found = load_latest_checkpoint(run_dir, self.module, self.optimizer, self.parallel)
+        return None if found is None else found[1]

@@ -22,6 +22,13 @@ class EncDecConfig:
     relative_buckets: int = 32  # relative position bias: buckets x heads per stack
     tie_embeddings: bool = True
 
+    def validate(self) -> None:
+        """encoder_layers is checked against model.n_layers where it is used (params.py)."""
+        section = "plan.encoder_decoder"
+        check_finite(self, section)
+        at_least(self, section, 1, "d_kv", optional=True)
+        at_least(self, section, 0, "relative_buckets")
+
 
 @dataclass
 class PlanOptions:
@@ -33,7 +40,9 @@ class PlanOptions:
     suggest: bool = True
 
     def validate(self) -> None:
+        check_finite(self, "plan")
         one_of(self, "plan", "architecture", ARCHITECTURES)
+        self.encoder_decoder.validate()
 
 
 @dataclass

@@ -16,10 +16,12 @@ class TrainState:
     best_val: float = math.inf  # lowest validation loss so far
     skipped: int = 0  # steps not applied (non-finite loss or gradients)
     last_loss: float = math.nan  # train loss at the last log (mean over ranks)
+    skipped_in_a_row: int = 0  # consecutive skipped steps up to now (not checkpointed)
 
     def finish_step(self, applied: bool) -> None:
         self.step += 1
         self.skipped += not applied
+        self.skipped_in_a_row = 0 if applied else self.skipped_in_a_row + 1
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "best_val": self.best_val, "skipped": self.skipped}
