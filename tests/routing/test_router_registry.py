@@ -137,11 +137,25 @@ KIND_COMPARISON = re.compile(
 FOR_IN = re.compile(r"\bfor\b.*?\bin\b")  # `for key, kind in ...` iterates, it does not compare
 
 
+LITERAL = re.compile(r"[\"']([\w-]+)[\"']")
+
+
+def compares_a_router_kind(line: str) -> bool:
+    """A kind comparison whose string literals (if any) include a router kind.
+
+    `p.kind == "cuda"` (a kernel build's device) is not about routers; `kind in KINDS` is.
+    """
+    if not KIND_COMPARISON.search(FOR_IN.sub("", line)):
+        return False
+    literals = LITERAL.findall(line)
+    return not literals or any(name in router_kinds() for name in literals)
+
+
 def kind_comparisons(text: str) -> list[str]:
     return [
         f"{i}: {line.strip()}"
         for i, line in enumerate(text.splitlines(), 1)
-        if KIND_COMPARISON.search(FOR_IN.sub("", line))
+        if compares_a_router_kind(line)
     ]
 
 
@@ -149,6 +163,7 @@ def test_kind_comparison_pattern():
     bad = 'if router.kind == "sam":\nif kind in ("topk", "sam"):\nx = "tree" != cfg.kind'
     assert len(kind_comparisons(bad)) == 3
     assert not kind_comparisons("for key, kind in pairs:\ncls = router_class(router.kind)")
+    assert not kind_comparisons('if build.kind == "cuda":')
 
 
 def test_no_router_kind_comparisons_outside_routing():
