@@ -96,6 +96,13 @@ def _build(verbose: bool) -> bool:
     build_dir = extension_dir() / tag.replace("+", "_")
     build_dir.mkdir(parents=True, exist_ok=True)
     _clear_stale_lock(build_dir / "lock")
+    if not (build_dir / f"moe_train_ops_{kind}.so").exists():  # the first run explains its pause
+        print(
+            f"moe-train: compiling the fused dispatch/combine kernels, once (~20 s on a CPU, "
+            f"longer with CUDA), into {build_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
     cpp_extension.load(
         name=f"moe_train_ops_{kind}",
         sources=sources,

@@ -11,6 +11,8 @@ from .config import ClusterConfig, PlanOptions
 from .planner import make_plan
 from .render import render
 
+ASSUMED_VOCAB = 256  # model.vocab_size when a training config leaves it to the data (bytes)
+
 
 def _to_dataclass(cls: type, node: Any, where: str) -> Any:
     from omegaconf import OmegaConf
@@ -27,7 +29,10 @@ def plan_from_config(cfg: Any) -> tuple[dict[str, Any], PlanOptions]:
     from ..model import ModelConfig
     from ..routing import RouterConfig
 
-    model = _to_dataclass(ModelConfig, cfg.model, "model")
+    model_node = dict(cfg.model)
+    if model_node.get("vocab_size") is None:  # null = the data's in training; bytes without data
+        model_node["vocab_size"] = ASSUMED_VOCAB
+    model = _to_dataclass(ModelConfig, model_node, "model")
     router = _to_dataclass(RouterConfig, cfg.router, "router")
     cluster = _to_dataclass(ClusterConfig, cfg.cluster, "cluster")
     options = _to_dataclass(PlanOptions, cfg.plan, "plan")
