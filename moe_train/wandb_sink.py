@@ -53,7 +53,7 @@ class WandbSink:
             if k != "step" and isinstance(v, int | float) and math.isfinite(v)
         }
         if values:
-            self.run.log(values, step=step)
+            self.run.log(values, step=step, commit=True)
 
     def close(self) -> None:
         self.run.finish()

@@ -3,7 +3,6 @@ the file: the vocabulary (and the model's size from it), every token id, and the
 
 from __future__ import annotations
 
-from .sampler import num_val_batches
 from .tokens import DataError, TokenFile
 
 VOCAB_MULTIPLE = 64  # a vocabulary left to the data is padded to a multiple of this
@@ -50,5 +49,12 @@ def check_split_sizes(
             f" = {seq_len + 1} needed for one training window; use more data or a smaller "
             "model.seq_len"
         )
-    if val is not None:
-        num_val_batches(val, seq_len, global_batch)  # DataError naming val.bin and the fix
+    if val is not None and (val.num_tokens - 1) // seq_len < global_batch:
+        need = global_batch * seq_len + 1
+        raise DataError(
+            f"token file {val.path} has {val.num_tokens} tokens, fewer than the {need} of one "
+            f"validation batch (trainer.global_batch_size={global_batch} windows of "
+            f"model.seq_len={seq_len}); give validation more text (moe-train-prepare "
+            "--val-fraction, e.g. 0.1), lower trainer.global_batch_size or model.seq_len, or "
+            "set trainer.eval_batches=0 to train without validation"
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 from typing import Any
 
@@ -41,13 +42,15 @@ def plan_from_config(cfg: Any) -> tuple[dict[str, Any], PlanOptions]:
     return make_plan(model, router, cluster, options), options
 
 
-def _jsonable(x: Any) -> Any:
+def _jsonable(x: Any, in_bytes: bool = False) -> Any:
+    """JSON-ready: whole floats as ints, and every byte count (a key naming bytes, or a value of
+    the memory section) rounded to an integer number of bytes."""
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: _jsonable(v, in_bytes or "bytes" in k or k == "memory") for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and x.is_integer() and abs(x) < 2**63:
-        return int(x)
+        return [_jsonable(v, in_bytes) for v in x]
+    if isinstance(x, float) and math.isfinite(x) and (in_bytes or x.is_integer()):
+        return round(x)
     return x
 
 
