@@ -14,10 +14,12 @@ coefficient of variation, and the fraction of slots dropped by capacity.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +74,7 @@ def score(
     token_bytes: np.ndarray,
     batch_size: int,
     max_batches: int | None,
-    autocast: Any = None,
+    autocast: Callable[[], AbstractContextManager] | None = None,
 ) -> dict[str, Any]:
     """loss, perplexity, bits_per_token, bits_per_byte, tokens, bytes and moe_layers (the load
     summary) over up to max_batches batches of batch_size windows of the split."""
@@ -83,7 +85,7 @@ def score(
     tally = LoadTally(model)
     byte_table = torch.as_tensor(token_bytes, dtype=torch.int64)
     for x, y in val_batches(tokens, seq_len, batch_size, max_batches):
-        with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
+        with autocast() if autocast is not None else contextlib.nullcontext():
             logits, _ = model(x.to(device))  # [b, T, V]
         ce = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum")
         nats += float(ce)
@@ -169,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = next(run.model.parameters()).device
         result = score(
             run.model, tokens, tok.token_bytes(), args.batch_size, args.batches,
-            autocast_for(device),
+            lambda: autocast_for(device),
         )  # fmt: skip
     except (RunError, DataError, ValueError) as e:
         print(f"moe-train-eval: error: {e}", file=sys.stderr)

@@ -132,6 +132,10 @@ def load_pretrained_tokenizer(folder: str | Path) -> Any:
     return load_tokenizer(folder, read_config(folder)["tokenizer"]["type"])
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .inference import RunError, load_run
 
@@ -156,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"exported step {run.step} of {args.run_dir} ({params['total'] / 1e6:.2f}M parameters, "
         f"{len(run.model.moe_layers())} MoE layers) to "
-        + ", ".join(f"{q} ({q.stat().st_size / 1e6:.2f} MB)" for q in paths)
+        + ", ".join(f"{q} ({_size(q.stat().st_size)})" for q in paths)
     )
     return 0
 

@@ -35,7 +35,7 @@ def sample_next(
 ) -> Tensor:
     """logits [B, V] -> next ids [B]. temperature 0 = greedy; top_k keeps the k most likely;
     ids >= vocab_limit (the padding rows of a padded vocabulary) are never drawn."""
-    logits = logits.float()
+    logits = logits.float().clone()  # [B, V], edited below
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
         logits[:, vocab_limit:] = -float("inf")
     if temperature <= 0:

@@ -88,7 +88,6 @@ def load_run(
                 "format); these tools read moe-train's checkpoints (trainer.engine=native)"
             )
         raise RunError(f"{run_dir}: no checkpoint yet (trainer.ckpt_every saves them)")
-    torch.manual_seed(cfg.seed)
     model = MoETransformer(cfg.model, cfg.router, seed=cfg.seed)
     try:
         extra = load_checkpoint(path, model)

@@ -104,11 +104,9 @@ def _sinks(cfg: TrainConfig) -> list:
     """Rank 0's extra metric sinks: Weights & Biases when trainer.wandb."""
     if not cfg.trainer.wandb:
         return []
-    from omegaconf import OmegaConf as _OC
-
     from .wandb_sink import WandbSink
 
-    config = _OC.to_container(_OC.structured(cfg))
+    config = OmegaConf.to_container(OmegaConf.structured(cfg))
     t = cfg.trainer
     return [WandbSink(t.run_dir, t.wandb_project, t.wandb_run_name, config)]  # type: ignore[arg-type]
 

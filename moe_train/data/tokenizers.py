@@ -183,12 +183,16 @@ def load_tokenizer(folder: str | Path, name: str) -> ByteTokenizer | HFTokenizer
 
 
 def copy_tokenizer_files(data_dir: str | Path, name: str, out: str | Path) -> list[Path]:
-    """Copy the tokenizer file a data folder names into `out` (nothing for bytes); the copies."""
+    """Copy the tokenizer file a data folder names into `out` as tokenizer.json (for bytes: remove
+    a stale one, e.g. of an earlier run in the same folder); the copies."""
     src = Path(data_dir) / (TOKENIZER_FILE if name == "unknown" else name)
-    if name == ByteTokenizer.name or not src.is_file():
+    dst = Path(out) / TOKENIZER_FILE
+    if name == ByteTokenizer.name:
+        dst.unlink(missing_ok=True)
+        return []
+    if not src.is_file():
         return []
     Path(out).mkdir(parents=True, exist_ok=True)
-    dst = Path(out) / TOKENIZER_FILE
     if src.resolve() != dst.resolve():
         shutil.copyfile(src, dst)
     return [dst]

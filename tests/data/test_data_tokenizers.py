@@ -110,3 +110,14 @@ def test_prepare_cli_trains_a_bpe(corpus, tmp_path, capsys):
     args = [str(corpus), "--out", str(out), "--tokenizer", "bpe", "--vocab-size", "300"]
     assert prepare_main([*args, "--quiet"]) == 0
     assert load_tokenizer(out, "tokenizer.json").vocab_size <= 300
+
+
+def test_a_run_folder_keeps_its_datas_tokenizer(corpus, tmp_path):
+    from moe_train.data.tokenizers import copy_tokenizer_files
+
+    prepare_corpus([str(corpus)], tmp_path / "bpe", progress=False, tokenizer="bpe", vocab_size=300)
+    run = tmp_path / "run"
+    assert copy_tokenizer_files(tmp_path / "bpe", "tokenizer.json", run) == [run / "tokenizer.json"]
+    assert load_tokenizer(run, "tokenizer.json").vocab_size <= 300
+    assert copy_tokenizer_files(tmp_path / "bytes", "bytes", run) == []  # a later byte run
+    assert not (run / "tokenizer.json").exists()  # does not inherit the stale BPE
