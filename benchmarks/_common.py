@@ -11,6 +11,12 @@ import sys
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+QUICK_DIR = RESULTS_DIR / "quick"  # --quick runs land here (git-ignored), never over the results
+
+
+def results_dir(out: str | Path | None, quick: bool) -> Path:
+    """Where a run writes its JSON: --out if given, else results/ (results/quick/ with --quick)."""
+    return Path(out) if out else (QUICK_DIR if quick else RESULTS_DIR)
 
 
 def cpu_model() -> str:

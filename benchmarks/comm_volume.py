@@ -22,7 +22,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, machine, machine_line, print_table, publish  # noqa: E402
+from _common import machine, machine_line, print_table, publish, results_dir  # noqa: E402
 
 from moe_train.parallel.launch_env import free_port, torchrun_env  # noqa: E402
 from moe_train.routing import RouterConfig, router_class  # noqa: E402
@@ -115,8 +115,14 @@ def main(argv: list[str] | None = None) -> dict:
         help="token-choice capacity factor; default dropless, so volume reflects the "
         "routing rule rather than drops (expert choice always uses c = 2)",
     )
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for comm_volume.json")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for comm_volume.json (default benchmarks/results/; with --quick results/quick/)",
+    )
     a = p.parse_args(argv)
+    a.out = results_dir(a.out, a.quick)
     if a.quick:
         a.tokens, a.d_model, a.d_ff = 256, 32, 32
     args = {

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 from _common import (
-    RESULTS_DIR,
     cpu_model,
+    results_dir,
     write_json,
 )  # benchmarks/ is on sys.path when run as a script
 
@@ -146,8 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (median)")
     p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for dispatch_combine.json")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for dispatch_combine.json (default benchmarks/results/; with --quick results/quick/)",
+    )
     args = p.parse_args(argv)
+    args.out = results_dir(args.out, args.quick)
     dtype = getattr(torch, args.dtype)
     reps = args.reps or (3 if args.quick else 5)
     if args.threads:

@@ -30,13 +30,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    RESULTS_DIR,
     command_line,
     machine,
     machine_line,
     median,
     print_table,
     publish,
+    results_dir,
 )
 
 from moe_train import MoELayer  # noqa: E402
@@ -190,7 +190,12 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="torch threads (default: torch's choice; 1 is steadier on a shared machine)",
     )
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for moe_layer.json")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for moe_layer.json (default benchmarks/results/; with --quick results/quick/)",
+    )
     p.add_argument(
         "--merge",
         action="store_true",
@@ -198,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         "with the same shapes (re-measure one router)",
     )
     a = p.parse_args(argv)
+    a.out = results_dir(a.out, a.quick)
     if a.quick:
         a.tokens, a.d_model, a.d_ff, a.experts, a.repeats, a.warmup = 512, 64, 128, 8, 3, 1
     if a.threads:
@@ -297,7 +303,14 @@ def main(argv: list[str] | None = None) -> dict:
         s, t = results["sam2"]["moe-train"]["median_s"], results["top2"]["moe-train"]["median_s"]
         rows.append(["sam2 vs top2", "moe-train", "", "", "", f"{s / t:.2f}x of top2"])
     print_table(
-        ["router", "contender", "median ms (fwd+bwd)", "min ms", "vs dense floor", "vs moe-train"],
+        [
+            "router",
+            "contender",
+            "median ms (fwd+bwd)",
+            "min ms",
+            "time / dense floor",
+            "time / moe-train's",
+        ],
         rows,
     )
     fields = {

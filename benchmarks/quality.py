@@ -30,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, machine, machine_line, table, write_json  # noqa: E402
+from _common import machine, machine_line, results_dir, table, write_json  # noqa: E402
 
 from moe_train.config import OptimConfig, TrainConfig, TrainerConfig  # noqa: E402
 from moe_train.model import ModelConfig, MoETransformer  # noqa: E402
@@ -205,7 +205,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--only", nargs="+", choices=list(CONTENDERS), help="subset of contenders")
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default results/quality.png)")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for quality.json")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for quality.json (default benchmarks/results/; with --quick results/quick/)",
+    )
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
     p.add_argument(
         "--threads",
@@ -226,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--verbose", action="store_true", help="show the training app's output")
     a = p.parse_args(argv)
+    a.out = results_dir(a.out, a.quick)
 
     if a.quick:
         base = ModelConfig(

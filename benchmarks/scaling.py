@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, machine, machine_line, print_table, publish  # noqa: E402
+from _common import machine, machine_line, print_table, publish, results_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -153,10 +153,16 @@ def main(argv: list[str] | None = None) -> dict | None:
         "processes are a clean weak-scaling pair; 2+ threads per rank thrash when the "
         "machine is busy)",
     )
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for scaling.json")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for scaling.json (default benchmarks/results/; with --quick results/quick/)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", default="", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    a.out = results_dir(a.out, a.quick)
     if a.worker:
         worker(a)
         return None

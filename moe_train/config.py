@@ -6,7 +6,7 @@ wrong type fails at start naming the key. `TrainConfig.validate` does the semant
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -26,17 +26,29 @@ ZERO_STAGES = (0, 1, 2)
 
 
 @dataclass
+class TrainModelConfig(ModelConfig):
+    """ModelConfig as the trainer reads it: vocab_size null = the data's vocabulary, rounded up
+    to a multiple of 64 (filled in at start; the run's config.yaml holds the number)."""
+
+    vocab_size: int | None = None  # null = the data's vocabulary rounded up to a multiple of 64
+
+    def validate(self) -> None:
+        at_least(self, "model", 1, "vocab_size", optional=True)
+        ModelConfig.validate(replace(self, vocab_size=self.vocab_size or 1))
+
+
+@dataclass
 class OptimConfig:
     """AdamW with linear warmup and cosine decay to min_lr_ratio * lr (lr is a function of step)."""
 
     impl: str = "torch"  # torch (fused/foreach AdamW) | apex (FusedAdam, needs NVIDIA apex)
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    lr: float = 2e-3  # peak learning rate (after warmup)
+    min_lr_ratio: float = 0.1  # the cosine decays to min_lr_ratio * lr at trainer.max_steps
+    warmup_steps: int = 20  # linear warmup from lr / warmup_steps to lr
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only, not norms/biases)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
     grad_clip: float = 1.0  # global norm across ranks; <= 0 disables clipping
 
     def validate(self) -> None:
@@ -52,23 +64,27 @@ class OptimConfig:
 class TrainerConfig:
     """The loop. global_batch_size sequences per step, split over all ranks and micro-batches."""
 
-    max_steps: int = 1000
-    global_batch_size: int = 16
+    max_steps: int = 1000  # optimizer steps to train for (a resumed run stops here too)
+    global_batch_size: int = 16  # sequences per optimizer step, over all ranks
     # sequences per rank per micro-step; None = global_batch_size / world (no accumulation)
     micro_batch_size: int | None = None
     # auto (bf16 on Ampere+, fp16 on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16
     precision: str = "auto"
     engine: str = "native"  # native | deepspeed
     zero_stage: int = 1  # deepspeed engine only: ZeRO stage for dense state (0, 1, 2)
-    log_every: int = 10
-    eval_every: int = 200
-    eval_batches: int = 8
-    ckpt_every: int = 200
-    keep_checkpoints: int = 2
-    run_dir: str = "runs/default"
+    log_every: int = 10  # steps between metrics records (metrics.jsonl, the progress bar)
+    eval_every: int = 200  # steps between validation losses (and at the last step)
+    eval_batches: int = 8  # validation batches of global_batch_size windows; 0 = no validation
+    ckpt_every: int = 200  # steps between checkpoints (and at the last step)
+    keep_checkpoints: int = 2  # newest checkpoints kept in run_dir
+    run_dir: str = "runs/default"  # the run folder: config.yaml, metrics.jsonl, checkpoints
     resume: bool = True  # continue from run_dir's latest checkpoint when there is one
-    progress: bool = True
+    progress: bool = True  # a progress bar with loss, step time, tokens/s (and MFU on GPUs)
     tensorboard: bool = True  # when tensorboard is installed
+    wandb: bool = False  # also log to Weights & Biases (needs wandb; WANDB_MODE=offline works)
+    wandb_project: str = "moe-train"  # the W&B project
+    wandb_run_name: str | None = None  # the W&B run name; null = the run folder's name
+    print_config: bool = True  # print the resolved configuration at start (one compact block)
     threads: int | None = None  # torch CPU threads per rank; None = torch's default
     # stop with an error after this many consecutive skipped steps (non-finite loss or
     # gradients: the run diverged); None = never stop. fp16 skips a few while its scale settles
@@ -105,13 +121,13 @@ class TrainerConfig:
 
 @dataclass
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=TrainModelConfig)  # vocab_size: null = the data's
     router: RouterConfig = field(default_factory=RouterConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    seed: int = 1337
+    seed: int = 1337  # seeds the init, the batches, dropout and router noise
 
     def validate(self) -> None:
         self.model.validate()

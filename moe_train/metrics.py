@@ -1,5 +1,5 @@
-"""Run metrics: metrics.jsonl, TensorBoard (when installed), the progress bar, GPU stats, and the
-TrainLogger that gathers them on the log cadence. Rank 0 writes."""
+"""Run metrics: metrics.jsonl, TensorBoard (when installed), Weights & Biases (when asked), the
+progress bar, GPU stats, and the TrainLogger that gathers them on the log cadence. Rank 0 writes."""
 
 from __future__ import annotations
 
@@ -34,11 +34,19 @@ def moe_layer_metrics(layers) -> dict[str, float]:
 
 
 class MetricsWriter:
-    """Appends one JSON line per logged step to run_dir/metrics.jsonl; mirrors to TensorBoard."""
+    """Appends one JSON line per logged step to run_dir/metrics.jsonl; mirrors to TensorBoard and
+    to `sinks` (objects with log(step, record) and close(), e.g. moe_train.wandb_sink.WandbSink)."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        enabled: bool,
+        tensorboard: bool = True,
+        sinks: list[Any] | None = None,
+    ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.sinks = list(sinks or []) if enabled else []
         self.tb = None
         if not enabled:
             return
@@ -61,10 +69,14 @@ class MetricsWriter:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
+        for sink in self.sinks:
+            sink.log(step, record)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 def _plain(v: Any) -> Any:
@@ -128,6 +140,7 @@ def last_logged(run_dir: str | Path, step: int) -> dict[str, float]:
 class _NoBar:
     def update(self, n: int) -> None: ...
     def set_postfix(self, **kw: Any) -> None: ...
+    def write(self, line: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -142,10 +155,12 @@ def progress_bar(start: int, total: int, enabled: bool) -> Any:
 
 class TrainLogger:
     """The log cadence. Every log_every steps and at the last: loss and aux losses (mean over
-    ranks), lr, grad_norm, tokens_per_s since the last log, skipped_steps, per-MoE-layer stats and,
-    on GPUs, every rank's GPU stats (gpu{r}/...) to metrics.jsonl/TensorBoard and the progress bar.
-    Collective on log steps: every rank calls after_step. On rank 0 (`is_main`) a resumed run's
-    metrics.jsonl is cut back to the resume step first."""
+    ranks), lr, grad_norm, step_ms and tokens_per_s over the steps since the last log, mfu (model
+    FLOPs utilisation, when `flops_per_token` and the GPUs' summed `peak_flops` are known),
+    skipped_steps, per-MoE-layer stats and, on GPUs, every rank's GPU stats (gpu{r}/...) to
+    metrics.jsonl/TensorBoard/sinks and the progress bar. Collective on log steps: every rank calls
+    after_step. On rank 0 (`is_main`) a resumed run's metrics.jsonl is cut back to the resume step
+    first. `report_val` shows a validation loss (bar and a line)."""
 
     def __init__(
         self,
@@ -159,15 +174,22 @@ class TrainLogger:
         is_main: bool,
         tensorboard: bool,
         progress: bool,
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
+        sinks: list[Any] | None = None,
     ):
         if is_main:
             truncate_metrics(run_dir, start)
-        self.writer = MetricsWriter(run_dir, enabled=is_main, tensorboard=tensorboard)
+        self.writer = MetricsWriter(run_dir, enabled=is_main, tensorboard=tensorboard, sinks=sinks)
         self.bar = progress_bar(start, cadence.last, enabled=is_main and progress)
         self.cadence, self.tokens_per_step = cadence, tokens_per_step
         self.mean_over_ranks, self.device = mean_over_ranks, device
-        self._since = time.perf_counter()  # start of the current log window
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.is_main, self.progress = is_main, progress
+        self.started = time.perf_counter()
+        self._since = self.started  # start of the current log window
         self._steps_in_window = 0
+        self._postfix: dict[str, str] = {}
 
     def after_step(self, train_state: TrainState, out: StepOutput, engine: Engine) -> None:
         self._steps_in_window += 1
@@ -175,20 +197,45 @@ class TrainLogger:
             record = self.record(train_state, out, engine)
             train_state.last_loss = record["loss"]
             self.writer.log(train_state.step, record)
-            self.bar.set_postfix(
-                loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}"
+            self._show(
+                loss=f"{record['loss']:.4f}",
+                ms=f"{record['step_ms']:.0f}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+                **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}),
             )
             self._since, self._steps_in_window = time.perf_counter(), 0
         self.bar.update(1)
 
+    def _show(self, **fields: str) -> None:
+        self._postfix.update(fields)
+        self.bar.set_postfix(**self._postfix)
+
+    def report_val(self, train_state: TrainState, val_loss: float) -> None:
+        """A validation loss: into the bar's fields and as a line (rank 0)."""
+        if not self.is_main:
+            return
+        line = f"step {train_state.step}: train loss {train_state.last_loss:.4f}, val loss {val_loss:.4f}"
+        if self.progress:
+            self._show(val=f"{val_loss:.4f}")
+            self.bar.write(line)
+        else:
+            print(line)
+
+    def elapsed(self) -> float:
+        """Seconds since the logger was made (the start of the loop)."""
+        return time.perf_counter() - self.started
+
     def record(self, train_state: TrainState, out: StepOutput, engine: Engine) -> dict[str, Any]:
         """The metrics of one log step (collective: means over ranks, GPU stats gather)."""
         elapsed = time.perf_counter() - self._since
+        steps = max(1, self._steps_in_window)
+        tokens_per_s = self.tokens_per_step * steps / elapsed
         record: dict[str, Any] = {
             "loss": float(self.mean_over_ranks(out.loss)),
             "lr": out.lr,
             "grad_norm": engine.grad_norm(),
-            "tokens_per_s": self.tokens_per_step * self._steps_in_window / elapsed,
+            "step_ms": 1e3 * elapsed / steps,
+            "tokens_per_s": tokens_per_s,
             "skipped_steps": train_state.skipped,
             **{
                 f"aux/{name}": float(self.mean_over_ranks(torch.as_tensor(value)))
@@ -196,6 +243,8 @@ class TrainLogger:
             },
             **moe_layer_metrics(engine.module.moe_layers()),
         }
+        if self.flops_per_token and self.peak_flops:
+            record["mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
         if self.device.type == "cuda":  # a collective: every rank reports, rank 0 logs
             per_rank = gather_gpu_stats(gpu_stats(self.device.index))
             for r, stats in enumerate(per_rank or []):

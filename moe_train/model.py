@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -20,19 +21,19 @@ from .validation import above, at_least, check_finite, in_range, one_of
 class ModelConfig:
     """Shape of the LM. num_experts is global (all ranks together)."""
 
-    vocab_size: int = 256
-    seq_len: int = 128
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    d_ff: int = 512
-    num_experts: int = 8
+    vocab_size: int = 256  # token ids are in [0, vocab_size)
+    seq_len: int = 128  # tokens per training window (T); the longest context
+    d_model: int = 128  # width of the residual stream (d)
+    n_layers: int = 4  # Transformer blocks
+    n_heads: int = 4  # attention heads (d_model must be divisible by it)
+    d_ff: int = 512  # hidden width of the dense FFNs (and of the experts unless expert_d_ff)
+    num_experts: int = 8  # experts per MoE layer, over all ranks (E)
     expert_d_ff: int | None = None  # None = d_ff
     moe_every: int = 2  # layer i is MoE when i % moe_every == moe_every - 1; 0 = dense model
-    activation: str = "gelu"
-    dropout: float = 0.0
-    init_std: float = 0.02
-    tie_embeddings: bool = True
+    activation: str = "gelu"  # gelu | swiglu, in the dense FFNs and the experts
+    dropout: float = 0.0  # dropout on attention and residual branches (0 = off)
+    init_std: float = 0.02  # std of the normal init (output projections: / sqrt(2 n_layers))
+    tie_embeddings: bool = True  # the LM head reuses the token embedding matrix
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe_every > 0 and i % self.moe_every == self.moe_every - 1
@@ -52,6 +53,39 @@ class ModelConfig:
             )
 
 
+class LayerKV:
+    """One layer's cached keys and values [B, h, seq_len, dh], allocated on first use (in the
+    dtype the attention computes in)."""
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def update(self, k: Tensor, v: Tensor, pos: int) -> tuple[Tensor, Tensor]:
+        """Store k, v [B, h, T, dh] at positions pos..pos+T-1; all keys/values up to pos+T."""
+        if self.k is None or self.v is None:
+            B, h, _, dh = k.shape
+            self.k = k.new_zeros(B, h, self.max_len, dh)
+            self.v = v.new_zeros(B, h, self.max_len, dh)
+        T = k.shape[2]
+        self.k[:, :, pos : pos + T] = k
+        self.v[:, :, pos : pos + T] = v
+        return self.k[:, :, : pos + T], self.v[:, :, : pos + T]
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding: `model(idx, cache=cache)` runs
+    idx's T tokens at positions `cache.length`.., attends to everything cached before them, and
+    advances `length` by T. Holds at most model.seq_len positions (moe_train.generate slides the
+    window when it is full)."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.max_len = cfg.seq_len
+        self.layers = [LayerKV(cfg.seq_len) for _ in range(cfg.n_layers)]
+        self.length = 0
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -59,12 +93,23 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, kv: LayerKV | None = None, pos: int = 0) -> Tensor:
+        """x: [B, T, d] -> [B, T, d]; with `kv`, x holds positions pos..pos+T-1 of a sequence whose
+        earlier keys and values are cached (causal over all of them)."""
         B, T, d = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # [B, h, T, dh]
-        return self.proj(y.transpose(1, 2).reshape(B, T, d))
+        if kv is None or pos == 0:
+            if kv is not None:
+                kv.update(k, v, 0)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        else:
+            k, v = kv.update(k, v, pos)  # [B, h, pos + T, dh]
+            mask = None  # one new token sees every cached one
+            if T > 1:  # query i (position pos + i) sees keys 0..pos + i
+                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return self.proj(y.transpose(1, 2).reshape(B, T, d))  # y: [B, h, T, dh]
 
 
 class DenseFFN(nn.Module):
@@ -112,9 +157,14 @@ class Block(nn.Module):
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation)
 
     def forward(
-        self, x: Tensor, noise_seed: int | None, token_offset: int
+        self,
+        x: Tensor,
+        noise_seed: int | None,
+        token_offset: int,
+        kv: LayerKV | None = None,
+        pos: int = 0,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        x = x + self.drop(self.attn(self.ln1(x)))
+        x = x + self.drop(self.attn(self.ln1(x), kv, pos))
         h = self.ln2(x)
         if isinstance(self.ffn, MoELayer):
             out, losses = self.ffn(h, noise_seed=noise_seed, token_offset=token_offset)
@@ -171,19 +221,30 @@ class MoETransformer(nn.Module):
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
 
     def forward(
-        self, idx: Tensor, noise_seed: int | None = None, token_offset: int = 0
+        self,
+        idx: Tensor,
+        noise_seed: int | None = None,
+        token_offset: int = 0,
+        cache: KVCache | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """idx: [B, T]; token_offset: global index of idx[0, 0] (keys layout-invariant noise)."""
+        """idx: [B, T]; token_offset: global index of idx[0, 0] (keys layout-invariant noise).
+        With `cache` (inference), idx continues the cached sequence: positions cache.length.."""
         B, T = idx.shape
-        if T > self.cfg.seq_len:
-            raise ValueError(f"sequence length {T} exceeds model.seq_len={self.cfg.seq_len}")
-        pos = torch.arange(T, device=idx.device)
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.seq_len:
+            raise ValueError(
+                f"sequence length {start + T} exceeds model.seq_len={self.cfg.seq_len}"
+            )
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # [B, T, d]
         aux: dict[str, Tensor] = {}
-        for block in self.blocks:
-            x, losses = block(x, noise_seed, token_offset)
+        for i, block in enumerate(self.blocks):
+            kv = cache.layers[i] if cache is not None else None
+            x, losses = block(x, noise_seed, token_offset, kv, start)
             for k, v in losses.items():
                 aux[k] = aux[k] + v if k in aux else v
+        if cache is not None:
+            cache.length += T
         logits = self.head(self.ln_f(x))  # [B, T, V]
         self.last_aux = aux
         total = sum(aux.values()) if aux else logits.new_zeros(())
@@ -201,3 +262,28 @@ class MoETransformer(nn.Module):
             else:
                 dense += p.numel()
         return {"dense": dense, "expert": expert, "total": dense + expert}
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """idx: [B, T0] prompt ids -> [B, T0 + max_new_tokens], sampled with a KV cache (see
+        moe_train.generate.generate for the options and how routing works while decoding)."""
+        from .generate import generate
+
+        return generate(self, idx, max_new_tokens, temperature, top_k, generator)
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | os.PathLike[str], device: str | torch.device = "cpu"
+    ) -> MoETransformer:
+        """The model `moe-train-export` wrote into `folder` (config.json + model.safetensors),
+        on `device`, in eval mode. The tensor names are documented in moe_train.export."""
+        from .export import load_pretrained
+
+        return load_pretrained(folder, device)

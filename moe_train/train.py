@@ -7,6 +7,7 @@ torchrun --nproc-per-node 4 -m moe_train.train parallel.ep=2
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -14,7 +15,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import CONFIG_DIR, TrainConfig, register_configs
+from .config_help import PLANNER_OVERRIDE_ERROR, compact_config, planner_override, render_help
+from .data.tokenizers import copy_tokenizer_files
 from .engines import Engine
+from .hardware import device_peak_flops, model_flops_per_token
 from .metrics import TrainLogger, last_logged
 from .parallel import ParallelState, init_parallel
 from .precision import autocast_dtype
@@ -69,19 +73,23 @@ def _train(cfg: TrainConfig, parallel: ParallelState, run_folder: RunFolder) -> 
         run_folder.start_fresh(trainer.resume)  # an earlier run's files go aside, said so
     if train_state.step >= trainer.max_steps:
         return _nothing_to_do(train_state, parallel, run_dir, trainer.max_steps)
+    if parallel.is_main:
+        _announce(cfg, parallel, engine, plan, data_dir, train_tokens.tokenizer, train_state.step)
+    peak = device_peak_flops(parallel.device)
     logger = TrainLogger(
         run_dir, Every(trainer.log_every, trainer.max_steps), start=train_state.step,
         tokens_per_step=trainer.global_batch_size * cfg.model.seq_len,
         mean_over_ranks=parallel.all_reduce_mean, device=parallel.device,
         is_main=parallel.is_main, tensorboard=trainer.tensorboard, progress=trainer.progress,
+        flops_per_token=model_flops_per_token(cfg.model, cfg.router),
+        peak_flops=peak * parallel.world_size if peak else None,
+        sinks=_sinks(cfg) if parallel.is_main else [],
     )  # fmt: skip
     evaluator = Evaluator(
         val_tokens, plan, Every(trainer.eval_every, trainer.max_steps, bool(trainer.eval_batches)),
         max_batches=trainer.eval_batches, mean_over_ranks=parallel.all_reduce_mean,
-        writer=logger.writer, echo=parallel.is_main and not trainer.progress,
+        writer=logger.writer, report=logger.report_val,
     )  # fmt: skip
-    if parallel.is_main:
-        _announce(cfg, parallel, engine, plan, data_dir, train_state.step)
 
     for step in range(train_state.step, trainer.max_steps):
         lr = lr_at(step, cfg.optim, trainer.max_steps)
@@ -92,15 +100,32 @@ def _train(cfg: TrainConfig, parallel: ParallelState, run_folder: RunFolder) -> 
         evaluator.after_step(train_state, engine)
         checkpointer.after_step(train_state, engine)
     logger.close()
+    seconds = logger.elapsed()
 
     if parallel.is_main:
         print(
-            f"done: {train_state.step} steps, train loss {train_state.last_loss:.4f}, best val "
-            f"loss {train_state.best_val:.4f}, {train_state.skipped} skipped steps, run folder "
-            f"{run_dir}"
+            f"done: {train_state.step} steps in {_duration(seconds)}, train loss "
+            f"{train_state.last_loss:.4f}, best val loss {train_state.best_val:.4f}, "
+            f"{train_state.skipped} skipped steps, run folder {run_dir}"
         )
     parallel.shutdown()
-    return train_state.summary()
+    return {**train_state.summary(), "seconds": seconds}
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes} min {s} s" if minutes else f"{seconds:.1f} s"
+
+
+def _sinks(cfg: TrainConfig) -> list:
+    """Rank 0's extra metric sinks: Weights & Biases when trainer.wandb."""
+    if not cfg.trainer.wandb:
+        return []
+    from .wandb_sink import WandbSink
+
+    config = OmegaConf.to_container(OmegaConf.structured(cfg))
+    t = cfg.trainer
+    return [WandbSink(t.run_dir, t.wandb_project, t.wandb_run_name, config)]  # type: ignore[arg-type]
 
 
 def _nothing_to_do(
@@ -126,10 +151,17 @@ def _announce(
     engine: Engine,
     plan: BatchPlan,
     data_dir: Path,
+    tokenizer: str,
     start: int,
 ) -> None:
-    """Rank 0: save the composed config into the run folder and print what is about to run."""
-    OmegaConf.save(OmegaConf.structured(cfg), Path(cfg.trainer.run_dir) / "config.yaml")
+    """Rank 0: save the composed config (and the data's tokenizer file) into the run folder and
+    print what is about to run."""
+    run_dir = Path(cfg.trainer.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+    copy_tokenizer_files(data_dir, tokenizer, run_dir)
+    if cfg.trainer.print_config:
+        print(compact_config(cfg))
     params = engine.module.num_params()
     print(
         f"moe-train: {cfg.router.kind} router, {params['total'] / 1e6:.2f}M params on this rank "
@@ -149,7 +181,19 @@ def _hydra_main(dcfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console script `moe-train`."""
+    """Console script `moe-train`: `--help` lists the groups and every field; a planner-only
+    override (cluster=...) is refused with what to do instead."""
+    args = sys.argv[1:]
+    bad = planner_override(args)
+    if bad is not None:
+        sys.exit(PLANNER_OVERRIDE_ERROR.format(arg=bad))
+    if "--help" in args or "-h" in args:
+        from hydra import compose, initialize_config_dir
+
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+            dcfg = compose("train", overrides=[a for a in args if a not in ("--help", "-h")])
+        print(render_help(OmegaConf.to_object(dcfg), CONFIG_DIR))
+        return
     _hydra_main()
 
 

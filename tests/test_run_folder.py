@@ -91,6 +91,9 @@ def test_resume_with_another_configuration_names_the_keys(tmp_path, corpus):
     )  # fmt: skip
     assert summary["steps"] == 6
     assert config_changes({"trainer": {"max_steps": 1}}, {"trainer": {"max_steps": 2}}) == []
+    # model.vocab_size null (the data's) is filled in after the check; an explicit one is checked
+    assert config_changes({"model": {"vocab_size": 320}}, {"model": {"vocab_size": None}}) == []
+    assert config_changes({"model": {"vocab_size": 320}}, {"model": {"vocab_size": 512}}) != []
 
 
 def test_finished_run_says_there_is_nothing_to_do(tmp_path, corpus, capsys):

@@ -102,7 +102,7 @@ def test_evaluator_runs_on_its_cadence_and_keeps_the_best(tmp_path, tokens):
     writer = MetricsWriter(tmp_path, enabled=True, tensorboard=False)
     evaluator = Evaluator(
         tokens, plan, Every(2, 3), max_batches=2, mean_over_ranks=lambda t: t.clone(),
-        writer=writer, echo=False,
+        writer=writer,
     )  # fmt: skip
     expected = evaluate(engine, tokens, plan, 2, lambda t: t.clone())
     train_state = TrainState(best_val=expected + 1)
@@ -114,7 +114,7 @@ def test_evaluator_runs_on_its_cadence_and_keeps_the_best(tmp_path, tokens):
     assert train_state.best_val == pytest.approx(expected)
     off = Evaluator(
         tokens, plan, Every(1, 3, enabled=False), max_batches=2,
-        mean_over_ranks=lambda t: t.clone(), writer=writer, echo=False,
+        mean_over_ranks=lambda t: t.clone(), writer=writer,
     )  # fmt: skip
     off.after_step(train_state, engine)
     assert len(read_metrics(tmp_path)) == 2

@@ -54,10 +54,11 @@ def resolve_data_dir(cfg: DataConfig) -> Path:
     return path
 
 
-def open_splits(data_dir: str | Path) -> tuple[TokenFile, TokenFile]:
-    """(train, val) token files of a data folder, validated and with matching vocabularies."""
+def open_splits(data_dir: str | Path, vocab_size: int | None = None) -> tuple[TokenFile, TokenFile]:
+    """(train, val) token files of a data folder, validated and with matching vocabularies.
+    `vocab_size` opens a nanoGPT folder (raw uint16 files without sidecars)."""
     d = Path(data_dir)
-    train, val = TokenFile(d / "train.bin"), TokenFile(d / "val.bin")
+    train, val = TokenFile(d / "train.bin", vocab_size), TokenFile(d / "val.bin", vocab_size)
     if (train.vocab_size, train.tokenizer) != (val.vocab_size, val.tokenizer):
         raise DataError(
             f"{d}: train.bin (vocab {train.vocab_size}, {train.tokenizer}) and val.bin "

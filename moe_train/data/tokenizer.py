@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 
@@ -30,9 +32,21 @@ class ByteTokenizer:
             arr = arr[arr != self.eot_id]
         return arr.tobytes().decode("utf-8", errors="replace")
 
+    def token_bytes(self) -> np.ndarray:
+        """[256] bytes per token: 1 each (the end-of-document token stands for its NUL byte)."""
+        return np.ones(self.vocab_size, dtype=np.int64)
 
-def get_tokenizer(name: str) -> ByteTokenizer:
-    """The tokenizer a token file's sidecar names. Only `bytes` exists for now."""
-    if name != ByteTokenizer.name:
-        raise ValueError(f"unknown tokenizer {name!r}; allowed: {ByteTokenizer.name}")
-    return ByteTokenizer()
+    def save(self, folder: str | Path) -> None:
+        """Nothing to write: the byte tokenizer is built in."""
+
+
+def get_tokenizer(name: str, folder: str | Path | None = None):
+    """The tokenizer a token file's sidecar names: `bytes`, or a tokenizer file in `folder`
+    (see moe_train.data.tokenizers.load_tokenizer)."""
+    if name == ByteTokenizer.name:
+        return ByteTokenizer()
+    if folder is None:
+        raise ValueError(f"tokenizer {name!r} is a file: give the data folder that holds it")
+    from .tokenizers import load_tokenizer
+
+    return load_tokenizer(folder, name)

@@ -3,7 +3,14 @@
 The nanoGPT/Megatron convention: the `.bin` holds the raw tokens, little-endian uint16 (uint32
 when the vocabulary has more than 65536 entries), with no header. The sidecar says how to read it:
 
-    {"version": 1, "vocab_size": 256, "dtype": "uint16", "tokenizer": "bytes", "num_tokens": N}
+    {"version": 1, "vocab_size": 256, "dtype": "uint16", "tokenizer": "bytes", "num_tokens": N,
+     "max_token": 255}
+
+`tokenizer` is `bytes` or the name of a tokenizer file in the same folder (`tokenizer.json`, Hugging
+Face `tokenizers` format); `max_token` (the largest id in the file) lets training check the data
+against `model.vocab_size` without reading it. A nanoGPT folder (`train.bin`/`val.bin` of uint16,
+no sidecar) opens when the vocabulary size is given (`TokenFile(path, vocab_size=N)`); its largest
+id is then found by one vectorised pass over the file.
 
 Writes are atomic (temporary name, then rename), and `TokenFile` checks everything it can cheaply,
 raising `DataError` with a message that names the file and says how to fix it.
@@ -25,6 +32,7 @@ DTYPES = ("uint16", "uint32")
 FIX_HINT = "re-create it with `moe-train-prepare` (see `moe-train-prepare --help`)"
 _SAMPLE_BLOCK = 1 << 16  # tokens read per checked block
 _SAMPLE_BLOCKS = 8  # blocks checked for out-of-vocabulary tokens, besides the first and last
+_SCAN_BLOCK = 1 << 24  # tokens per block of the full max-id scan
 
 
 class DataError(ValueError):
@@ -57,6 +65,7 @@ class TokenWriter:
         self.tokenizer = tokenizer
         self.dtype = dtype_for_vocab(self.vocab_size)
         self.num_tokens = 0
+        self.max_token = -1  # largest id written so far
         self._file: Any = None
         self._tmp: Path | None = None
 
@@ -78,6 +87,7 @@ class TokenWriter:
             )
         self._file.write(np.ascontiguousarray(tokens, dtype=self.dtype.newbyteorder("<")).tobytes())
         self.num_tokens += int(tokens.size)
+        self.max_token = max(self.max_token, int(tokens.max()))
 
     def __exit__(
         self,
@@ -99,6 +109,7 @@ class TokenWriter:
                     "dtype": self.dtype.name,
                     "tokenizer": self.tokenizer,
                     "num_tokens": self.num_tokens,
+                    "max_token": self.max_token,  # -1 when empty
                 }
                 _atomic_write_text(sidecar_path(self.path), json.dumps(meta, indent=1) + "\n")
                 os.replace(self._tmp, self.path)
@@ -132,21 +143,39 @@ def _atomic_write_text(path: Path, text: str) -> None:
             tmp.unlink()
 
 
+def max_token_id(tokens: np.ndarray) -> int:
+    """The largest id in `tokens` ([n], e.g. a memmap), in blocks (memory stays flat); -1 if empty."""
+    hi = -1
+    for s in range(0, len(tokens), _SCAN_BLOCK):
+        hi = max(hi, int(tokens[s : s + _SCAN_BLOCK].max()))
+    return hi
+
+
 class TokenFile:
     """A validated, read-only memmap of a token file.
 
-    `tokens` is the [num_tokens] array (np.memmap); `len(tf)` is num_tokens.
+    `tokens` is the [num_tokens] array (np.memmap); `len(tf)` is num_tokens. `vocab_size` opens a
+    file without a sidecar as nanoGPT's raw uint16 (`tokenizer` is then "unknown").
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], vocab_size: int | None = None) -> None:
         self.path = Path(path)
-        meta = self._read_sidecar()
+        meta = self._read_sidecar(vocab_size)
         self.vocab_size: int = meta["vocab_size"]
         self.dtype: np.dtype = np.dtype(meta["dtype"]).newbyteorder("<")
         self.tokenizer: str = meta["tokenizer"]
         self.num_tokens: int = meta["num_tokens"]
+        self.has_sidecar: bool = "raw" not in meta
+        self._max_token: int | None = meta.get("max_token")
         self.tokens: np.ndarray = self._open()
         self._check_sample()
+
+    @property
+    def max_token(self) -> int:
+        """The largest token id: from the sidecar, else one full pass over the file (cached)."""
+        if self._max_token is None:
+            self._max_token = max_token_id(self.tokens)
+        return self._max_token
 
     def __len__(self) -> int:
         return self.num_tokens
@@ -160,7 +189,7 @@ class TokenFile:
     def _fail(self, what: str, fix: str = FIX_HINT) -> DataError:
         return DataError(f"token file {self.path}: {what}; {fix}")
 
-    def _read_sidecar(self) -> dict[str, Any]:
+    def _read_sidecar(self, vocab_size: int | None) -> dict[str, Any]:
         if not self.path.is_file():
             raise self._fail(
                 "file not found",
@@ -169,7 +198,12 @@ class TokenFile:
             )
         side = sidecar_path(self.path)
         if not side.is_file():
-            raise self._fail(f"its metadata file {side} is missing")
+            if vocab_size is not None:
+                return self._raw_meta(vocab_size)
+            raise self._fail(
+                f"its metadata file {side} is missing (a nanoGPT folder of raw uint16 tokens "
+                "opens when you give its vocabulary size: model.vocab_size=N)"
+            )
         try:
             meta = json.loads(side.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -197,7 +231,30 @@ class TokenFile:
                 f"{side} says dtype {meta['dtype']} but vocab_size {meta['vocab_size']} "
                 "does not fit in it (wrong dtype)"
             )
+        hi = meta.get("max_token")
+        if hi is not None and (not isinstance(hi, int) or hi >= meta["vocab_size"]):
+            raise self._fail(
+                f"{side} has max_token {hi!r}, outside the vocabulary [0, {meta['vocab_size']})"
+            )
         return meta
+
+    def _raw_meta(self, vocab_size: int) -> dict[str, Any]:
+        """nanoGPT's convention: raw little-endian uint16, no sidecar."""
+        if not 0 < vocab_size <= 1 << 16:
+            raise self._fail(
+                f"has no sidecar, so it is read as nanoGPT's raw uint16, which cannot hold a "
+                f"vocabulary of {vocab_size}",
+                "write a sidecar (moe_train.data.write_tokens) or re-create it with "
+                "`moe-train-prepare`",
+            )
+        size = self.path.stat().st_size
+        return {
+            "vocab_size": vocab_size,
+            "dtype": "uint16",
+            "tokenizer": "unknown",
+            "num_tokens": size // 2,
+            "raw": True,
+        }
 
     def _open(self) -> np.ndarray:
         size = self.path.stat().st_size

@@ -265,6 +265,12 @@ def _compile(p: BuildPlan, verbose: bool) -> None:
         raise RuntimeError("no C++ compiler found (looked for $CXX, c++, g++)")
     (p.build_dir / _STAMP).unlink(missing_ok=True)
     (p.build_dir / "lock").unlink(missing_ok=True)  # torch's own; stale, since we hold ours
+    print(  # the first run explains its pause
+        f"moe-train: compiling the fused dispatch/combine kernels, once (~20 s on a CPU, "
+        f"longer with CUDA), into {p.build_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
     env: dict[str, str] = {}
     kwargs: dict[str, object] = {}
     if p.kind == "cuda":

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 from typing import Any
 
 from .config import ClusterConfig, PlanOptions
 from .planner import make_plan
 from .render import render
+
+ASSUMED_VOCAB = 256  # model.vocab_size when a training config leaves it to the data (bytes)
 
 
 def _to_dataclass(cls: type, node: Any, where: str) -> Any:
@@ -27,7 +30,10 @@ def plan_from_config(cfg: Any) -> tuple[dict[str, Any], PlanOptions]:
     from ..model import ModelConfig
     from ..routing import RouterConfig
 
-    model = _to_dataclass(ModelConfig, cfg.model, "model")
+    model_node = dict(cfg.model)
+    if model_node.get("vocab_size") is None:  # null = the data's in training; bytes without data
+        model_node["vocab_size"] = ASSUMED_VOCAB
+    model = _to_dataclass(ModelConfig, model_node, "model")
     router = _to_dataclass(RouterConfig, cfg.router, "router")
     cluster = _to_dataclass(ClusterConfig, cfg.cluster, "cluster")
     options = _to_dataclass(PlanOptions, cfg.plan, "plan")
@@ -36,13 +42,15 @@ def plan_from_config(cfg: Any) -> tuple[dict[str, Any], PlanOptions]:
     return make_plan(model, router, cluster, options), options
 
 
-def _jsonable(x: Any) -> Any:
+def _jsonable(x: Any, in_bytes: bool = False) -> Any:
+    """JSON-ready: whole floats as ints, and every byte count (a key naming bytes, or a value of
+    the memory section) rounded to an integer number of bytes."""
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: _jsonable(v, in_bytes or "bytes" in k or k == "memory") for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and x.is_integer() and abs(x) < 2**63:
-        return int(x)
+        return [_jsonable(v, in_bytes) for v in x]
+    if isinstance(x, float) and math.isfinite(x) and (in_bytes or x.is_integer()):
+        return round(x)
     return x
 
 

@@ -49,6 +49,7 @@ class PlanOptions:
 class ClusterConfig:
     """The machine and the parallel layout. Bandwidths in GB/s (1e9 bytes) per GPU per direction."""
 
+    gpu: str = "A100-SXM4-80GB"  # the GPU model; its peak FLOP/s (moe_train.hardware) is shown
     world_size: int = 8
     gpus_per_node: int = 8
     gpu_memory_gb: float = 80.0  # GiB

@@ -44,6 +44,21 @@ def _headline(plan: dict[str, Any], names: dict[str, str]) -> str:
     )
 
 
+def _hardware(plan: dict[str, Any]) -> str:
+    """What the plan assumes of the machine: GPU, memory, peak and achieved FLOP/s, links."""
+    from ..hardware import peak_tflops
+
+    c = plan["cluster"]
+    peak = peak_tflops(c["gpu"])
+    peak_text = f"peak {peak:g} TFLOP/s dense bf16/fp16" if peak else "peak unknown"
+    return (
+        f"hardware: {c['gpu']}, {c['gpus_per_node']} per node, {c['gpu_memory_gb']:g} GiB each "
+        f"({c['reserved_gb']:g} reserved), {peak_text}, {c['tflops']:g} TFLOP/s achieved "
+        f"assumed; links per GPU per direction: {c['intra_node_gbps']:g} GB/s in a node, "
+        f"{c['inter_node_gbps']:g} GB/s across nodes\n"
+    )
+
+
 def _params(plan: dict[str, Any]) -> str:
     p, n = plan["params"], format_count
     expert = (
@@ -149,7 +164,7 @@ def _suggestion(plan: dict[str, Any]) -> list[str]:
 
 def render(plan: dict[str, Any], names: dict[str, str]) -> str:
     """The plan as text: headline, parameters, meta check, memory, step costs, routers, fixes."""
-    out = [_headline(plan, names), _params(plan)]
+    out = [_headline(plan, names) + _hardware(plan), _params(plan)]
     if "meta_check" in plan:
         out.append(_meta_check(plan))
     out += [_memory(plan), _step(plan)]

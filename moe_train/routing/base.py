@@ -35,6 +35,9 @@ class Router(nn.Module):
     aux_losses: ClassVar[tuple[str, ...]] = ("balance",)  # loss names besides "z"
     # fields the planner's router comparison sets for this kind; None: not compared
     compare_as: ClassVar[dict[str, Any] | None] = {}
+    # a token's experts depend only on that token (capacity aside), so a KV-cached decoder can
+    # route each new token alone; False when tokens compete for experts (expert choice)
+    causal: ClassVar[bool] = True
 
     # ---- facts about the kind (classmethods of the config; no module needed) ---------------
     @classmethod

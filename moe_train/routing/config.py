@@ -43,16 +43,16 @@ class RouterConfig:
     drop_policy: str = "score"
     normalize: str = "before_drop"
     group_size: int | None = None
-    z_loss_coef: float = 1e-3
-    balance_coef: float = 1e-2
-    alignment_coef: float = 1e-2
+    z_loss_coef: float = 1e-3  # router z-loss weight (ST-MoE): mean squared logsumexp of the logits
+    balance_coef: float = 1e-2  # load-balancing loss weight (alpha of Switch/GShard)
+    alignment_coef: float = 1e-2  # SAM's alignment loss weight
     jitter_eps: float | None = None
     random_routing: bool | None = None
-    init_scale: float = 0.1
-    max_experts_per_token: int | None = None
-    tree_depth: int = 2
-    tree_gate: str = "straight_through"
-    router_dtype: str = "float32"
+    init_scale: float = 0.1  # gate init: truncated normal with std sqrt(init_scale / d_model)
+    max_experts_per_token: int | None = None  # expert_choice: cap on experts per token; null = none
+    tree_depth: int = 2  # tree: sign bits (depth) of the gating; 2^(depth+1)-1 node experts
+    tree_gate: str = "straight_through"  # tree: straight_through | sigmoid (see routing/tree.py)
+    router_dtype: str = "float32"  # router math precision: always float32
 
     @property
     def effective_jitter(self) -> float:

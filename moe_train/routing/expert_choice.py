@@ -25,6 +25,7 @@ class ExpertChoiceRouter(Router):
 
     aux_losses: ClassVar[tuple[str, ...]] = ()
     compare_as = {"capacity_factor": 2.0}
+    causal = False  # experts pick among the group's tokens, future ones included
 
     @classmethod
     def check_config(cls, cfg: RouterConfig, num_experts: int) -> None:

@@ -13,6 +13,7 @@ import torch
 
 from ..config import TrainConfig
 from ..data import TokenFile, open_splits, resolve_data_dir
+from ..data.checks import check_split_sizes, check_token_ids, resolve_vocab_size
 from ..engines import DeepSpeedEngine, Engine, NativeEngine, deepspeed_initialize
 from ..model import MoETransformer
 from ..parallel import ParallelState, parallelize
@@ -21,14 +22,15 @@ from .optim import build_optimizer
 
 
 def open_training_data(cfg: TrainConfig) -> tuple[Path, TokenFile, TokenFile]:
-    """(data folder, train tokens, val tokens); the model's vocabulary must cover the data's."""
+    """(data folder, train tokens, val tokens), checked before any step: sets cfg.model.vocab_size
+    when null (the data's, rounded up to a multiple of 64), and fails naming the file when a
+    token id is outside it or a split is too small for one window (val: one batch)."""
     data_dir = resolve_data_dir(cfg.data)
-    train_tokens, val_tokens = open_splits(data_dir)
-    if train_tokens.vocab_size > cfg.model.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
-            f"({train_tokens.vocab_size}, {data_dir}); raise model.vocab_size"
-        )
+    train_tokens, val_tokens = open_splits(data_dir, cfg.model.vocab_size)
+    cfg.model.vocab_size = resolve_vocab_size(cfg.model.vocab_size, train_tokens)
+    check_token_ids([train_tokens, val_tokens], cfg.model.vocab_size)
+    evaluated = val_tokens if cfg.trainer.eval_batches else None
+    check_split_sizes(train_tokens, evaluated, cfg.model.seq_len, cfg.trainer.global_batch_size)
     return data_dir, train_tokens, val_tokens
 
 

@@ -39,7 +39,8 @@ def evaluate(
 
 class Evaluator:
     """Every eval_every steps and at the last (never with eval_batches=0): the validation loss to
-    metrics.jsonl as val_loss, the best one into the TrainState, a console line when asked."""
+    metrics.jsonl as val_loss, the best one into the TrainState, and to `report(state, loss)`
+    (e.g. TrainLogger.report_val: the progress bar and a console line) when given."""
 
     def __init__(
         self,
@@ -50,11 +51,11 @@ class Evaluator:
         max_batches: int,
         mean_over_ranks: Callable[[Tensor], Tensor],
         writer: MetricsWriter,
-        echo: bool,
+        report: Callable[[TrainState, float], None] | None = None,
     ):
         self.tokens, self.plan, self.cadence = tokens, plan, cadence
         self.max_batches, self.mean_over_ranks = max_batches, mean_over_ranks
-        self.writer, self.echo = writer, echo
+        self.writer, self.report = writer, report
 
     def after_step(self, train_state: TrainState, engine: Engine) -> None:
         if not self.cadence.due(train_state.step):
@@ -62,8 +63,5 @@ class Evaluator:
         val_loss = evaluate(engine, self.tokens, self.plan, self.max_batches, self.mean_over_ranks)
         train_state.best_val = min(train_state.best_val, val_loss)
         self.writer.log(train_state.step, {"val_loss": val_loss})
-        if self.echo:
-            print(
-                f"step {train_state.step}: train loss {train_state.last_loss:.4f}, "
-                f"val loss {val_loss:.4f}"
-            )
+        if self.report is not None:
+            self.report(train_state, val_loss)

@@ -44,6 +44,7 @@ MAY_CHANGE = (
     "trainer.ckpt_every", "trainer.keep_checkpoints", "trainer.run_dir", "trainer.resume",
     "trainer.progress", "trainer.tensorboard", "trainer.threads", "trainer.micro_batch_size",
     "trainer.precision", "trainer.max_skipped_steps", "parallel.", "data.cache_dir", "optim.impl",
+    "trainer.wandb", "trainer.wandb_project", "trainer.wandb_run_name", "trainer.print_config",
 )  # fmt: skip
 # what an earlier run leaves behind (moved aside when a new run starts at step 0)
 LEFTOVERS = ("metrics.jsonl", "tb", "latest", "deepspeed", CONFIG_FILE)
@@ -110,12 +111,15 @@ def may_change(key: str) -> bool:
 
 
 def config_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """`key: saved -> now` for every key both configs have that differs and may not change."""
+    """`key: saved -> now` for every key both configs have that differs and may not change.
+
+    A null in `now` (e.g. model.vocab_size: the data's) is filled in at start, after this check;
+    the saved config holds the filled-in value, which the checkpoint's shapes then enforce."""
     a, b = _flatten(saved), _flatten(now)
     return [
         f"{k}: {a[k]!r} -> {b[k]!r}"
         for k in sorted(a.keys() & b.keys())
-        if a[k] != b[k] and not may_change(k)
+        if a[k] != b[k] and b[k] is not None and not may_change(k)
     ]
 
 

@@ -64,3 +64,15 @@ def test_scaling_quick(tmp_path):
     res = run("scaling", tmp_path, "--procs", "1", "2")["results"]
     assert [r["processes"] for r in res] == [1, 2]
     assert res[1]["a2a_calls"] > 0 and all(r["tokens_per_s"] > 0 for r in res)
+
+
+def test_quick_runs_do_not_overwrite_the_committed_results():
+    sys.path.insert(0, str(BENCH))
+    from _common import QUICK_DIR, RESULTS_DIR, results_dir
+
+    assert results_dir(None, quick=True) == QUICK_DIR != RESULTS_DIR
+    assert results_dir(None, quick=False) == RESULTS_DIR
+    assert results_dir("elsewhere", quick=True) == Path("elsewhere")
+    for script in ("comm_volume", "dispatch_combine", "moe_layer", "quality", "scaling"):
+        source = (BENCH / f"{script}.py").read_text()
+        assert "results_dir(" in source and "default=RESULTS_DIR" not in source, script

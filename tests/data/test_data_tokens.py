@@ -21,6 +21,7 @@ def test_round_trip_uint16(tmp_path: Path) -> None:
         "dtype": "uint16",
         "tokenizer": "bytes",
         "num_tokens": 1000,
+        "max_token": 255,
     }
     tf = TokenFile(path)
     assert len(tf) == 1000 and tf.vocab_size == 256 and tf.tokenizer == "bytes"

@@ -1,0 +1,169 @@
+"""`moe-train-export RUN_DIR --out DIR`: a run's newest checkpoint as one safetensors file.
+
+    DIR/model.safetensors   every tensor of the model, all experts in global order (whatever the
+                            ep x dp layout the run was trained in)
+    DIR/config.json         {"format": "moe-train", "format_version": 1, "model": {...ModelConfig},
+                            "router": {...RouterConfig}, "tokenizer": {...}, "source": {...}}
+    DIR/tokenizer.json      the run's tokenizer (Hugging Face format); absent for the byte tokenizer
+                            (config.json says {"type": "bytes", "vocab_size": 256, "eot_id": 0})
+
+`MoETransformer.from_pretrained(DIR)` loads it back (same logits as the checkpoint).
+
+Tensor names (float32, PyTorch's [out, in] layout for nn.Linear weights; V vocabulary, S seq_len,
+d d_model, f d_ff (expert_d_ff for experts; 2f for swiglu's input side: gate then up halves),
+E experts per MoE layer, U router gate units):
+
+    tok_emb.weight                    [V, d]
+    pos_emb.weight                    [S, d]    learned positions
+    blocks.{i}.ln1.weight / .bias     [d]       LayerNorm before attention
+    blocks.{i}.attn.qkv.weight        [3d, d]   rows: q, k, v; each d rows are n_heads heads of d/h
+    blocks.{i}.attn.proj.weight       [d, d]
+    blocks.{i}.ln2.weight / .bias     [d]       LayerNorm before the FFN
+  dense layers (model.is_moe_layer(i) false):
+    blocks.{i}.ffn.w_in.weight        [f, d]    ([2f, d] for swiglu)
+    blocks.{i}.ffn.w_out.weight       [d, f]
+  MoE layers:
+    blocks.{i}.ffn.router.gate.weight [U, d]    router logits = x @ gate.T (+ bias), in float32
+    blocks.{i}.ffn.router.gate.bias   [U]       SAM only
+    blocks.{i}.ffn.experts.w_in       [E, d, f] expert e's input matrix is w_in[e] (x @ w_in[e]);
+                                                [E, d, 2f] for swiglu
+    blocks.{i}.ffn.experts.w_out      [E, f, d] (note: [in, out], unlike nn.Linear)
+    ln_f.weight / .bias               [d]
+    head.weight                       [V, d]    only when model.tie_embeddings is false (else
+                                                the head is tok_emb.weight)
+
+A block is x += attn(ln1(x)); x += ffn(ln2(x)); logits = ln_f(x) @ head.T. Attention is causal
+softmax attention, scaled by 1/sqrt(d/h). GELU is the tanh approximation. How the router turns
+logits into expert weights is its kind's (router.kind, docs/ROUTING.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .model import ModelConfig, MoETransformer
+from .routing import RouterConfig
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT, FORMAT_VERSION = "moe-train", 1
+
+
+def export_state(model: MoETransformer) -> dict[str, torch.Tensor]:
+    """The 1-process model's tensors by name (tied head left out), contiguous float32 on CPU."""
+    state = model.state_dict()
+    if model.cfg.tie_embeddings:
+        state.pop("head.weight", None)
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+
+def _tokenizer_entry(tok: Any) -> dict[str, Any]:
+    return {"type": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id}
+
+
+def export_model(
+    model: MoETransformer, out: str | Path, tokenizer: Any, source: dict[str, Any] | None = None
+) -> list[Path]:
+    """Write model.safetensors, config.json and the tokenizer files into `out`; the paths."""
+    from safetensors.torch import save_file
+
+    if any(layer.dispatcher.num_local != layer.num_experts for layer in model.moe_layers()):
+        raise ValueError("export needs a model that holds every expert (built with ep=1)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(export_state(model), str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": "MoETransformer",
+        "model": asdict(model.cfg),
+        "router": asdict(model.router_cfg),
+        "tokenizer": _tokenizer_entry(tokenizer),
+        "source": source or {},
+    }
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+    tokenizer.save(out)
+    written = [out / WEIGHTS_FILE, out / CONFIG_FILE]
+    return written + ([out / "tokenizer.json"] if (out / "tokenizer.json").is_file() else [])
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: export a run with `moe-train-export`")
+    config = json.loads(path.read_text())
+    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: not a moe-train export (format {config.get('format')!r}, version "
+            f"{config.get('format_version')!r}; this moe-train reads {FORMAT} {FORMAT_VERSION})"
+        )
+    return config
+
+
+def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> MoETransformer:
+    """MoETransformer.from_pretrained: the exported model on `device`, in eval mode."""
+    from safetensors.torch import load_file
+
+    config = read_config(folder)
+    model = MoETransformer(ModelConfig(**config["model"]), RouterConfig(**config["router"]))
+    state = load_file(str(Path(folder) / WEIGHTS_FILE))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed = {"head.weight"} if model.cfg.tie_embeddings else set()
+    if set(missing) - allowed or unexpected:
+        raise ValueError(
+            f"{Path(folder) / WEIGHTS_FILE} does not match its config.json: missing "
+            f"{sorted(set(missing) - allowed)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    return model.to(device).eval()
+
+
+def load_pretrained_tokenizer(folder: str | Path) -> Any:
+    """The tokenizer an export folder holds (bytes, or its tokenizer.json)."""
+    from .data.tokenizers import load_tokenizer
+
+    return load_tokenizer(folder, read_config(folder)["tokenizer"]["type"])
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .inference import RunError, load_run
+
+    p = argparse.ArgumentParser(
+        prog="moe-train-export",
+        description="Write a run's newest checkpoint as DIR/model.safetensors (one file, all "
+        "experts in global order, from any ep x dp layout), DIR/config.json (model + router "
+        "config) and the tokenizer; load it with moe_train.MoETransformer.from_pretrained(DIR). "
+        "Tensor names: `python -c 'import moe_train.export as e; print(e.__doc__)'`.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (trainer.run_dir)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
+    args = p.parse_args(argv)
+    try:
+        run = load_run(args.run_dir, "cpu")
+    except (RunError, ValueError) as e:
+        print(f"moe-train-export: error: {e}", file=sys.stderr)
+        return 2
+    source = {"run_dir": str(args.run_dir), "checkpoint": str(run.checkpoint), "step": run.step}
+    paths = export_model(run.model, args.out, run.tokenizer, source)
+    params = run.model.num_params()
+    print(
+        f"exported step {run.step} of {args.run_dir} ({params['total'] / 1e6:.2f}M parameters, "
+        f"{len(run.model.moe_layers())} MoE layers) to "
+        + ", ".join(f"{q} ({_size(q.stat().st_size)})" for q in paths)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
