@@ -23,6 +23,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIM_IMPLS = ("torch", "apex")
 ENGINES = ("native", "deepspeed")
 ZERO_STAGES = (0, 1, 2)
+CHECKPOINTING = ("none", "moe", "full")  # moe_train.parallel.checkpointing.MODES
 
 
 @dataclass
@@ -60,6 +61,8 @@ class TrainerConfig:
     precision: str = "auto"
     engine: str = "native"  # native | deepspeed
     zero_stage: int = 1  # deepspeed engine only: ZeRO stage for dense state (0, 1, 2)
+    # none | moe (recompute the expert FFNs) | full (recompute every block); non-reentrant
+    activation_checkpointing: str = "none"
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 8
@@ -76,6 +79,7 @@ class TrainerConfig:
         one_of(self, "trainer", "precision", PRECISIONS)
         one_of(self, "trainer", "engine", ENGINES)
         one_of(self, "trainer", "zero_stage", ZERO_STAGES)
+        one_of(self, "trainer", "activation_checkpointing", CHECKPOINTING)
         at_least(self, "trainer", 1, "max_steps", "global_batch_size", "log_every", "eval_every")
         at_least(self, "trainer", 1, "ckpt_every", "keep_checkpoints")
         at_least(self, "trainer", 0, "eval_batches")
@@ -115,6 +119,11 @@ class TrainConfig:
         self.optim.validate()
         self.data.validate()
         self.trainer.validate()
+        if self.parallel.fsdp and self.trainer.engine != "native":
+            raise ValueError(
+                "parallel.fsdp=true shards with the native engine; use trainer.engine=native "
+                "(DeepSpeed shards with its own ZeRO: trainer.zero_stage)"
+            )
         gs = self.router.group_size
         if gs is not None and (self.model.seq_len % gs and gs % self.model.seq_len):
             raise ValueError(

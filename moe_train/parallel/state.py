@@ -18,6 +18,7 @@ from . import grads
 from .config import ParallelConfig
 from .dims import ParallelDims
 from .errors import guarded
+from .fsdp import is_sharded, set_gradient_sync
 from .groups import ProcessGroups, build_process_groups, teardown_process_group
 from .parallelize import unwrap_model
 
@@ -100,9 +101,11 @@ class ParallelState:
         return unwrap_model(model)
 
     def no_sync(self, model: nn.Module, last_micro_step: bool):
-        """Context for one micro-step's backward: DDP reduces only on the last one."""
+        """Context for one micro-step's backward: DDP and FSDP reduce only on the last one."""
         if isinstance(model, DDP) and not last_micro_step:
             return model.no_sync()
+        if is_sharded(model):  # FSDP: accumulate unsharded, reduce-scatter on the last one
+            set_gradient_sync(model, last_micro_step)
         return contextlib.nullcontext()
 
     def sync_gradients(self, model: nn.Module) -> None:
@@ -172,6 +175,6 @@ def init_parallel(cfg: ParallelConfig, num_experts: int, router: RouterConfig) -
         backend=backend,
         timeout_s=cfg.timeout_s,
         device_type=device.type,
-        dense=cfg.overlap_grad_sync,
+        dense=cfg.overlap_grad_sync or cfg.fsdp,
     )
     return state

@@ -45,16 +45,21 @@ def build_engine(
 ) -> Engine:
     """The model, its optimizer and the engine of trainer.engine around them."""
     module = build_model(cfg, parallel)
-    optimizer = build_optimizer(module, cfg.optim, parallel.device)
     amp_dtype = autocast_dtype(cfg.trainer.precision, parallel.device)
     if cfg.trainer.engine == "deepspeed":  # DeepSpeed broadcasts, reduces and steps itself
+        optimizer = build_optimizer(module, cfg.optim, parallel.device)
         wrapped = deepspeed_initialize(
             module, optimizer, ep=parallel.ep, micro_batch=micro_batch, grad_accum=grad_accum,
             zero_stage=cfg.trainer.zero_stage, grad_clip=cfg.optim.grad_clip, amp_dtype=amp_dtype,
         )  # fmt: skip
         return DeepSpeedEngine(wrapped, module, optimizer)
-    # groups into the MoE layers, replicas made identical, DDP reduces dense grads
-    model = parallelize(module, parallel.dims, parallel.groups, cfg.parallel)
+    # groups into the MoE layers, recomputation, then FSDP shards (or DDP reduces dense grads)
+    model = parallelize(
+        module, parallel.dims, parallel.groups, cfg.parallel,
+        activation_checkpointing=cfg.trainer.activation_checkpointing,
+        param_dtype=amp_dtype, device_type=parallel.device.type,
+    )  # fmt: skip
+    optimizer = build_optimizer(module, cfg.optim, parallel.device)  # over the sharded parameters
     return NativeEngine(
         model, module, optimizer, parallel,
         grad_accum=grad_accum, grad_clip=cfg.optim.grad_clip, amp_dtype=amp_dtype,
