@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .dims import ParallelDims
 from .groups import ProcessGroups
-from .placement import expert_banks, is_expert_param, mark_expert
+from .placement import expert_banks, is_expert_param, keeping_expert_marks
 
 
 def _fsdp_api():
@@ -67,7 +67,7 @@ def shard_model(
 ) -> nn.Module:
     """fully_shard the expert banks (edp mesh), routers (fp32 when param_dtype is set), blocks and
     root (world mesh). Parameters become DTensors; the expert mark is carried over. Collective."""
-    fully_shard, MixedPrecisionPolicy, _ = _fsdp_api()
+    _, MixedPrecisionPolicy, _ = _fsdp_api()
     if groups.dense is None or groups.dp is None:
         raise ValueError(
             "parallel.fsdp: the dense and dp groups are missing (build_process_groups)"
@@ -76,7 +76,14 @@ def shard_model(
     edp_mesh = _mesh(groups.dp, device_type)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     common = {"reshard_after_forward": reshard_after_forward, "mp_policy": mp}
-    experts = {name for name, p in model.named_parameters() if is_expert_param(p)}
+    with keeping_expert_marks(model):
+        _shard_units(model, world_mesh, edp_mesh, common, param_dtype)
+    return model
+
+
+def _shard_units(model, world_mesh, edp_mesh, common: dict, param_dtype) -> None:
+    """Bottom-up: expert banks, routers (low precision only), blocks, root."""
+    fully_shard, MixedPrecisionPolicy, _ = _fsdp_api()
     for bank in expert_banks(model):
         fully_shard(bank, mesh=edp_mesh, shard_placement_fn=_expert_placement, **common)
     if param_dtype is not None:  # router math stays fp32: its own unit, fp32 all-gather
@@ -86,12 +93,7 @@ def shard_model(
     blocks = getattr(model, "blocks", None)
     for block in blocks if blocks is not None else []:
         fully_shard(block, mesh=world_mesh, **common)
-    # the root's parameters are needed again first in backward (the head): keep them gathered
-    fully_shard(model, mesh=world_mesh, reshard_after_forward=False, mp_policy=mp)
-    for name, p in model.named_parameters():
-        if name in experts:
-            mark_expert(p)
-    return model
+    fully_shard(model, mesh=world_mesh, **common)
 
 
 def is_sharded(model: nn.Module) -> bool:
