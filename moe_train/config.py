@@ -21,6 +21,7 @@ from .validation import above, at_least, check_finite, in_range, one_of
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIM_IMPLS = ("torch", "apex")
+OPTIMIZERS = ("adamw", "adafactor")
 ENGINES = ("native", "deepspeed")
 ZERO_STAGES = (0, 1, 2)
 CHECKPOINTING = ("none", "moe", "full")  # moe_train.parallel.checkpointing.MODES
@@ -28,8 +29,12 @@ CHECKPOINTING = ("none", "moe", "full")  # moe_train.parallel.checkpointing.MODE
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup and cosine decay to min_lr_ratio * lr (lr is a function of step)."""
+    """AdamW or Adafactor with linear warmup and cosine decay to min_lr_ratio * lr (lr is a
+    function of step). Adafactor (optim=adafactor, moe_train/training/adafactor.py) keeps
+    factored second moments (a row and a column vector per matrix, per expert) and no first
+    moment; its step is relative: min(lr, 1/sqrt(t)) times the weight's RMS."""
 
+    name: str = "adamw"  # adamw | adafactor
     impl: str = "torch"  # torch (fused/foreach AdamW) | apex (FusedAdam, needs NVIDIA apex)
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
@@ -39,10 +44,18 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # global norm across ranks; <= 0 disables clipping
+    beta2_decay: float = -0.8  # adafactor: beta2_t = 1 - t^beta2_decay
 
     def validate(self) -> None:
         check_finite(self, "optim")
+        one_of(self, "optim", "name", OPTIMIZERS)
         one_of(self, "optim", "impl", OPTIM_IMPLS)
+        if self.name == "adafactor" and self.impl != "torch":
+            raise ValueError(
+                "optim.impl: adafactor has only the torch implementation; use optim.impl=torch"
+            )
+        if self.beta2_decay > 0:
+            raise ValueError(f"optim.beta2_decay: must be <= 0, got {self.beta2_decay}")
         above(self, "optim", 0, "lr")
         in_range(self, "optim", 0, 1, "min_lr_ratio", high_inclusive=True)
         at_least(self, "optim", 0, "warmup_steps", "weight_decay", "eps")

@@ -23,6 +23,8 @@ CASES = {
     # gradient accumulation (2 micro-steps per rank) with DDP's no_sync, and the non-overlapped sync
     "switch-accum": ["parallel.ep=2", "trainer.micro_batch_size=1"],
     "topk-no-overlap": ["parallel.ep=2", "parallel.overlap_grad_sync=false"],
+    # Adafactor on replicated (not sharded) parameters: per-expert statistics, any ep
+    "switch-adafactor": ["parallel.ep=2", "optim=adafactor"],
 }
 
 

@@ -29,6 +29,10 @@ CASES = {
         ["parallel.ep=2", "trainer.activation_checkpointing=full", "trainer.micro_batch_size=1"],
     ),
     "tree": (["router=tree"], ["parallel.ep=1"]),
+    "switch-adafactor-accum": (
+        ["router=switch", "optim=adafactor"],
+        ["parallel.ep=2", "trainer.micro_batch_size=1"],
+    ),
 }
 
 
