@@ -11,14 +11,17 @@ from torch import Tensor, nn
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..parallel import ParallelState
+from ..parallel.grads import agree_on_overflow
 
 
 class NativeEngine:
     """The update with the collectives of `parallel` (a ParallelState).
 
     backward: loss / grad_accum, scaled by the GradScaler when computing in fp16.
-    step: sync gradients (dense over the world, experts over their dp group), unscale, clip to the
-    global norm, apply only when that norm is finite (else the step is skipped), zero the grads.
+    step: sync gradients (dense over the world, experts over their dp group), unscale (fp16: the
+    overflow flag is MAX-reduced over the world, so every rank skips together and keeps the same
+    scale), clip to the global norm, apply only when that norm is finite (else the step is
+    skipped), zero the grads.
     Checkpoints: DCP, reshardable across expert-parallel sizes (moe_train.checkpoint).
     """
 
@@ -54,6 +57,9 @@ class NativeEngine:
     def step(self) -> bool:
         self.parallel.sync_gradients(self.model)
         self.scaler.unscale_(self.optimizer)
+        if self.scaler.is_enabled():  # one overflow decision, one loss scale, on every rank
+            state = self.scaler._per_optimizer_states[id(self.optimizer)]
+            agree_on_overflow(list(state["found_inf_per_device"].values()))
         self._grad_norm = self.parallel.clip_grad_norm_(self.module, self.grad_clip)
         applied = bool(torch.isfinite(self._grad_norm))
         if applied:  # a non-finite loss or gradient is never applied

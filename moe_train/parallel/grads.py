@@ -150,3 +150,16 @@ def _sum_of_squares(grads: list[Tensor], device: torch.device) -> Tensor:
     if not grads:
         return torch.zeros((), dtype=torch.float32, device=device)
     return torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+
+
+def agree_on_overflow(found_inf: list[Tensor]) -> None:
+    """fp16 loss scaling: one overflow decision for the whole world. Each rank's `found_inf`
+    flags (one per device, from GradScaler.unscale_) become their MAX over all ranks, in place,
+    so every rank skips the same steps and GradScaler.update() keeps one scale everywhere (an
+    overflow in one rank's experts would otherwise halve only that rank's scale)."""
+    if not found_inf or not (dist.is_available() and dist.is_initialized()):
+        return
+    flag = torch.stack([f.float().reshape(()) for f in found_inf]).max()
+    guarded("all_reduce(found_inf)", lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX))
+    for f in found_inf:
+        f.fill_(flag.item())
