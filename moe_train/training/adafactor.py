@@ -24,11 +24,19 @@ import torch
 from torch import Tensor
 
 
+def _mean(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Mean over `dims` (kept) as a sum divided by the count: over a sharded DTensor dim a mean
+    becomes an AVG all-reduce, which gloo does not have in torch 2.7; a sum is a SUM."""
+    count = 1
+    for d in dims:
+        count *= t.shape[d]
+    return t.sum(dim=dims, keepdim=True) / count
+
+
 def _rms(t: Tensor, per_expert: bool) -> Tensor:
-    """RMS over the whole tensor ([]), or per leading index ([E, 1, 1]) for stacked experts."""
-    if per_expert:
-        return t.pow(2).mean(dim=tuple(range(1, t.dim())), keepdim=True).sqrt()
-    return t.pow(2).mean().sqrt()
+    """RMS over the whole tensor, or per leading index ([E, 1, 1]) for stacked experts."""
+    dims = tuple(range(1 if per_expert else 0, t.dim()))
+    return _mean(t.pow(2), dims).sqrt()
 
 
 class Adafactor(torch.optim.Optimizer):
@@ -81,9 +89,9 @@ class Adafactor(torch.optim.Optimizer):
         g2 = grad * grad
         if p.dim() > 1:
             row, col = state["row_var"], state["col_var"]
-            row.lerp_(g2.mean(dim=-1, keepdim=True), one_minus_beta2)
-            col.lerp_(g2.mean(dim=-2, keepdim=True), one_minus_beta2)
-            var = (row @ col) / row.mean(dim=-2, keepdim=True).clamp(min=eps1)
+            row.lerp_(_mean(g2, (-1,)), one_minus_beta2)
+            col.lerp_(_mean(g2, (-2,)), one_minus_beta2)
+            var = (row @ col) / _mean(row, (-2,)).clamp(min=eps1)
         else:
             state["variance"].lerp_(g2, one_minus_beta2)
             var = state["variance"]
