@@ -107,7 +107,8 @@ def progress_bar(start: int, total: int, enabled: bool) -> Any:
 
 class TrainLogger:
     """The log cadence. Every log_every steps and at the last: loss and aux losses (mean over
-    ranks), lr, grad_norm, tokens_per_s since the last log, skipped_steps, per-MoE-layer stats and,
+    ranks), lr, grad_norm, mem/state_bytes (the largest rank's parameter + gradient + optimizer
+    state bytes, measured from its tensors), tokens_per_s since the last log, skipped_steps, per-MoE-layer stats and,
     on GPUs, every rank's GPU stats (gpu{r}/...) to metrics.jsonl/TensorBoard and the progress bar.
     Collective on log steps: every rank calls after_step. On rank 0 (`is_main`) a resumed run's
     metrics.jsonl is cut back to the resume step first."""
@@ -124,6 +125,7 @@ class TrainLogger:
         is_main: bool,
         tensorboard: bool,
         progress: bool,
+        max_over_ranks: Callable[[Tensor], Tensor] | None = None,
     ):
         if is_main:
             truncate_metrics(run_dir, start)
@@ -131,6 +133,7 @@ class TrainLogger:
         self.bar = progress_bar(start, cadence.last, enabled=is_main and progress)
         self.cadence, self.tokens_per_step = cadence, tokens_per_step
         self.mean_over_ranks, self.device = mean_over_ranks, device
+        self.max_over_ranks = max_over_ranks or (lambda t: t)
         self._since = time.perf_counter()  # start of the current log window
         self._steps_in_window = 0
 
@@ -161,6 +164,9 @@ class TrainLogger:
             },
             **moe_layer_metrics(engine.module.moe_layers()),
         }
+        state = engine.state_bytes()  # params + grads + optimizer state: the largest rank's
+        if state is not None:
+            record["mem/state_bytes"] = int(self.max_over_ranks(torch.tensor(state)))
         if self.device.type == "cuda":  # a collective: every rank reports, rank 0 logs
             per_rank = gather_gpu_stats(gpu_stats(self.device.index))
             for r, stats in enumerate(per_rank or []):

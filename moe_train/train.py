@@ -58,6 +58,7 @@ def train(cfg: TrainConfig) -> dict:
         tokens_per_step=trainer.global_batch_size * cfg.model.seq_len,
         mean_over_ranks=parallel.all_reduce_mean, device=parallel.device,
         is_main=parallel.is_main, tensorboard=trainer.tensorboard, progress=trainer.progress,
+        max_over_ranks=parallel.all_reduce_max,
     )  # fmt: skip
     evaluator = Evaluator(
         val_tokens, plan, Every(trainer.eval_every, trainer.max_steps, bool(trainer.eval_batches)),

@@ -157,6 +157,9 @@ class RecordingEngine:
     def grad_norm(self):
         return self.inner.grad_norm()
 
+    def state_bytes(self):
+        return self.inner.state_bytes()
+
     def state_dict(self):
         return self._call("state_dict")
 

@@ -87,6 +87,9 @@ class DeepSpeedEngine:
     def grad_norm(self) -> float:
         return float(self.model.get_global_grad_norm() or 0.0)
 
+    def state_bytes(self) -> int | None:
+        return None  # ZeRO keeps its state in flat partitions of its own: not measured here
+
     def state_dict(self) -> dict[str, Any]:
         return {}  # DeepSpeed's checkpoint holds its loss scaler and step counters
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..parallel import ParallelState
 from ..parallel.grads import agree_on_overflow
+from ..parallel.memory import state_bytes
 
 
 class NativeEngine:
@@ -42,6 +43,7 @@ class NativeEngine:
         device_type = parallel.device.type
         self.scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
         self._grad_norm: Tensor = torch.zeros(())  # [] of the last step, before clipping
+        self._state_bytes: int | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -65,8 +67,13 @@ class NativeEngine:
         if applied:  # a non-finite loss or gradient is never applied
             self.scaler.step(self.optimizer)
         self.scaler.update()
+        self._state_bytes = state_bytes(self.module, self.optimizer)["total"]  # grads still here
         self.optimizer.zero_grad(set_to_none=True)
         return applied
+
+    def state_bytes(self) -> int | None:
+        """This rank's parameter + gradient + optimizer-state bytes at the last step (local)."""
+        return self._state_bytes
 
     def grad_norm(self) -> float:
         return float(self._grad_norm)

@@ -43,6 +43,11 @@ class Engine(Protocol):
         """Global gradient norm of the last step, before clipping."""
         ...
 
+    def state_bytes(self) -> int | None:
+        """This rank's parameter + gradient + optimizer-state bytes at the last step, measured
+        from its (local) tensors; None when the engine does not measure them."""
+        ...
+
     def state_dict(self) -> dict[str, Any]:
         """The engine's own small state (e.g. the loss scaler) for the checkpoint's extra."""
         ...

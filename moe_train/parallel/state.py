@@ -124,6 +124,13 @@ class ParallelState:
         guarded("all_reduce(mean)", lambda: dist.all_reduce(out))
         return out / self.world_size
 
+    def all_reduce_max(self, t: Tensor) -> Tensor:
+        """Max of `t` over all ranks (a new tensor)."""
+        out = t.detach().clone()
+        if self.distributed:
+            guarded("all_reduce(max)", lambda: dist.all_reduce(out, op=dist.ReduceOp.MAX))
+        return out
+
     def barrier(self) -> None:
         if self.distributed:
             guarded("barrier", lambda: dist.barrier())
