@@ -225,48 +225,101 @@ def save_checkpoint(
 
     Every rank calls this. Returns the checkpoint directory.
     """
-    run_dir = Path(run_dir)
-    model = unwrap_model(model)  # keys are the bare model's names
-    main = state is None or state.is_main
-    final = run_dir / f"step_{step:08d}"
-    tmp = run_dir / f".tmp_step_{step:08d}"
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    _barrier(state)
-    sd, optim_meta = _save_state(model, optimizer)
+    save = _Save(run_dir, step, model, optimizer, extra, state, keep)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=not _dist(state))
-    if main:
-        meta = {
-            "format": FORMAT,
-            "step": step,
-            "extra": extra,
-            "params": _shapes(model),
-            "optim": optim_meta,
-            "world_size": state.world_size if state else 1,
-            "ep": state.ep if state else 1,
-        }
-        torch.save(meta, tmp / ".meta.tmp")
-        os.replace(tmp / ".meta.tmp", tmp / META_FILE)
-    _barrier(state)
-    if main:
-        old = None
-        if final.exists():  # re-saving a step (e.g. after a resume): move the old copy aside
-            old = run_dir / f".old_{final.name}"
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(final, old)
-        _publish(tmp, final)
-        _write_text_atomic(run_dir / LATEST_FILE, final.name + "\n")
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        _prune(run_dir, keep, final)
-    _barrier(state)
-    return final
+        dcp.save(save.sd, storage_writer=dcp.FileSystemWriter(str(save.tmp)), no_dist=not save.dist)
+    return save.finish()
+
+
+class PendingCheckpoint:
+    """A save whose tensors are being written in the background (`save_checkpoint_async`);
+    `wait()` (every rank, collective) finishes it: meta, publish, `latest`, prune."""
+
+    def __init__(self, save: _Save, future: Any):
+        self.save, self.future = save, future
+
+    def wait(self) -> Path:
+        self.future.result()
+        return self.save.finish()
+
+
+def save_checkpoint_async(
+    run_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    extra: dict,
+    state: ParallelState,
+    keep: int = 2,
+) -> PendingCheckpoint:
+    """save_checkpoint with torch.distributed.checkpoint.async_save: the state is staged to CPU
+    memory (a copy: training goes on changing the live tensors) and written by a background
+    thread over `state.groups.checkpoint` (a gloo group of its own, so its collectives never
+    interleave with training's). Call `.wait()` before the next save and before exiting."""
+    save = _Save(run_dir, step, model, optimizer, extra, state, keep)
+    future = dcp.async_save(
+        save.sd,
+        storage_writer=dcp.FileSystemWriter(str(save.tmp)),
+        process_group=state.groups.checkpoint,
+    )
+    return PendingCheckpoint(save, future)
+
+
+class _Save:
+    """One save: the temp folder made (collective), the state dict of views, then `finish`."""
+
+    def __init__(self, run_dir, step, model, optimizer, extra, state, keep) -> None:
+        self.run_dir, self.step, self.extra, self.state, self.keep = (
+            Path(run_dir),
+            step,
+            extra,
+            state,
+            keep,
+        )
+        self.model = unwrap_model(model)  # keys are the bare model's names
+        self.main = state is None or state.is_main
+        self.dist = _dist(state)
+        self.final = self.run_dir / f"step_{step:08d}"
+        self.tmp = self.run_dir / f".tmp_step_{step:08d}"
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir()
+        _barrier(state)
+        self.sd, self.optim_meta = _save_state(self.model, optimizer)
+
+    def finish(self) -> Path:
+        """meta.pt, then publish atomically and prune (after every rank's tensors are written)."""
+        state, main, run_dir, final, tmp = self.state, self.main, self.run_dir, self.final, self.tmp
+        if main:
+            meta = {
+                "format": FORMAT,
+                "step": self.step,
+                "extra": self.extra,
+                "params": _shapes(self.model),
+                "optim": self.optim_meta,
+                "world_size": state.world_size if state else 1,
+                "ep": state.ep if state else 1,
+            }
+            torch.save(meta, tmp / ".meta.tmp")
+            os.replace(tmp / ".meta.tmp", tmp / META_FILE)
+        _barrier(state)
+        if main:
+            old = None
+            if final.exists():  # re-saving a step (e.g. after a resume): move the old copy aside
+                old = run_dir / f".old_{final.name}"
+                if old.exists():
+                    shutil.rmtree(old)
+                os.rename(final, old)
+            _publish(tmp, final)
+            _write_text_atomic(run_dir / LATEST_FILE, final.name + "\n")
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            _prune(run_dir, self.keep, final)
+        _barrier(state)
+        return final
 
 
 def _complete(path: Path) -> bool:
@@ -434,4 +487,11 @@ def _load_optimizer_values(optimizer: torch.optim.Optimizer, saved: dict, params
                 optimizer.state[p][name] = entry["value"]
 
 
-__all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "PendingCheckpoint",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+    "save_checkpoint_async",
+]

@@ -81,6 +81,7 @@ class TrainerConfig:
     eval_batches: int = 8
     ckpt_every: int = 200
     keep_checkpoints: int = 2
+    async_checkpoint: bool = False  # write checkpoints in the background (DCP async_save)
     run_dir: str = "runs/default"
     resume: bool = True  # continue from run_dir's latest checkpoint when there is one
     progress: bool = True

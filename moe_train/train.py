@@ -75,6 +75,7 @@ def train(cfg: TrainConfig) -> dict:
         logger.after_step(train_state, out, engine)
         evaluator.after_step(train_state, engine)
         checkpointer.after_step(train_state, engine)
+    checkpointer.close(engine)
     logger.close()
 
     if parallel.is_main:

@@ -100,6 +100,9 @@ class DeepSpeedEngine:
         folder = Path(run_dir) / "deepspeed"  # DeepSpeed keeps every tag: `keep` does not apply
         self.model.save_checkpoint(str(folder), f"step_{step:08d}", client_state=extra)
 
+    def finish_checkpoint(self) -> None:
+        pass  # DeepSpeed saves synchronously
+
     def load_latest(self, run_dir: Path) -> dict[str, Any] | None:
         folder = Path(run_dir) / "deepspeed"
         if not (folder / "latest").exists():

@@ -9,7 +9,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoint import (
+    PendingCheckpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_checkpoint_async,
+)
 from ..parallel import ParallelState
 from ..parallel.grads import agree_on_overflow
 from ..parallel.memory import state_bytes
@@ -36,6 +42,7 @@ class NativeEngine:
         grad_accum: int,
         grad_clip: float,
         amp_dtype: torch.dtype | None,
+        async_checkpoint: bool = False,
     ):
         self.model, self.module, self.optimizer = model, module, optimizer
         self.parallel = parallel
@@ -44,6 +51,8 @@ class NativeEngine:
         self.scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
         self._grad_norm: Tensor = torch.zeros(())  # [] of the last step, before clipping
         self._state_bytes: int | None = None
+        self.async_checkpoint = async_checkpoint  # DCP async_save (distributed runs only)
+        self._pending: PendingCheckpoint | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -85,9 +94,20 @@ class NativeEngine:
         self.scaler.load_state_dict(state["scaler"])
 
     def save_checkpoint(self, run_dir: Path, step: int, extra: dict[str, Any], keep: int) -> None:
-        save_checkpoint(run_dir, step, self.module, self.optimizer, extra, self.parallel, keep=keep)
+        self.finish_checkpoint()  # one save in flight at a time
+        args = (run_dir, step, self.module, self.optimizer, extra, self.parallel)
+        if self.async_checkpoint and self.parallel.distributed:
+            self._pending = save_checkpoint_async(*args, keep=keep)
+        else:
+            save_checkpoint(*args, keep=keep)
+
+    def finish_checkpoint(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.wait()
 
     def load_latest(self, run_dir: Path) -> dict[str, Any] | None:
+        self.finish_checkpoint()
         path = latest_checkpoint(run_dir)
         if path is None:
             return None

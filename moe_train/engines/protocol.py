@@ -58,6 +58,11 @@ class Engine(Protocol):
         """Save model + optimizer + `extra` (every rank calls it), in the engine's format."""
         ...
 
+    def finish_checkpoint(self) -> None:
+        """Finish a checkpoint still being written in the background (collective; no-op when
+        none): before the next save, a load, and the end of training."""
+        ...
+
     def load_latest(self, run_dir: Path) -> dict[str, Any] | None:
         """Load the newest checkpoint of run_dir in place; its `extra`, or None when there is none."""
         ...

@@ -89,7 +89,9 @@ def _shard_units(model, world_mesh, edp_mesh, common: dict, param_dtype) -> None
     if param_dtype is not None:  # router math stays fp32: its own unit, fp32 all-gather
         fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
         for router in _routers(model):
-            fully_shard(router, mesh=world_mesh, reshard_after_forward=True, mp_policy=fp32)
+            # kept gathered until backward (d x E, small): a router returns an Assignment, whose
+            # tensors FSDP's pre-backward hook does not find to gather them again
+            fully_shard(router, mesh=world_mesh, reshard_after_forward=False, mp_policy=fp32)
     blocks = getattr(model, "blocks", None)
     for block in blocks if blocks is not None else []:
         fully_shard(block, mesh=world_mesh, **common)

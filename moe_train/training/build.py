@@ -73,4 +73,5 @@ def build_engine(
     return NativeEngine(
         model, module, optimizer, parallel,
         grad_accum=grad_accum, grad_clip=cfg.optim.grad_clip, amp_dtype=amp_dtype,
+        async_checkpoint=cfg.trainer.async_checkpoint,
     )  # fmt: skip

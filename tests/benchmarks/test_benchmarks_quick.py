@@ -64,3 +64,14 @@ def test_scaling_quick(tmp_path):
     res = run("scaling", tmp_path, "--procs", "1", "2")["results"]
     assert [r["processes"] for r in res] == [1, 2]
     assert res[1]["a2a_calls"] > 0 and all(r["tokens_per_s"] > 0 for r in res)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_memory_quick(tmp_path):
+    out = run("memory", tmp_path)
+    rows = {(r["world"], r["fsdp"]): r for r in out["results"]}
+    assert set(rows) == {(1, False), (1, True), (2, False), (2, True)}
+    for r in rows.values():
+        assert r["state_bytes_max"] == pytest.approx(r["state_bytes_planner"], rel=0.05)
+    assert rows[(2, True)]["state_bytes_max"] < rows[(2, False)]["state_bytes_max"]

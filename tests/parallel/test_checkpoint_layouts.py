@@ -1,6 +1,6 @@
 """A checkpoint saved in one layout resumes in another on the same loss curve (1e-4 relative):
 saved at step 10 of 20 by 4 ranks (ep=2 x dp=2, parallel.fsdp=true: DTensor shards, per-expert
-DTensor views), resumed by 1 process (no FSDP) and by 4 ranks at ep=4; and the other way round,
+DTensor views; written in the background with trainer.async_checkpoint=true), resumed by 1 process (no FSDP) and by 4 ranks at ep=4; and the other way round,
 saved by 1 process and by ep=4 (no FSDP), resumed at ep=2 with FSDP. The reference is the
 uninterrupted 1-process curve."""
 
@@ -26,7 +26,8 @@ def test_checkpoints_resume_across_layouts(tmp_path, single_process_curve):
     reference = single_process_curve(ROUTER)
     ckpt = f"step_{HALF:08d}"
     saved = {"1 process": single_process_curve.run_dir(ROUTER) / ckpt}
-    for name, layout in (("ep=2 fsdp", FSDP_EP2), ("ep=4", EP4)):
+    async_fsdp = [*FSDP_EP2, "trainer.async_checkpoint=true"]
+    for name, layout in (("ep=2 fsdp", async_fsdp), ("ep=4", EP4)):
         folder = tmp_path / name.replace(" ", "_").replace("=", "")
         full = run(tmp_path, folder, 4, [*ROUTER, *layout], ckpt_every=HALF)
         _check(reference, full[HALF:], f"{name} uninterrupted")
