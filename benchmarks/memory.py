@@ -3,10 +3,12 @@
 Each layout runs a few optimizer steps of the native engine on `world` spawned gloo ranks (ep = 2
 when there are at least 2 ranks, so dp = world / 2) and reports, per rank, the parameter +
 gradient + optimizer-state bytes measured from its tensors (the trainer's `mem/state_bytes`),
-the planner's prediction of the same (`state_bytes_per_gpu`) and the process's peak RSS. With
+the planner's prediction of the same (`state_bytes_per_gpu`), the process's peak RSS and how
+far it grew above the RSS before the model was built (runtime, imports, process groups). With
 FSDP dense state shrinks as 1/world and expert state as 1/(world/ep); without it every rank holds
-the whole dense model and its ep-rank's experts. RSS also holds the runtime (~0.3-0.5 GB per
-process here) and activations, so it scales less than the state does.
+the whole dense model and its ep-rank's experts. RSS growth also holds activations and the
+transient buffers (FSDP's gathered weights and unsharded gradients of a unit, the optimizer's
+temporaries), and the allocator keeps freed memory, so it scales less than the state does.
 
     python benchmarks/memory.py             # a 42M-parameter MoE (d 512, 8 experts), AdamW
     python benchmarks/memory.py --optim adafactor
@@ -43,6 +45,10 @@ def _config(model: str, world: int, fsdp: bool, optim: str):
     return cfg
 
 
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _rank(rank: int, world: int, model: str, fsdp: bool, optim: str, steps: int) -> dict:
     """One rank: a few steps on random tokens; its state bytes and peak RSS."""
     import torch
@@ -54,6 +60,7 @@ def _rank(rank: int, world: int, model: str, fsdp: bool, optim: str, steps: int)
     torch.set_num_threads(1)
     cfg = _config(model, world, fsdp, optim)
     state = init_parallel(cfg.parallel, cfg.model.num_experts, cfg.router)
+    baseline = _peak_rss()  # the runtime, imports and process groups: before any model
     engine = build_engine(cfg, state, micro_batch=1, grad_accum=1)
     T, V = cfg.model.seq_len, cfg.model.vocab_size
     for step in range(steps):
@@ -64,7 +71,8 @@ def _rank(rank: int, world: int, model: str, fsdp: bool, optim: str, steps: int)
         engine.step()
     out = {
         "state_bytes": engine.state_bytes(),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": _peak_rss(),
+        "baseline_rss_bytes": baseline,
     }
     del engine
     state.shutdown()
@@ -128,19 +136,21 @@ def main() -> None:
             per_rank = run_layout(world, a.model, fsdp, a.optim, a.steps)
             state = max(r["state_bytes"] for r in per_rank)
             rss = max(r["peak_rss_bytes"] for r in per_rank)
+            grew = max(r["peak_rss_bytes"] - r["baseline_rss_bytes"] for r in per_rank)
             plan = predicted(world, a.model, fsdp, a.optim)
             ep = min(2, world)
             results.append(
                 {"world": world, "ep": ep, "fsdp": fsdp, "state_bytes_max": state,
-                 "state_bytes_planner": plan, "peak_rss_bytes_max": rss, "per_rank": per_rank}
+                 "state_bytes_planner": plan, "peak_rss_bytes_max": rss,
+                 "peak_rss_above_baseline_bytes_max": grew, "per_rank": per_rank}
             )  # fmt: skip
             rows.append(
                 [world, f"{ep}x{world // ep}", fsdp, f"{state / 2**20:.1f}", f"{plan / 2**20:.1f}",
-                 f"{state / plan - 1:+.2%}", f"{rss / 2**20:.0f}"]
+                 f"{state / plan - 1:+.2%}", f"{rss / 2**20:.0f}", f"{grew / 2**20:.0f}"]
             )  # fmt: skip
     print(f"\nmodel {a.model} ({MODELS[a.model]}), optim {a.optim}, {a.steps} steps")
     headers = ["ranks", "ep x dp", "fsdp", "state MiB/rank (max)", "planner MiB", "diff",
-               "peak RSS MiB (max)"]  # fmt: skip
+               "peak RSS MiB (max)", "RSS growth MiB (max)"]  # fmt: skip
     print_table(headers, rows)
     publish("memory", mach, {"model": a.model, "optim": a.optim, "results": results}, out_dir=a.out)
 
