@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -253,17 +254,40 @@ def save_checkpoint_async(
     state: ParallelState,
     keep: int = 2,
 ) -> PendingCheckpoint:
-    """save_checkpoint with torch.distributed.checkpoint.async_save: the state is staged to CPU
-    memory (a copy: training goes on changing the live tensors) and written by a background
-    thread over `state.groups.checkpoint` (a gloo group of its own, so its collectives never
-    interleave with training's). Call `.wait()` before the next save and before exiting."""
+    """save_checkpoint written in the background, as torch.distributed.checkpoint.async_save does
+    it: the state is staged to CPU memory (one compact copy per tensor: training goes on changing
+    the live ones) and `dcp.save` runs in a thread over `state.groups.checkpoint` (a gloo group of
+    its own, so its collectives never interleave with training's). async_save itself is not used:
+    its staging deep-copies each DTensor with the whole storage under it, and fails on FSDP's
+    sharded parameters. Call `.wait()` before the next save and before exiting."""
     save = _Save(run_dir, step, model, optimizer, extra, state, keep)
-    future = dcp.async_save(
-        save.sd,
-        storage_writer=dcp.FileSystemWriter(str(save.tmp)),
-        process_group=state.groups.checkpoint,
-    )
+    staged = {key: _staged(t) for key, t in save.sd.items()}
+    writer = dcp.FileSystemWriter(str(save.tmp))
+    group = state.groups.checkpoint
+    future = _writer_thread().submit(dcp.save, staged, storage_writer=writer, process_group=group)
     return PendingCheckpoint(save, future)
+
+
+def _staged(t: Tensor) -> Tensor:
+    """A compact CPU copy of `t` (a DTensor keeps its mesh, placements and global shape)."""
+    if not hasattr(t, "to_local"):
+        return t.detach().to("cpu", copy=True)
+    from torch.distributed.tensor import DTensor
+
+    local = t.to_local().detach().to("cpu", copy=True)
+    return DTensor.from_local(
+        local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
+    )
+
+
+_WRITER: ThreadPoolExecutor | None = None
+
+
+def _writer_thread() -> ThreadPoolExecutor:
+    global _WRITER
+    if _WRITER is None:
+        _WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe_train_ckpt")
+    return _WRITER
 
 
 class _Save:
