@@ -11,9 +11,11 @@ Layout of `run_dir`:
 
 Keys: dense parameters/buffers as `model/<fqn>`; expert parameters (`is_expert_param`, stacked
 [E_local, ...], this rank's share given by the layer's ExpertShard) as one key per GLOBAL expert,
-`model/<fqn>/expert_<id>`, and so is their optimizer state (`optim/<fqn>/<name>/expert_<id>`).
-Each rank writes only the experts it holds and DCP de-duplicates replicated keys across data
-parallel ranks, so nothing is written twice and a checkpoint taken at ep=2 loads at ep=4 or ep=1.
+`model/<fqn>/expert_<id>`, and so is their stacked optimizer state
+(`optim/<fqn>/<name>/expert_<id>`). The values are the live tensors or views of them (FSDP
+DTensor shards, per-expert DTensor views): nothing is cloned to save, nothing allocated twice to
+load. Each rank writes only what it holds and DCP de-duplicates replicated keys, so a checkpoint
+taken in any layout (ep, dp, parallel.fsdp on or off) loads in any other.
 A save is written into a temp dir, checksummed, renamed into place, then `latest` is replaced
 atomically: a crash at any point leaves the previous checkpoint loadable. A load verifies every
 file first; `load_latest_checkpoint` falls back to the newest checkpoint that verifies.
@@ -29,6 +31,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -116,52 +119,92 @@ def _optim_slots(optimizer: torch.optim.Optimizer, params: dict[str, Tensor]):
     return out
 
 
+def _expert_slice(t: Tensor, i: int) -> Tensor:
+    """Local expert i of a stacked tensor [E_local, ...] as a view: a plain slice, or for a
+    DTensor (FSDP shards experts along dim 1) a DTensor over the same mesh whose shard dims are
+    one lower, so the slice of every global expert is itself a sharded tensor that DCP reshards."""
+    if not hasattr(t, "to_local"):
+        return t.detach()[i]
+    from torch.distributed.tensor import DTensor, Shard
+
+    placements = []
+    for pl in t.placements:
+        if pl.is_shard() and pl.dim == 0:
+            raise CheckpointError("an expert tensor sharded along its expert dim (0)")
+        placements.append(Shard(pl.dim - 1) if pl.is_shard() else pl)
+    shape = t.shape[1:]
+    stride = torch.empty(shape, device="meta").stride()
+    local = t.to_local().detach()[i]
+    return DTensor.from_local(
+        local, t.device_mesh, placements, run_check=False, shape=shape, stride=stride
+    )
+
+
+def _is_per_expert(v: Tensor, p: Tensor) -> bool:
+    """An expert parameter's optimizer state that is stacked like it ([E_local, ...]: Adam's
+    moments, Adafactor's row/column statistics), as opposed to a scalar (the step)."""
+    return v.dim() == p.dim() and v.shape[0] == p.shape[0]
+
+
 def _model_tensors(
     model: nn.Module, params: dict[str, Tensor], info: dict[str, tuple[int, int, int]]
-) -> list[tuple[str, Tensor, bool]]:
-    """(checkpoint key, live tensor, is an expert slice) for every parameter and buffer; stacked
-    expert weights are split into one slice per GLOBAL expert id."""
-    out: list[tuple[str, Tensor, bool]] = []
+) -> dict[str, Tensor]:
+    """Checkpoint key -> live tensor (or a view of it) for every parameter and buffer; stacked
+    expert weights as one view per GLOBAL expert id. Nothing is copied."""
+    out: dict[str, Tensor] = {}
     for fqn, p in params.items():
         if fqn in info:
             first, n, _ = info[fqn]
-            keys = _expert_keys(f"model/{fqn}", first, n)
-            out += [(key, p.detach()[i], True) for i, key in keys]
+            out.update(
+                {key: _expert_slice(p, i) for i, key in _expert_keys(f"model/{fqn}", first, n)}
+            )
         else:
-            out.append((f"model/{fqn}", p.detach(), False))
-    out += [(f"model/{name}", b.detach(), False) for name, b in _buffers(model).items()]
+            out[f"model/{fqn}"] = p.detach()
+    out.update({f"model/{name}": b.detach() for name, b in _buffers(model).items()})
     return out
+
+
+def _optim_tensors(
+    optimizer: torch.optim.Optimizer,
+    params: dict[str, Tensor],
+    info: dict[str, tuple[int, int, int]],
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(checkpoint key -> live optimizer state tensor or view, the optimizer's meta: parameter
+    groups' hyperparameters and every state entry's kind). Expert state per global expert."""
+    sd: dict[str, Tensor] = {}
+    meta: dict[str, Any] = {"param_groups": [], "state": {}}
+    slots = _optim_slots(optimizer, params)
+    for gi, group in enumerate(optimizer.param_groups):
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        hyper["params"] = [f for f, _, g in slots if g == gi]
+        meta["param_groups"].append(hyper)
+    for fqn, p, _ in slots:
+        entries: dict[str, Any] = {}
+        for name, v in optimizer.state.get(p, {}).items():
+            if isinstance(v, Tensor) and fqn in info and _is_per_expert(v, p):
+                first, n, _ = info[fqn]
+                for i, key in _expert_keys(f"optim/{fqn}/{name}", first, n):
+                    sd[key] = _expert_slice(v, i)
+                entries[name] = {"kind": "expert", "dtype": str(v.dtype)}
+            elif isinstance(v, Tensor):
+                sd[f"optim/{fqn}/{name}"] = v.detach()
+                entries[name] = {"kind": "tensor", "shape": list(v.shape), "dtype": str(v.dtype)}
+            else:
+                entries[name] = {"kind": "value", "value": v}
+        meta["state"][fqn] = entries
+    return sd, meta
 
 
 # ---- save ---------------------------------------------------------------------------------------
 def _save_state(model: nn.Module, optimizer: torch.optim.Optimizer | None):
+    """(DCP state dict of views of the live tensors, the optimizer's meta): no clone. DCP copies
+    one tensor at a time to the CPU while writing (views of a larger storage included)."""
     params, info = _param_table(model)
-    sd = {k: t.clone() if sliced else t for k, t, sliced in _model_tensors(model, params, info)}
+    sd = _model_tensors(model, params, info)
     optim_meta: dict[str, Any] = {"param_groups": [], "state": {}}
     if optimizer is not None:
-        slots = _optim_slots(optimizer, params)
-        for gi, group in enumerate(optimizer.param_groups):
-            hyper = {k: v for k, v in group.items() if k != "params"}
-            hyper["params"] = [f for f, _, g in slots if g == gi]
-            optim_meta["param_groups"].append(hyper)
-        for fqn, p, _ in slots:
-            entries: dict[str, Any] = {}
-            for name, v in optimizer.state.get(p, {}).items():
-                if isinstance(v, Tensor) and fqn in info and v.shape == p.shape:
-                    first, n, _ = info[fqn]
-                    for i, key in _expert_keys(f"optim/{fqn}/{name}", first, n):
-                        sd[key] = v.detach()[i].clone()
-                    entries[name] = {"kind": "expert", "dtype": str(v.dtype)}
-                elif isinstance(v, Tensor):
-                    sd[f"optim/{fqn}/{name}"] = v.detach()
-                    entries[name] = {
-                        "kind": "tensor",
-                        "shape": list(v.shape),
-                        "dtype": str(v.dtype),
-                    }
-                else:
-                    entries[name] = {"kind": "value", "value": v}
-            optim_meta["state"][fqn] = entries
+        optim_sd, optim_meta = _optim_tensors(optimizer, params, info)
+        sd.update(optim_sd)
     return sd, optim_meta
 
 
@@ -216,47 +259,117 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     tmp = run_dir / f".tmp_step_{step:08d}"
     with _save_errors(run_dir, tmp, step, main=state is None or state.is_main):
-        return _write_checkpoint(run_dir, step, model, optimizer, extra, state, keep)
+        save = _Save(run_dir, step, model, optimizer, extra, state, keep)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(save.sd, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=not save.dist)
+        return save.finish()
 
 
-def _write_checkpoint(
-    run_dir: Path,
+class PendingCheckpoint:
+    """A save whose tensors are being written in the background (`save_checkpoint_async`);
+    `wait()` (every rank, collective) finishes it: meta, publish, `latest`, prune."""
+
+    def __init__(self, save: _Save, future: Any):
+        self.save, self.future = save, future
+
+    def wait(self) -> Path:
+        save = self.save
+        with _save_errors(save.run_dir, save.tmp, save.step, main=save.main):
+            self.future.result()
+            return save.finish()
+
+
+def save_checkpoint_async(
+    run_dir: str | Path,
     step: int,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
     extra: dict,
-    state: ParallelState | None,
-    keep: int,
-) -> Path:
-    model = unwrap_model(model)  # keys are the bare model's names
-    main = state is None or state.is_main
-    final = run_dir / f"step_{step:08d}"
-    tmp = run_dir / f".tmp_step_{step:08d}"
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    _barrier(state)
-    sd, optim_meta = _save_state(model, optimizer)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=not _dist(state))
-    if main:
-        meta = {
-            "format": FORMAT,
-            "step": step,
-            "extra": extra,
-            "params": _shapes(model),
-            "optim": optim_meta,
-            "world_size": state.world_size if state else 1,
-            "ep": state.ep if state else 1,
-        }
-        _write_meta(tmp, meta)
-    _barrier(state)
-    _finish_save(run_dir, tmp, final, keep, state)
-    _barrier(state)
-    return final
+    state: ParallelState,
+    keep: int = 2,
+) -> PendingCheckpoint:
+    """save_checkpoint written in the background, as torch.distributed.checkpoint.async_save does
+    it: the state is staged to CPU memory (one compact copy per tensor: training goes on changing
+    the live ones) and `dcp.save` runs in a thread over `state.groups.checkpoint` (a gloo group of
+    its own, so its collectives never interleave with training's). async_save itself is not used:
+    its staging deep-copies each DTensor with the whole storage under it, and fails on FSDP's
+    sharded parameters. Call `.wait()` before the next save and before exiting."""
+    run_dir = Path(run_dir)
+    with _save_errors(run_dir, run_dir / f".tmp_step_{step:08d}", step, main=state.is_main):
+        save = _Save(run_dir, step, model, optimizer, extra, state, keep)
+        staged = {key: _staged(t) for key, t in save.sd.items()}
+    writer = dcp.FileSystemWriter(str(save.tmp))
+    group = state.groups.checkpoint
+    future = _writer_thread().submit(dcp.save, staged, storage_writer=writer, process_group=group)
+    return PendingCheckpoint(save, future)
+
+
+def _staged(t: Tensor) -> Tensor:
+    """A compact CPU copy of `t` (a DTensor keeps its mesh, placements and global shape)."""
+    if not hasattr(t, "to_local"):
+        return t.detach().to("cpu", copy=True)
+    from torch.distributed.tensor import DTensor
+
+    local = t.to_local().detach().to("cpu", copy=True)
+    return DTensor.from_local(
+        local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
+    )
+
+
+_WRITER: ThreadPoolExecutor | None = None
+
+
+def _writer_thread() -> ThreadPoolExecutor:
+    global _WRITER
+    if _WRITER is None:
+        _WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe_train_ckpt")
+    return _WRITER
+
+
+class _Save:
+    """One save: the temp folder made (collective), the state dict of views, then `finish`."""
+
+    def __init__(self, run_dir, step, model, optimizer, extra, state, keep) -> None:
+        self.run_dir, self.step, self.extra, self.state, self.keep = (
+            Path(run_dir),
+            step,
+            extra,
+            state,
+            keep,
+        )
+        self.model = unwrap_model(model)  # keys are the bare model's names
+        self.main = state is None or state.is_main
+        self.dist = _dist(state)
+        self.final = self.run_dir / f"step_{step:08d}"
+        self.tmp = self.run_dir / f".tmp_step_{step:08d}"
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir()
+        _barrier(state)
+        self.sd, self.optim_meta = _save_state(self.model, optimizer)
+
+    def finish(self) -> Path:
+        """meta.pt, then checksums, publish atomically and prune (after every rank's tensors are
+        written; collective)."""
+        state = self.state
+        if self.main:
+            meta = {
+                "format": FORMAT,
+                "step": self.step,
+                "extra": self.extra,
+                "params": _shapes(self.model),
+                "optim": self.optim_meta,
+                "world_size": state.world_size if state else 1,
+                "ep": state.ep if state else 1,
+            }
+            _write_meta(self.tmp, meta)
+        _barrier(state)
+        _finish_save(self.run_dir, self.tmp, self.final, self.keep, state)
+        _barrier(state)
+        return self.final
 
 
 def _finish_save(
@@ -566,42 +679,27 @@ def load_checkpoint(
     *,
     verify: bool = True,
 ) -> dict:
-    """Load into `model` (and `optimizer`) in place, at any parallel.ep; returns the saved extra.
+    """Load into `model` (and `optimizer`) in place, at any parallel.ep, FSDP or not; returns the
+    saved extra. DCP reads straight into the live tensors (DTensor shards, per-expert views): no
+    second copy of the model or its optimizer state is allocated.
 
     Every rank calls this. Raises CheckpointError naming the path when the checkpoint is missing
     or does not fit the model (shapes, expert count), CorruptCheckpointError naming the file when
     it is incomplete or damaged (checked first: verify_checkpoint; verify=False skips the
-    checksums). On an error nothing has been loaded.
+    checksums), so a damaged file is found before anything is read into the live tensors.
     """
     model = unwrap_model(model)  # keys are the bare model's names
     path = Path(path)
     meta = verify_checkpoint(path, state) if verify else _read_meta(path)
     _check_fit(path, meta["params"], model)
     params, info = _param_table(model)
-    entries = _model_tensors(model, params, info)
-    sd = {k: torch.empty_like(t) for k, t, _ in entries}
-    optim_targets: dict[tuple[str, str], Any] = {}
-    slots = []
     if optimizer is not None:
-        saved_state = meta["optim"]["state"]
-        slots = _optim_slots(optimizer, params)
-        for fqn, p, _ in slots:
-            for name, entry in saved_state.get(fqn, {}).items():
-                if entry["kind"] == "expert":
-                    first, n, _ = info[fqn]
-                    keys = _expert_keys(f"optim/{fqn}/{name}", first, n)
-                    dtype = getattr(torch, entry["dtype"].removeprefix("torch."))
-                    ts = [torch.empty(p.shape[1:], dtype=dtype) for _ in keys]
-                    for (_, key), t in zip(keys, ts):
-                        sd[key] = t
-                    optim_targets[(fqn, name)] = ts
-                elif entry["kind"] == "tensor":
-                    dtype = getattr(torch, entry["dtype"].removeprefix("torch."))
-                    t = torch.empty(entry["shape"], dtype=dtype)
-                    sd[f"optim/{fqn}/{name}"] = t
-                    optim_targets[(fqn, name)] = t
-                else:
-                    optim_targets[(fqn, name)] = entry["value"]
+        _check_optimizer(path, optimizer, meta["optim"], params)
+        if any(meta["optim"]["state"].values()):
+            init_optimizer_state(optimizer)
+    sd, _ = _save_state(model, optimizer)
+    saved_keys = _saved_optim_keys(meta["optim"]["state"])
+    sd = {k: v for k, v in sd.items() if not k.startswith("optim/") or _optim_key(k) in saved_keys}
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -610,44 +708,73 @@ def load_checkpoint(
         raise CorruptCheckpointError(
             f"checkpoint {path}: reading the tensors failed: {_describe(e)}"
         ) from _short_cause(e)
-
-    with torch.no_grad():
-        for key, live, _ in entries:
-            live.copy_(sd[key])
     if optimizer is not None:
-        _load_optimizer(path, optimizer, meta["optim"], slots, optim_targets)
+        _load_optimizer_values(optimizer, meta["optim"], params)
     _barrier(state)
     return meta["extra"]
 
 
-def _load_optimizer(path, optimizer, saved, slots, targets) -> None:
-    groups = saved["param_groups"]
+@torch.no_grad()
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's state tensors where they will live (a step at learning rate 0 on zero
+    gradients: the parameters do not move), so that a load can fill them in place."""
+    if optimizer.state:
+        return
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for p in group["params"]:
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _check_optimizer(path: Path, optimizer: torch.optim.Optimizer, saved: dict, params) -> None:
+    slots = _optim_slots(optimizer, params)
     current = [[f for f, _, g in slots if g == gi] for gi in range(len(optimizer.param_groups))]
-    if [g["params"] for g in groups] != current:
+    if [g["params"] for g in saved["param_groups"]] != current:
         raise CheckpointError(
             f"checkpoint {path}: the optimizer's parameter groups differ from the saved ones"
         )
-    index = {fqn: i for i, (fqn, _, _) in enumerate(slots)}
-    state: dict[int, dict[str, Any]] = {}
-    for (fqn, name), v in targets.items():
-        if isinstance(v, list):
-            v = torch.stack(v)
-        state.setdefault(index[fqn], {})[name] = v
-    param_groups = []
-    for g, fqns in zip(groups, current):
-        hyper = {k: v for k, v in g.items() if k != "params"}
-        hyper["params"] = [index[f] for f in fqns]
-        param_groups.append(hyper)
-    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def _saved_optim_keys(saved_state: dict[str, dict]) -> set[tuple[str, str]]:
+    return {(fqn, name) for fqn, entries in saved_state.items() for name in entries}
+
+
+def _optim_key(key: str) -> tuple[str, str]:
+    """'optim/<fqn>/<name>[/expert_<id>]' -> (fqn, name)."""
+    parts = key.split("/")
+    return parts[1], parts[2]
+
+
+def _load_optimizer_values(optimizer: torch.optim.Optimizer, saved: dict, params) -> None:
+    """The saved hyperparameters and non-tensor state values (the tensors were loaded in place);
+    a parameter without saved state (never stepped) gets none."""
+    for group, hyper in zip(optimizer.param_groups, saved["param_groups"]):
+        group.update({k: v for k, v in hyper.items() if k != "params"})
+    for fqn, p in params.items():
+        entries = saved["state"].get(fqn, {})
+        if not entries:
+            optimizer.state.pop(p, None)
+            continue
+        for name, entry in entries.items():
+            if entry["kind"] == "value":
+                optimizer.state[p][name] = entry["value"]
 
 
 __all__ = [
     "CheckpointError",
     "CorruptCheckpointError",
+    "PendingCheckpoint",
     "checkpoint_candidates",
     "latest_checkpoint",
     "load_checkpoint",
     "load_latest_checkpoint",
     "save_checkpoint",
+    "save_checkpoint_async",
     "verify_checkpoint",
 ]

@@ -21,8 +21,10 @@ from .validation import above, at_least, check_finite, in_range, one_of
 # configs/ at the repo root (editable install); absolute, so console scripts find it from any folder
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 OPTIM_IMPLS = ("torch", "apex")
+OPTIMIZERS = ("adamw", "adafactor")
 ENGINES = ("native", "deepspeed")
 ZERO_STAGES = (0, 1, 2)
+CHECKPOINTING = ("none", "moe", "full")  # moe_train.parallel.checkpointing.MODES
 
 
 @dataclass
@@ -39,8 +41,12 @@ class TrainModelConfig(ModelConfig):
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup and cosine decay to min_lr_ratio * lr (lr is a function of step)."""
+    """AdamW or Adafactor with linear warmup and cosine decay to min_lr_ratio * lr (lr is a
+    function of step). Adafactor (optim=adafactor, moe_train/training/adafactor.py) keeps
+    factored second moments (a row and a column vector per matrix, per expert) and no first
+    moment; its step is relative: min(lr, 1/sqrt(t)) times the weight's RMS."""
 
+    name: str = "adamw"  # adamw | adafactor
     impl: str = "torch"  # torch (fused/foreach AdamW) | apex (FusedAdam, needs NVIDIA apex)
     lr: float = 2e-3  # peak learning rate (after warmup)
     min_lr_ratio: float = 0.1  # the cosine decays to min_lr_ratio * lr at trainer.max_steps
@@ -50,10 +56,18 @@ class OptimConfig:
     beta2: float = 0.95  # AdamW second-moment decay
     eps: float = 1e-8  # AdamW denominator epsilon
     grad_clip: float = 1.0  # global norm across ranks; <= 0 disables clipping
+    beta2_decay: float = -0.8  # adafactor: beta2_t = 1 - t^beta2_decay
 
     def validate(self) -> None:
         check_finite(self, "optim")
+        one_of(self, "optim", "name", OPTIMIZERS)
         one_of(self, "optim", "impl", OPTIM_IMPLS)
+        if self.name == "adafactor" and self.impl != "torch":
+            raise ValueError(
+                "optim.impl: adafactor has only the torch implementation; use optim.impl=torch"
+            )
+        if self.beta2_decay > 0:
+            raise ValueError(f"optim.beta2_decay: must be <= 0, got {self.beta2_decay}")
         above(self, "optim", 0, "lr")
         in_range(self, "optim", 0, 1, "min_lr_ratio", high_inclusive=True)
         at_least(self, "optim", 0, "warmup_steps", "weight_decay", "eps")
@@ -72,11 +86,14 @@ class TrainerConfig:
     precision: str = "auto"
     engine: str = "native"  # native | deepspeed
     zero_stage: int = 1  # deepspeed engine only: ZeRO stage for dense state (0, 1, 2)
+    # none | moe (recompute the expert FFNs) | full (recompute every block); non-reentrant
+    activation_checkpointing: str = "none"
     log_every: int = 10  # steps between metrics records (metrics.jsonl, the progress bar)
     eval_every: int = 200  # steps between validation losses (and at the last step)
     eval_batches: int = 8  # validation batches of global_batch_size windows; 0 = no validation
     ckpt_every: int = 200  # steps between checkpoints (and at the last step)
     keep_checkpoints: int = 2  # newest checkpoints kept in run_dir
+    async_checkpoint: bool = False  # write checkpoints in the background (DCP, own gloo group)
     run_dir: str = "runs/default"  # the run folder: config.yaml, metrics.jsonl, checkpoints
     resume: bool = True  # continue from run_dir's latest checkpoint when there is one
     progress: bool = True  # a progress bar with loss, step time, tokens/s (and MFU on GPUs)
@@ -95,6 +112,7 @@ class TrainerConfig:
         one_of(self, "trainer", "precision", PRECISIONS)
         one_of(self, "trainer", "engine", ENGINES)
         one_of(self, "trainer", "zero_stage", ZERO_STAGES)
+        one_of(self, "trainer", "activation_checkpointing", CHECKPOINTING)
         at_least(self, "trainer", 1, "max_steps", "global_batch_size", "log_every", "eval_every")
         at_least(self, "trainer", 1, "ckpt_every", "keep_checkpoints")
         at_least(self, "trainer", 0, "eval_batches")
@@ -135,6 +153,11 @@ class TrainConfig:
         self.optim.validate()
         self.data.validate()
         self.trainer.validate()
+        if self.parallel.fsdp and self.trainer.engine != "native":
+            raise ValueError(
+                "parallel.fsdp=true shards with the native engine; use trainer.engine=native "
+                "(DeepSpeed shards with its own ZeRO: trainer.zero_stage)"
+            )
         gs = self.router.group_size
         if gs is not None and (self.model.seq_len % gs and gs % self.model.seq_len):
             raise ValueError(

@@ -157,10 +157,11 @@ class TrainLogger:
     """The log cadence. Every log_every steps and at the last: loss and aux losses (mean over
     ranks), lr, grad_norm, step_ms and tokens_per_s over the steps since the last log, mfu (model
     FLOPs utilisation, when `flops_per_token` and the GPUs' summed `peak_flops` are known),
-    skipped_steps, per-MoE-layer stats and, on GPUs, every rank's GPU stats (gpu{r}/...) to
-    metrics.jsonl/TensorBoard/sinks and the progress bar. Collective on log steps: every rank calls
-    after_step. On rank 0 (`is_main`) a resumed run's metrics.jsonl is cut back to the resume step
-    first. `report_val` shows a validation loss (bar and a line)."""
+    mem/state_bytes (the largest rank's parameter + gradient + optimizer state bytes, measured
+    from its tensors), skipped_steps, per-MoE-layer stats and, on GPUs, every rank's GPU stats
+    (gpu{r}/...) to metrics.jsonl/TensorBoard/sinks and the progress bar. Collective on log steps:
+    every rank calls after_step. On rank 0 (`is_main`) a resumed run's metrics.jsonl is cut back
+    to the resume step first. `report_val` shows a validation loss (bar and a line)."""
 
     def __init__(
         self,
@@ -177,6 +178,7 @@ class TrainLogger:
         flops_per_token: float | None = None,
         peak_flops: float | None = None,
         sinks: list[Any] | None = None,
+        max_over_ranks: Callable[[Tensor], Tensor] | None = None,
     ):
         if is_main:
             truncate_metrics(run_dir, start)
@@ -188,6 +190,7 @@ class TrainLogger:
         self.is_main, self.progress = is_main, progress
         self.started = time.perf_counter()
         self._since = self.started  # start of the current log window
+        self.max_over_ranks = max_over_ranks or (lambda t: t)
         self._steps_in_window = 0
         self._postfix: dict[str, str] = {}
 
@@ -245,6 +248,9 @@ class TrainLogger:
         }
         if self.flops_per_token and self.peak_flops:
             record["mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
+        state = engine.state_bytes()  # params + grads + optimizer state: the largest rank's
+        if state is not None:
+            record["mem/state_bytes"] = int(self.max_over_ranks(torch.tensor(state)))
         if self.device.type == "cuda":  # a collective: every rank reports, rank 0 logs
             per_rank = gather_gpu_stats(gpu_stats(self.device.index))
             for r, stats in enumerate(per_rank or []):

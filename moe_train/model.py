@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import ACTIVATIONS, activate
+from .init import init_parameters
 from .layer import MoELayer
 from .parallel import ExpertShard, is_expert_param
 from .routing import RouterConfig
@@ -181,8 +182,8 @@ class MoETransformer(nn.Module):
     `torch.device("meta")` included (then nothing is initialised). Under torch.distributed,
     `moe_train.parallel.parallelize` connects the groups afterwards.
     `last_aux` holds the aux losses by name (summed over layers) of the last call.
-    Dense parameters are initialised from the global torch RNG (seed it the same on every rank);
-    experts from their global ids, so the model is the same whatever the expert-parallel layout.
+    Every parameter is initialised from (seed, its name) and experts from their global ids
+    (moe_train.init), so the model is the same whatever the parallel layout.
     """
 
     def __init__(
@@ -204,18 +205,11 @@ class MoETransformer(nn.Module):
         )
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self._init_dense(cfg)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
         self.last_aux: dict[str, Tensor] = {}
-
-    def _init_dense(self, cfg: ModelConfig) -> None:
-        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        for name, p in self.named_parameters():
-            if is_expert_param(p) or ".router." in name or p.dim() < 2:
-                continue
-            std = out_std if name.endswith(("proj.weight", "w_out.weight")) else cfg.init_std
-            nn.init.normal_(p, std=std)
+        if not self.head.weight.is_meta:  # on meta: moe_train.init.materialize after parallelize
+            init_parameters(self, seed)
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]

@@ -84,6 +84,7 @@ def _train(cfg: TrainConfig, parallel: ParallelState, run_folder: RunFolder) -> 
         flops_per_token=model_flops_per_token(cfg.model, cfg.router),
         peak_flops=peak * parallel.world_size if peak else None,
         sinks=_sinks(cfg) if parallel.is_main else [],
+        max_over_ranks=parallel.all_reduce_max,
     )  # fmt: skip
     evaluator = Evaluator(
         val_tokens, plan, Every(trainer.eval_every, trainer.max_steps, bool(trainer.eval_batches)),
@@ -99,6 +100,7 @@ def _train(cfg: TrainConfig, parallel: ParallelState, run_folder: RunFolder) -> 
         check_skipped_steps(train_state, trainer.max_skipped_steps, lr)
         evaluator.after_step(train_state, engine)
         checkpointer.after_step(train_state, engine)
+    checkpointer.close(engine)
     logger.close()
     seconds = logger.elapsed()
 

@@ -157,6 +157,9 @@ class RecordingEngine:
     def grad_norm(self):
         return self.inner.grad_norm()
 
+    def state_bytes(self):
+        return self.inner.state_bytes()
+
     def state_dict(self):
         return self._call("state_dict")
 
@@ -165,6 +168,9 @@ class RecordingEngine:
 
     def save_checkpoint(self, run_dir, step, extra, keep):
         self._call("save_checkpoint", run_dir, step, extra, keep)
+
+    def finish_checkpoint(self):
+        self._call("finish_checkpoint")
 
     def load_latest(self, run_dir):
         return self._call("load_latest", run_dir)
@@ -195,7 +201,14 @@ def test_the_loop_talks_to_the_engine_only(tmp_path, monkeypatch):
     engine = engines[0]
     one_step = ["micro_batch(last=False)", "backward", "micro_batch(last=True)", "backward", "step"]
     save = ["state_dict", "save_checkpoint"]
-    assert engine.calls == ["load_latest", *one_step * 2, *save, *one_step * 2, *save]
+    assert engine.calls == [
+        "load_latest",
+        *one_step * 2,
+        *save,
+        *one_step * 2,
+        *save,
+        "finish_checkpoint",
+    ]
     assert engine.optimizer_steps_outside == 0 and engine.grads_outside == 0
     assert summary["steps"] == 4 and summary["skipped_steps"] == 0
     assert (tmp_path / "run" / "step_00000004").is_dir()

@@ -87,6 +87,9 @@ class DeepSpeedEngine:
     def grad_norm(self) -> float:
         return float(self.model.get_global_grad_norm() or 0.0)
 
+    def state_bytes(self) -> int | None:
+        return None  # ZeRO keeps its state in flat partitions of its own: not measured here
+
     def state_dict(self) -> dict[str, Any]:
         return {}  # DeepSpeed's checkpoint holds its loss scaler and step counters
 
@@ -96,6 +99,9 @@ class DeepSpeedEngine:
     def save_checkpoint(self, run_dir: Path, step: int, extra: dict[str, Any], keep: int) -> None:
         folder = Path(run_dir) / "deepspeed"  # DeepSpeed keeps every tag: `keep` does not apply
         self.model.save_checkpoint(str(folder), f"step_{step:08d}", client_state=extra)
+
+    def finish_checkpoint(self) -> None:
+        pass  # DeepSpeed saves synchronously
 
     def load_latest(self, run_dir: Path) -> dict[str, Any] | None:
         folder = Path(run_dir) / "deepspeed"

@@ -43,6 +43,11 @@ class Engine(Protocol):
         """Global gradient norm of the last step, before clipping."""
         ...
 
+    def state_bytes(self) -> int | None:
+        """This rank's parameter + gradient + optimizer-state bytes at the last step, measured
+        from its (local) tensors; None when the engine does not measure them."""
+        ...
+
     def state_dict(self) -> dict[str, Any]:
         """The engine's own small state (e.g. the loss scaler) for the checkpoint's extra."""
         ...
@@ -51,6 +56,11 @@ class Engine(Protocol):
 
     def save_checkpoint(self, run_dir: Path, step: int, extra: dict[str, Any], keep: int) -> None:
         """Save model + optimizer + `extra` (every rank calls it), in the engine's format."""
+        ...
+
+    def finish_checkpoint(self) -> None:
+        """Finish a checkpoint still being written in the background (collective; no-op when
+        none): before the next save, a load, and the end of training."""
         ...
 
     def load_latest(self, run_dir: Path) -> dict[str, Any] | None:

@@ -22,6 +22,12 @@ class ParallelConfig:
     hierarchical_a2a: two-stage all-to-all for multi-node runs: a token crosses the inter-node link
         once per destination node, then fans out inside the node (the return trip reduces inside
         the node first, then crosses once).
+    fsdp: shard parameters, gradients and optimizer state with FSDP2 (`fully_shard`): dense over
+        all ranks, experts over the ranks holding the same experts (moe_train.parallel.fsdp).
+        False: dense replicated on every rank, experts on their ep-rank (DDP / flat all-reduce).
+    reshard_after_forward: with fsdp, free the gathered parameters after each unit's forward and
+        gather them again in backward (ZeRO-3 memory); False keeps them until backward (ZeRO-2:
+        one all-gather per step fewer, the unsharded low-precision weights stay in memory).
     ranks_per_node: ranks per node for the hierarchical all-to-all; None = LOCAL_WORLD_SIZE from
         torchrun, or the whole world.
     overlap_grad_sync: reduce dense gradients during the backward pass (DistributedDataParallel
@@ -35,6 +41,8 @@ class ParallelConfig:
     hierarchical_a2a: bool = False
     ranks_per_node: int | None = None
     overlap_grad_sync: bool = True  # dense grads all-reduced by DDP during backward
+    fsdp: bool = False
+    reshard_after_forward: bool = True
 
     def validate(self, world_size: int, num_experts: int, router: RouterConfig) -> None:
         """Raise ValueError naming the fields when the layout cannot be built.

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .dims import ParallelDims
 from .errors import guarded
+from .fsdp import finish_expert_gradients, is_sharded, local
 from .groups import ProcessGroups
 from .placement import is_expert_param
 
@@ -37,6 +38,9 @@ def sync_gradients(model: nn.Module, dims: ParallelDims, groups: ProcessGroups) 
     buckets per dtype, after the backward pass.
     """
     if not dims.distributed:
+        return
+    if is_sharded(model):  # FSDP reduce-scattered during backward; experts need 1/ep more
+        finish_expert_gradients(model, dims)
         return
     if isinstance(model, DDP):
         expert = [p.grad for _, p in unique_params(model) if is_expert_param(p)]
@@ -104,6 +108,8 @@ def clip_grad_norm_(
     every rank after sync; expert grads are summed over the ep group. Scales the grads by
     min(1, max_norm / (norm + 1e-6)) when max_norm > 0. Call after sync_gradients."""
     params = [p for _, p in unique_params(model) if p.grad is not None]
+    if is_sharded(model):
+        return _clip_sharded(params, max_norm)
     dense = [p.grad for p in params if not is_expert_param(p)]
     expert = [p.grad for p in params if is_expert_param(p)]
     held = params or [p for _, p in unique_params(model)]
@@ -116,14 +122,44 @@ def clip_grad_norm_(
             "the ep group",
         )
     norm = (_sum_of_squares(dense, dev) + exp_sq).sqrt()
-    if max_norm > 0 and params:
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        grads = [p.grad for p in params]
-        torch._foreach_mul_(grads, coef.to(grads[0].device))
+    _scale_to(norm, [p.grad for p in params], max_norm)
     return norm
+
+
+def _clip_sharded(params: list[nn.Parameter], max_norm: float) -> Tensor:
+    """FSDP: every gradient element lives on exactly one rank (dense sharded over the world,
+    experts sharded over edp and distinct over ep), so the squared norm is the SUM over the world
+    of each rank's local-shard squares: one all-reduce."""
+    grads = [local(p.grad) for p in params]
+    dev = grads[0].device if grads else torch.device("cpu")
+    sq = _sum_of_squares(grads, dev)
+    guarded("all_reduce(grad norm)", lambda: dist.all_reduce(sq))
+    norm = sq.sqrt()
+    _scale_to(norm, grads, max_norm)
+    return norm
+
+
+def _scale_to(norm: Tensor, grads: list[Tensor], max_norm: float) -> None:
+    """grads *= min(1, max_norm / (norm + 1e-6)) when max_norm > 0."""
+    if max_norm > 0 and grads:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
 
 
 def _sum_of_squares(grads: list[Tensor], device: torch.device) -> Tensor:
     if not grads:
         return torch.zeros((), dtype=torch.float32, device=device)
     return torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+
+
+def agree_on_overflow(found_inf: list[Tensor]) -> None:
+    """fp16 loss scaling: one overflow decision for the whole world. Each rank's `found_inf`
+    flags (one per device, from GradScaler.unscale_) become their MAX over all ranks, in place,
+    so every rank skips the same steps and GradScaler.update() keeps one scale everywhere (an
+    overflow in one rank's experts would otherwise halve only that rank's scale)."""
+    if not found_inf or not (dist.is_available() and dist.is_initialized()):
+        return
+    flag = torch.stack([f.float().reshape(()) for f in found_inf]).max()
+    guarded("all_reduce(found_inf)", lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX))
+    for f in found_inf:
+        f.fill_(flag.item())

@@ -18,7 +18,9 @@ class ProcessGroups:
     ep: my expert-parallel group (the all-to-all); dp: the ranks holding my experts (expert
     gradients); dense: a world group of DDP's own, so its bucketed all-reduces never interleave
     with the all-to-alls; intra_node / inter_node: the hierarchical all-to-all's two hops;
-    mesh: the 2-D ("dp", "ep") DeviceMesh over ep and dp (for FSDP and DTensor).
+    mesh: the 2-D ("dp", "ep") DeviceMesh over ep and dp (for FSDP and DTensor);
+    checkpoint: a gloo world group for checkpoints written in the background (async_save's
+    collectives run in another thread and must not share a group with training's).
     """
 
     ep: dist.ProcessGroup | None = None
@@ -27,6 +29,7 @@ class ProcessGroups:
     intra_node: dist.ProcessGroup | None = None
     inter_node: dist.ProcessGroup | None = None
     mesh: object | None = None  # torch.distributed.device_mesh.DeviceMesh
+    checkpoint: dist.ProcessGroup | None = None
 
 
 def _mine(
@@ -59,6 +62,7 @@ def build_process_groups(
         intra_node=_mine(intra, dims.rank, backend, timeout),
         inter_node=_mine(inter, dims.rank, backend, timeout),
         mesh=dims.build_mesh(device_type, dp, ep),
+        checkpoint=dist.new_group(backend="gloo", timeout=timeout),
     )
 
 

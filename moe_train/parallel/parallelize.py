@@ -5,9 +5,10 @@
    receives them; a layer never creates or looks up a group itself.
 2. `replicate`: replicas start identical (dense parameters and buffers from rank 0, experts from
    dp-rank 0 of their dp group).
-3. `wrap_data_parallel`: dense gradients all-reduced by DDP while backward runs
+3. `apply_activation_checkpointing` (trainer.activation_checkpointing, non-reentrant).
+4. either `shard_model` (parallel.fsdp: FSDP2 over dense and expert parameters, see fsdp.py) or
+   `wrap_data_parallel`: dense gradients all-reduced by DDP while backward runs
    (parallel.overlap_grad_sync), experts ignored (see grads.sync_gradients).
-Activation checkpointing and FSDP2 sharding slot in between steps 2 and 3.
 
 This module reads no model code: modules opt in through the `UsesProcessGroups` protocol.
 """
@@ -22,9 +23,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .checkpointing import apply_activation_checkpointing
 from .config import ParallelConfig
 from .dims import ParallelDims
 from .errors import guarded
+from .fsdp import shard_model
 from .grads import unique_params
 from .groups import ProcessGroups
 from .placement import is_expert_param
@@ -38,16 +41,39 @@ class UsesProcessGroups(Protocol):
 
 
 def parallelize(
-    model: nn.Module, dims: ParallelDims, groups: ProcessGroups, cfg: ParallelConfig
+    model: nn.Module,
+    dims: ParallelDims,
+    groups: ProcessGroups,
+    cfg: ParallelConfig,
+    *,
+    activation_checkpointing: str = "none",
+    param_dtype: torch.dtype | None = None,
+    device_type: str = "cpu",
 ) -> nn.Module:
     """Apply the layout to `model` (built with shard=dims.expert_shard); returns the module to
-    train: the DDP wrapper when dense gradients are reduced during backward, else `model`.
+    train: the DDP wrapper when dense gradients are reduced during backward, else `model` (sharded
+    in place with parallel.fsdp). A model on `meta` stays there (materialise it afterwards: see
+    moe_train.init); it is never replicated. param_dtype: FSDP's compute dtype (None = as stored).
     Collective when distributed: every rank calls it, in the same order."""
     connect_process_groups(model, dims, groups)
+    apply_activation_checkpointing(model, activation_checkpointing)
     if not dims.distributed:
         return model
-    replicate(model, dims, groups)
+    on_meta = any(p.is_meta for p in model.parameters())
+    if not on_meta:
+        replicate(model, dims, groups)
+    if cfg.fsdp:
+        return shard_model(
+            model,
+            dims,
+            groups,
+            device_type=device_type,
+            reshard_after_forward=cfg.reshard_after_forward,
+            param_dtype=param_dtype,
+        )
     if cfg.overlap_grad_sync and groups.dense is not None:
+        if on_meta:
+            raise ValueError("parallelize: DDP needs materialised parameters, not meta ones")
         return wrap_data_parallel(model, groups.dense)
     return model
 

@@ -7,6 +7,8 @@ torch.distributed, so any rank's model can be built anywhere (the meta device in
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from torch import nn
@@ -23,6 +25,24 @@ def mark_expert(p: nn.Parameter) -> nn.Parameter:
 def is_expert_param(p: nn.Parameter) -> bool:
     """True for parameters marked by `mark_expert` (the one test used across the package)."""
     return bool(getattr(p, _EXPERT_MARK, False))
+
+
+@contextmanager
+def keeping_expert_marks(model: nn.Module) -> Iterator[None]:
+    """Re-mark the expert parameters after an operation that replaces parameter objects
+    (`to_empty` from meta, FSDP's `fully_shard`): the mark lives on the Parameter, not its name."""
+    names = [name for name, p in model.named_parameters() if is_expert_param(p)]
+    yield
+    for name in names:
+        mark_expert(model.get_parameter(name))
+
+
+def expert_banks(model: nn.Module) -> Iterator[nn.Module]:
+    """Modules whose own parameters are all expert parameters (the MoE layers' expert banks)."""
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if own and all(is_expert_param(p) for p in own):
+            yield module
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from . import grads
 from .config import ParallelConfig
 from .dims import ParallelDims
 from .errors import guarded
+from .fsdp import is_sharded, set_gradient_sync
 from .groups import ProcessGroups, build_process_groups, teardown_process_group
 from .parallelize import unwrap_model
 
@@ -100,9 +101,11 @@ class ParallelState:
         return unwrap_model(model)
 
     def no_sync(self, model: nn.Module, last_micro_step: bool):
-        """Context for one micro-step's backward: DDP reduces only on the last one."""
+        """Context for one micro-step's backward: DDP and FSDP reduce only on the last one."""
         if isinstance(model, DDP) and not last_micro_step:
             return model.no_sync()
+        if is_sharded(model):  # FSDP: accumulate unsharded, reduce-scatter on the last one
+            set_gradient_sync(model, last_micro_step)
         return contextlib.nullcontext()
 
     def sync_gradients(self, model: nn.Module) -> None:
@@ -120,6 +123,13 @@ class ParallelState:
         out = t.detach().clone().float() if not t.is_floating_point() else t.detach().clone()
         guarded("all_reduce(mean)", lambda: dist.all_reduce(out))
         return out / self.world_size
+
+    def all_reduce_max(self, t: Tensor) -> Tensor:
+        """Max of `t` over all ranks (a new tensor)."""
+        out = t.detach().clone()
+        if self.distributed:
+            guarded("all_reduce(max)", lambda: dist.all_reduce(out, op=dist.ReduceOp.MAX))
+        return out
 
     def barrier(self) -> None:
         if self.distributed:
@@ -172,6 +182,6 @@ def init_parallel(cfg: ParallelConfig, num_experts: int, router: RouterConfig) -
         backend=backend,
         timeout_s=cfg.timeout_s,
         device_type=device.type,
-        dense=cfg.overlap_grad_sync,
+        dense=cfg.overlap_grad_sync or cfg.fsdp,
     )
     return state

@@ -36,10 +36,37 @@ def plan_from_config(cfg: Any) -> tuple[dict[str, Any], PlanOptions]:
     model = _to_dataclass(ModelConfig, model_node, "model")
     router = _to_dataclass(RouterConfig, cfg.router, "router")
     cluster = _to_dataclass(ClusterConfig, cfg.cluster, "cluster")
+    _trainer_options(cluster, cfg)
     options = _to_dataclass(PlanOptions, cfg.plan, "plan")
     if cluster.seq_len is None:
         cluster.seq_len = model.seq_len
     return make_plan(model, router, cluster, options), options
+
+
+def _trainer_options(cluster: ClusterConfig, cfg: Any) -> None:
+    """Fill the cluster's trainer fields from the training config groups (parallel, trainer,
+    optim: the same files and overrides as `moe-train`)."""
+    from omegaconf import OmegaConf
+
+    def get(key: str, default: Any) -> Any:
+        value = OmegaConf.select(cfg, key, default=None)
+        return default if value is None else value
+
+    ep = get("parallel.ep", 1)
+    if ep > 1 and cluster.ep is None:
+        cluster.ep = ep
+    cluster.fsdp = bool(get("parallel.fsdp", cluster.fsdp))
+    cluster.reshard_after_forward = bool(
+        get("parallel.reshard_after_forward", cluster.reshard_after_forward)
+    )
+    cluster.activation_checkpointing = get(
+        "trainer.activation_checkpointing", cluster.activation_checkpointing
+    )
+    cluster.precision = get("trainer.precision", cluster.precision)
+    cluster.optimizer = get("optim.name", cluster.optimizer)
+    micro = get("trainer.micro_batch_size", None)
+    if micro is not None:
+        cluster.micro_batch_size = int(micro)
 
 
 def _jsonable(x: Any, in_bytes: bool = False) -> Any:

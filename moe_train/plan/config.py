@@ -8,8 +8,22 @@ from ..validation import above, at_least, check_finite, one_of
 
 GiB = 2**30
 ARCHITECTURES = ("decoder_only", "encoder_decoder")
-OPTIMIZERS = {"adam": 12, "adafactor": 4, "sgd": 8}  # bytes/param with 16-bit weights
-OPTIMIZERS_FP32 = {"adam": 8, "adafactor": 0, "sgd": 4}  # with fp32 weights (no master copy)
+# optimizer-state bytes per parameter in the trainer (fp32 weights and gradients are 4 + 4 more):
+# AdamW two fp32 moments; Adafactor only factored statistics (a row and a column per matrix,
+# about 4 (r + c) bytes per r x c matrix: counted exactly in state_bytes_per_gpu, as 0 here)
+OPTIMIZERS = {"adamw": 8, "adafactor": 0}
+CHECKPOINTING = ("none", "moe", "full")  # trainer.activation_checkpointing, cheapest first
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # trainer.precision (auto: 16-bit on a GPU)
+# the trainer option each searched ClusterConfig field stands for (suggestions name these)
+TRAINER_OPTIONS = {
+    "world_size": "cluster.world_size",  # the GPUs torchrun / Slurm launch
+    "ep": "parallel.ep",
+    "fsdp": "parallel.fsdp",
+    "reshard_after_forward": "parallel.reshard_after_forward",
+    "activation_checkpointing": "trainer.activation_checkpointing",
+    "micro_batch_size": "trainer.micro_batch_size",
+    "optimizer": "optim",
+}
 
 
 @dataclass
@@ -47,7 +61,12 @@ class PlanOptions:
 
 @dataclass
 class ClusterConfig:
-    """The machine and the parallel layout. Bandwidths in GB/s (1e9 bytes) per GPU per direction."""
+    """The machine and the parallel layout. Bandwidths in GB/s (1e9 bytes) per GPU per direction.
+
+    The trainer's own options are read from the training config groups by the command line
+    (plan_from_config): ep from parallel.ep (when > 1; else cluster.ep, else the largest that
+    fits), fsdp and reshard_after_forward from parallel.*, activation_checkpointing and precision
+    from trainer.*, optimizer from optim (optim.name). See TRAINER_OPTIONS."""
 
     gpu: str = "A100-SXM4-80GB"  # the GPU model; its peak FLOP/s (moe_train.hardware) is shown
     world_size: int = 8
@@ -58,14 +77,26 @@ class ClusterConfig:
     inter_node_gbps: float = 20.0
     tflops: float = 150.0  # achieved, per GPU
     ep: int | None = None  # None = largest divisor of num_experts that divides world_size
-    zero_stage: int = 1
     micro_batch_size: int = 1
     grad_accum: int = 1
     seq_len: int | None = None  # None = model.seq_len
-    activation_checkpointing: bool = False
     flash_attention: bool = False
-    param_bytes: int = 2
-    optimizer: str = "adam"
+    # the trainer's options (filled from parallel.*, trainer.*, optim by the command line)
+    fsdp: bool = False
+    reshard_after_forward: bool = True
+    activation_checkpointing: str = "none"
+    precision: str = "auto"
+    optimizer: str = "adamw"
+
+    @property
+    def compute_bytes(self) -> int:
+        """Bytes of an activation / gathered weight in compute precision (auto: 16-bit)."""
+        return 4 if self.precision == "fp32" else 2
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP shards only with more than one rank (one process trains unsharded)."""
+        return self.fsdp and self.world_size > 1
 
     def validate(self, num_experts: int) -> None:
         """Raise ValueError naming cluster.<field> for values no cluster has."""
@@ -76,9 +107,12 @@ class ClusterConfig:
         at_least(self, "cluster", 1, "seq_len", optional=True)
         above(self, "cluster", 0, "gpu_memory_gb", "intra_node_gbps", "inter_node_gbps", "tflops")
         at_least(self, "cluster", 0, "reserved_gb")
-        one_of(self, "cluster", "zero_stage", (0, 1, 2))
-        one_of(self, "cluster", "param_bytes", (2, 4))  # bf16/fp16, fp32
-        one_of(self, "cluster", "optimizer", OPTIMIZERS)
+        one_of(self, "trainer", "activation_checkpointing", CHECKPOINTING)
+        one_of(self, "trainer", "precision", PRECISIONS)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optim.name: got {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}"
+            )
         ep = self.ep
         if ep is not None and (ep < 1 or num_experts % ep or self.world_size % ep):
             raise ValueError(

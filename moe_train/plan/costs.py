@@ -2,31 +2,41 @@
 
 Formulas (s = sequence length, b = micro batch, d = d_model, a = heads, f = FFN width, V = vocab,
 E = experts per MoE layer, k = experts per token, L = layers, bytes unless stated):
-- weights: params * param_bytes; gradients: params * param_bytes; optimizer state per param:
-  Adam 12 (fp32 master + 2 fp32 moments; 8 when param_bytes = 4), Adafactor 4 (master; the
-  factored second moment is ignored), SGD 8 (master + momentum). Dense parameters are replicated on
-  every GPU; an expert lives on one rank of each ep group, so world/ep GPUs hold the same expert.
-  ZeRO 1 shards optimizer state, ZeRO 2 also gradients: dense over the world, experts over the
-  world/ep ranks holding the same experts.
+- training state, as the trainer keeps it: fp32 weights (4 bytes/param), fp32 gradients (4) and
+  the optimizer's fp32 state (AdamW 8; Adafactor only factored row/column statistics, taken as 0
+  here and counted exactly in the plan's state_bytes_per_gpu). Without FSDP dense parameters are
+  on every GPU and an expert on one rank of each ep group; with parallel.fsdp dense state is
+  sharded over the world and expert state over the world/ep ranks holding the same experts.
+- transient weights and gradients (compute precision, 2 bytes in bf16/fp16, 4 in fp32): with FSDP
+  the gathered weights of the unit running and the one prefetched plus one unit's unsharded
+  gradients (3 units; a unit is a block with its local experts, or the embeddings), or with
+  reshard_after_forward=false every local weight gathered from forward to backward plus one
+  unit; without FSDP autocast's 16-bit copies of the local weights. With FSDP and gradient
+  accumulation the unsharded fp32 gradients of all local parameters (reduce-scattered once).
 - activations per layer (Korthikanti et al. 2022, arXiv 2205.05198, 16-bit): attention
   11sbd + 5as^2b (the s^2 term dropped with flash attention), two LayerNorms 4sbd, dense FFN
   3sbd + 4sbf (gelu; swiglu 3sbd + 8sbf; f = 4d gives the paper's 34sbd + 5as^2b in total).
   MoE FFN: 3sbd + router (4sbd fp32 input + 8sb * gate units fp32 logits and probs) + per slot
   (k*s*b slots) 4d (expert input and output rows) + 4f (gelu; swiglu 8f). LM head: 6sbV (16-bit
   logits + fp32 log-softmax) + 2sbd. Full activation checkpointing keeps each block's input (2sbd
-  per layer) plus one block's activations while it is recomputed.
-- all-to-all per MoE layer and micro-batch: each token row (d * param_bytes bytes) goes once to each
+  per layer) plus one block's activations while it is recomputed; `moe` checkpointing drops
+  the expert hidden activations (slots * f) of every MoE layer and recomputes one layer's.
+- all-to-all per MoE layer and micro-batch: each token row (d * compute bytes) goes once to each
   DISTINCT remote rank holding one of its experts (the router class's `expected_ranks` for uniform
   routing: exact hypergeometric for top-k, 1 for SAM's device-first routing, k for prototypes on
   separate ranks, ep*(1-(1-1/ep)^k) as the with-replacement default) and comes back (combine):
-  2 transfers forward, 2 backward, 2 more when checkpointing recomputes the forward; plus 20 bytes
+  2 transfers forward, 2 backward, 2 more when full checkpointing recomputes the forward; plus 20 bytes
   of slot metadata forward and 4 bytes of weight gradient backward per remote slot. Remote share
   (1 - 1/ep). ep groups are consecutive ranks: a share (gpus_per_node-1)/(ep-1) of the remote
   traffic stays in the node when ep > gpus_per_node. Intra- and inter-node links run
   concurrently: time = max(intra bytes / intra bw, inter / inter).
 - FLOPs: 6 * N * tokens + 12 * s * d_attn * L per token (attention scores, fwd + bwd), N = active
   matmul parameters (no position table, the tied head counted once); 8N and 16 s d_attn L with
-  activation checkpointing (hardware FLOPs). Compute time = FLOPs / achieved TFLOP/s.
+  full activation checkpointing, 6N + 2 N_expert with `moe` (hardware FLOPs). Compute time =
+  FLOPs / achieved TFLOP/s.
+- gradient sync: without FSDP a ring all-reduce of fp32 gradients; with FSDP a reduce-scatter of
+  fp32 gradients per step and an all-gather of compute-precision weights per micro-batch (two
+  with reshard_after_forward), dense over the world and experts over world/ep ranks.
 """
 
 from __future__ import annotations
@@ -34,15 +44,18 @@ from __future__ import annotations
 from typing import Any
 
 from ..routing import router_class
-from .config import OPTIMIZERS, OPTIMIZERS_FP32, ClusterConfig, GiB
+from .config import OPTIMIZERS, ClusterConfig, GiB
 from .params import ParamCount
 
 META_BYTES_FWD, META_BYTES_BWD = 20, 4  # per remote slot: (row, expert) int64 + weight fp32; grad
 
 
+F32 = 4  # the trainer keeps weights, gradients and optimizer state in fp32
+
+
 def optimizer_bytes(cluster: ClusterConfig) -> int:
-    table = OPTIMIZERS if cluster.param_bytes == 2 else OPTIMIZERS_FP32
-    return table[cluster.optimizer]
+    """Optimizer-state bytes per parameter (closed form; see OPTIMIZERS)."""
+    return OPTIMIZERS[cluster.optimizer]
 
 
 def activation_bytes(model: Any, router: Any, cluster: ClusterConfig) -> dict[str, float]:
@@ -69,35 +82,61 @@ def activation_bytes(model: Any, router: Any, cluster: ClusterConfig) -> dict[st
     moe_layer = attn + norms + moe_ffn
     layers = [moe_layer if model.is_moe_layer(i) else dense_layer for i in range(L)]
     head = 6 * sb * V + 2 * sbd
+    expert_hidden = slots * per_f * (model.expert_d_ff or model.d_ff)
+    moe_layers = sum(model.is_moe_layer(i) for i in range(L))
     return {
         "no_checkpointing": sum(layers) + head,
         "checkpointing": 2 * sbd * L + max(layers) + head,
+        "moe_checkpointing": sum(layers) + head - (moe_layers - 1) * expert_hidden
+        if moe_layers
+        else sum(layers) + head,
         "moe_layer": moe_layer,
         "dense_layer": dense_layer,
     }
 
 
+ACTIVATIONS_KEY = {"none": "no_checkpointing", "moe": "moe_checkpointing", "full": "checkpointing"}
+
+
+def _unit_params(pc: ParamCount, model: Any, cluster: ClusterConfig) -> float:
+    """Parameters of the largest FSDP unit on one GPU: a block with its local experts, or the
+    embeddings (the root unit)."""
+    ep, L = cluster.ep or 1, max(1, model.n_layers)
+    block = (pc.dense - pc.embedding) / L + pc.experts / ep / max(1, pc.moe_layers)
+    return max(block, pc.embedding)
+
+
 def memory(pc: ParamCount, model: Any, router: Any, cluster: ClusterConfig) -> dict[str, float]:
-    """Bytes per GPU by term, plus the fit against the GPU's memory."""
+    """Bytes per GPU by term (the trainer's: see the module docstring), and the fit."""
     world, ep = cluster.world_size, cluster.ep or 1
     edp = world // ep  # ranks holding the same experts
-    dense, expert = pc.dense, pc.experts / ep
-    pb, ob = cluster.param_bytes, optimizer_bytes(cluster)
-    z = cluster.zero_stage
-    weights = (dense + expert) * pb
-    grads = dense * pb / (world if z >= 2 else 1) + expert * pb / (edp if z >= 2 else 1)
-    optim = dense * ob / (world if z >= 1 else 1) + expert * ob / (edp if z >= 1 else 1)
+    local = pc.dense + pc.experts / ep  # parameters on this GPU before sharding
+    shards = (world, edp) if cluster.sharded else (1, 1)
+    held = pc.dense / shards[0] + pc.experts / ep / shards[1]  # parameters whose state is here
+    cb = cluster.compute_bytes
+    if cluster.sharded:
+        gathered = (
+            local if not cluster.reshard_after_forward else 2 * _unit_params(pc, model, cluster)
+        )
+        transient = cb * (gathered + _unit_params(pc, model, cluster))
+        if cluster.grad_accum > 1:  # unsharded gradients accumulate until the last micro-batch
+            transient += F32 * local
+    else:
+        transient = cb * local if cb < F32 else 0.0  # autocast's low-precision weight copies
     acts = activation_bytes(model, router, cluster)
-    act = acts["checkpointing" if cluster.activation_checkpointing else "no_checkpointing"]
+    act = acts[ACTIVATIONS_KEY[cluster.activation_checkpointing]]
+    weights, grads, optim = F32 * held, F32 * held, optimizer_bytes(cluster) * held
     reserved = cluster.reserved_gb * GiB
-    total = weights + grads + optim + act + reserved
+    total = weights + grads + optim + transient + act + reserved
     capacity = cluster.gpu_memory_gb * GiB
     return {
         "weights": weights,
         "gradients": grads,
         "optimizer": optim,
+        "transient_weights_and_gradients": transient,
         "activations": act,
         "activations_no_checkpointing": acts["no_checkpointing"],
+        "activations_moe_checkpointing": acts["moe_checkpointing"],
         "activations_checkpointing": acts["checkpointing"],
         "reserved": reserved,
         "total": total,
@@ -122,11 +161,11 @@ def a2a(pc: ParamCount, model: Any, router: Any, cluster: ClusterConfig) -> dict
     tokens = s * cluster.micro_batch_size  # per micro-batch per GPU
     D = distinct_ranks(router, model.num_experts, ep)
     remote = 1 - 1 / ep
-    transfers = 6 if cluster.activation_checkpointing else 4
+    transfers = 6 if cluster.activation_checkpointing == "full" else 4
     rows = tokens * D * remote
     slots = tokens * router.experts_per_token() * remote
     meta = slots * (META_BYTES_FWD * (transfers // 2 - 1) + META_BYTES_BWD)
-    per_layer = transfers * rows * model.d_model * cluster.param_bytes + meta
+    per_layer = transfers * rows * model.d_model * cluster.compute_bytes + meta
     total = per_layer * pc.moe_layers * cluster.grad_accum
     g = cluster.gpus_per_node
     intra_share = 1.0 if ep <= g else (g - 1) / (ep - 1)
@@ -141,12 +180,20 @@ def a2a(pc: ParamCount, model: Any, router: Any, cluster: ClusterConfig) -> dict
 
 
 def grad_sync(pc: ParamCount, cluster: ClusterConfig) -> dict[str, float]:
-    """Ring all-reduce (or ZeRO reduce-scatter + all-gather) bytes per GPU per step; overlappable."""
+    """Gradient reduction (and FSDP's weight all-gathers) bytes per GPU per step; overlappable."""
     world, ep = cluster.world_size, cluster.ep or 1
     edp = world // ep
-    pb = cluster.param_bytes
-    dense = 2 * (world - 1) / world * pc.dense * pb
-    expert = 2 * (edp - 1) / edp * pc.experts / ep * pb
+
+    def traffic(params: float, ranks: int) -> float:
+        if ranks == 1:
+            return 0.0
+        share = (ranks - 1) / ranks
+        if not cluster.sharded:
+            return 2 * share * params * F32  # ring all-reduce of fp32 gradients
+        gathers = (2 if cluster.reshard_after_forward else 1) * cluster.grad_accum
+        return share * params * (F32 + gathers * cluster.compute_bytes)
+
+    dense, expert = traffic(pc.dense, world), traffic(pc.experts / ep, edp)
     multi_node = world > cluster.gpus_per_node
     bw = (cluster.inter_node_gbps if multi_node else cluster.intra_node_gbps) * 1e9
     return {"dense_bytes": dense, "expert_bytes": expert, "seconds": (dense + expert) / bw}
@@ -158,7 +205,12 @@ def flops(pc: ParamCount, model: Any, router: Any, cluster: ClusterConfig) -> di
     n = pc.active(router.experts_per_token()) - pc.lookup_only  # matmul parameters per token
     attn = 12 * s * model.d_model * model.n_layers  # scores + weighted values, fwd + bwd
     per_token = 6 * n + attn
-    hw_per_token = (8 * n + attn * 4 / 3) if cluster.activation_checkpointing else per_token
+    ckpt = cluster.activation_checkpointing
+    hw_per_token = per_token
+    if ckpt == "full":
+        hw_per_token = 8 * n + attn * 4 / 3
+    elif ckpt == "moe":
+        hw_per_token = per_token + 2 * pc.active_expert(router.experts_per_token())
     tokens = s * cluster.micro_batch_size * cluster.grad_accum  # per GPU per step
     return {
         "model_flops_per_token": per_token,

@@ -10,6 +10,8 @@ from .costs import estimate_step
 from .meta_check import meta_check
 from .params import ParamCount, count_params
 from .search import compare_routers, suggest
+from .search import options as trainer_options
+from .state import NOT_MODELLED, state_bytes_per_gpu
 
 
 def _params_section(pc: ParamCount, k: float, ep: int) -> dict[str, Any]:
@@ -35,7 +37,11 @@ def _suggestions(pc: ParamCount, model: Any, router: Any, cluster: ClusterConfig
             alt = suggest(pc, model, router, replace(cluster, optimizer=opt), max_scale=1)
             if alt:
                 changes = {"optimizer": opt, **alt[0]["changes"]}
-                out["suggestion_same_gpus"] = {**alt[0], "changes": changes}
+                out["suggestion_same_gpus"] = {
+                    **alt[0],
+                    "changes": changes,
+                    "options": trainer_options(changes, alt[0]["cluster"]["ep"]),
+                }
                 break
     return out
 
@@ -60,6 +66,7 @@ def make_plan(
     k = router.experts_per_token()
     est = estimate_step(pc, model, router, cluster)
     mem = est["memory"]
+    state = state_bytes_per_gpu(model, router, cluster)
     plan: dict[str, Any] = {
         "architecture": options.architecture,
         "total_params": pc.total,
@@ -67,6 +74,12 @@ def make_plan(
         "params_per_gpu": pc.dense + pc.experts / ep,
         "memory_per_gpu_bytes": mem["total"],
         "fits": mem["fits"],
+        "state_bytes_per_gpu": state["total"],
+        "state_bytes_per_gpu_terms": state,
+        # every state element on exactly one GPU (FSDP at its best): the floor for any layout
+        "state_floor_bytes_per_gpu": int(
+            pc.total * (8 + OPTIMIZERS[cluster.optimizer]) / cluster.world_size
+        ),
         "a2a_bytes_per_gpu_per_step": est["a2a"]["bytes_per_gpu_per_step"],
         "params": _params_section(pc, k, ep),
         "cluster": asdict(cluster),
@@ -80,4 +93,5 @@ def make_plan(
         plan["routers"] = compare_routers(pc_fn, model, router, cluster)
     if not mem["fits"] and options.suggest:
         plan.update(_suggestions(pc, model, router, cluster))
+    plan["not_modelled"] = NOT_MODELLED
     return plan

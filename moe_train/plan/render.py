@@ -39,8 +39,9 @@ def _headline(plan: dict[str, Any], names: dict[str, str]) -> str:
     return (
         f"moe-train-plan  model={names.get('model', '?')}  router={names.get('router', '?')}  "
         f"architecture={plan['architecture']}  world={c['world_size']}  ep={c['ep']}  "
-        f"dp(expert)={plan['dp_expert']}  zero={c['zero_stage']}  micro_batch={c['micro_batch_size']}"
-        f"x{c['seq_len'] or '?'}  accum={c['grad_accum']}  ckpt={c['activation_checkpointing']}\n"
+        f"dp(expert)={plan['dp_expert']}  fsdp={c['fsdp']}  micro_batch={c['micro_batch_size']}"
+        f"x{c['seq_len'] or '?'}  accum={c['grad_accum']}  ckpt={c['activation_checkpointing']}  "
+        f"optim={c['optimizer']}\n"
     )
 
 
@@ -90,10 +91,13 @@ def _meta_check(plan: dict[str, Any]) -> str:
 
 def _memory(plan: dict[str, Any]) -> str:
     m, b = plan["memory"], format_bytes
-    rows = [[k, b(m[k])] for k in ("weights", "gradients", "optimizer", "activations", "reserved")]
+    terms = ("weights", "gradients", "optimizer", "transient_weights_and_gradients")
+    rows = [[k.replace("_", " "), b(m[k])] for k in (*terms, "activations", "reserved")]
     rows += [
+        ["  state (weights + gradients + optimizer), exact", b(plan["state_bytes_per_gpu"])],
         ["  activations without checkpointing", b(m["activations_no_checkpointing"])],
-        ["  activations with checkpointing", b(m["activations_checkpointing"])],
+        ["  activations with moe checkpointing", b(m["activations_moe_checkpointing"])],
+        ["  activations with full checkpointing", b(m["activations_checkpointing"])],
         ["total", b(m["total"])],
         ["GPU memory", b(m["capacity"])],
         [
@@ -140,26 +144,47 @@ def _routers(plan: dict[str, Any]) -> str:
     return table("Routers on this layout", [*header, "comm/compute"], rows)
 
 
-def _changes(changes: dict[str, Any]) -> str:
-    return ", ".join(f"cluster.{k}={v}" for k, v in changes.items())
+def _changes(suggestion: dict[str, Any]) -> str:
+    return " ".join(suggestion["options"])
 
 
 def _suggestion(plan: dict[str, Any]) -> list[str]:
     s = plan["suggestion"]
+    c = plan["cluster"]
     if s is None:
-        return ["No layout up to 64x the GPUs fits: shrink the model or use a lighter optimizer.\n"]
-    out = [
-        f"To fit: {_changes(s['changes'])}  ({format_bytes(s['memory_per_gpu_bytes'])} per GPU, "
-        f"step ~{format_seconds(s['step_seconds'])})"
+        return [
+            f"No layout up to 64x the GPUs fits with optim={c['optimizer']} (FSDP, every ep, "
+            "activation checkpointing and micro batch searched): the state alone needs "
+            f"{format_bytes(plan['state_bytes_per_gpu'])} per GPU; shrink the model or use "
+            "optim=adafactor.\n"
+        ]
+    out = []
+    if s["cluster"]["world_size"] > c["world_size"]:
+        out.append(
+            f"With optim={c['optimizer']} no layout fits on {c['world_size']} GPUs (every ep, "
+            "FSDP, activation checkpointing and micro batch searched): fp32 weights, gradients "
+            f"and optimizer state alone take {format_bytes(plan['state_floor_bytes_per_gpu'])} "
+            "per GPU however they are sharded."
+        )
+    out += [
+        "Trainer options that fit (moe-train overrides):",
+        f"  {_changes(s)}  ({format_bytes(s['memory_per_gpu_bytes'])} per GPU, "
+        f"step ~{format_seconds(s['step_seconds'])})",
     ]
-    out += ["   or: " + _changes(alt["changes"]) for alt in plan["suggestions"][1:]]
+    out += ["  or: " + _changes(alt) for alt in plan["suggestions"][1:]]
     same = plan.get("suggestion_same_gpus")
     if same:
         out.append(
-            f"On {plan['cluster']['world_size']} GPUs: {_changes(same['changes'])}  "
+            f"On the {c['world_size']} GPUs you have: {_changes(same)}  "
             f"({format_bytes(same['memory_per_gpu_bytes'])} per GPU)"
         )
+    elif s["cluster"]["world_size"] > c["world_size"]:
+        out.append(f"Nothing fits on the {c['world_size']} GPUs you have with any optimizer.")
     return [*out, ""]
+
+
+def _not_modelled(plan: dict[str, Any]) -> str:
+    return "Not modelled: " + "; ".join(plan["not_modelled"]) + ".\n"
 
 
 def render(plan: dict[str, Any], names: dict[str, str]) -> str:
@@ -172,4 +197,6 @@ def render(plan: dict[str, Any], names: dict[str, str]) -> str:
         out.append(_routers(plan))
     if not plan["memory"]["fits"] and "suggestion" in plan:
         out += _suggestion(plan)
+    if "not_modelled" in plan:
+        out.append(_not_modelled(plan))
     return "\n".join(out)

@@ -8,7 +8,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from ..routing import router_class, router_kinds
-from .config import ClusterConfig, ep_choices
+from .config import CHECKPOINTING, TRAINER_OPTIONS, ClusterConfig, ep_choices
 from .costs import estimate_step, memory
 from .params import ParamCount
 
@@ -20,27 +20,51 @@ def _halvings(x: int) -> list[int]:
     return out
 
 
+def _sharding_options(cluster: ClusterConfig) -> list[tuple[bool, bool]]:
+    """(fsdp, reshard_after_forward) from the configured one towards more sharding."""
+    if cluster.fsdp:
+        return sorted({(True, cluster.reshard_after_forward), (True, True)})
+    return [(False, cluster.reshard_after_forward), (True, False), (True, True)]
+
+
 def _layouts(cluster: ClusterConfig, num_experts: int, world: int) -> list[ClusterConfig]:
-    """Every candidate on `world` GPUs: ep x ZeRO stage x checkpointing x micro batch (grad_accum
-    grows to keep the tokens per GPU per step)."""
+    """Every candidate on `world` GPUs: ep x FSDP (and its reshard policy) x activation
+    checkpointing (from the configured level up) x micro batch (grad_accum grows to keep the
+    tokens per GPU per step). All are trainer options (config.TRAINER_OPTIONS)."""
     mb0 = cluster.micro_batch_size
+    levels = CHECKPOINTING[CHECKPOINTING.index(cluster.activation_checkpointing) :]
     return [
         replace(
             cluster,
             world_size=world,
             ep=ep,
-            zero_stage=zero,
+            fsdp=fsdp,
+            reshard_after_forward=reshard,
             activation_checkpointing=ckpt,
             micro_batch_size=mb,
             grad_accum=cluster.grad_accum * mb0 // mb,
         )
-        for ep, zero, ckpt, mb in itertools.product(
-            ep_choices(num_experts, world),
-            range(cluster.zero_stage, 3),
-            sorted({cluster.activation_checkpointing, True}),
-            _halvings(mb0),
+        for ep, (fsdp, reshard), ckpt, mb in itertools.product(
+            ep_choices(num_experts, world), _sharding_options(cluster), levels, _halvings(mb0)
         )
     ]
+
+
+def options(changes: dict[str, Any], ep: int | None = None) -> list[str]:
+    """The trainer's command-line overrides for a suggestion's changes (parallel.ep always: the
+    trainer's default is 1, the plan's the largest that divides experts and world)."""
+    if ep is not None and "ep" not in changes:
+        changes = {**changes, "ep": ep}
+    order = list(TRAINER_OPTIONS)  # GPUs first, then the trainer's groups in a fixed order
+    changes = dict(
+        sorted(changes.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99)
+    )
+    out = []
+    for key, value in changes.items():
+        name = TRAINER_OPTIONS.get(key, f"cluster.{key}")
+        shown = str(value).lower() if isinstance(value, bool) else value
+        out.append(f"{name}={shown}")
+    return out
 
 
 def suggest(
@@ -48,8 +72,8 @@ def suggest(
 ) -> list[dict[str, Any]]:
     """Layouts that fit, cheapest first: fewest GPUs, then fewest changed knobs, then step time.
 
-    Knobs: activation checkpointing, ZeRO stage, ep, micro batch (grad_accum grows to keep the tokens
-    per GPU per step), and the world size (x2 up to x max_scale)."""
+    Knobs: activation checkpointing, FSDP and its reshard policy, ep, micro batch (grad_accum grows
+    to keep the tokens per GPU per step), and the world size (x2 up to x max_scale)."""
     E = router.num_experts_for(model.num_experts)
     found: list[tuple[tuple, dict[str, Any]]] = []
     scale = 1
@@ -69,6 +93,7 @@ def suggest(
                     (world, len(changes), step),
                     {
                         "changes": changes,
+                        "options": options(changes, c.ep),
                         "cluster": asdict(c),
                         "step_seconds": step,
                         "memory_per_gpu_bytes": mem["total"],

@@ -1,6 +1,6 @@
 """From config to the things the loop runs on: the token files, the model and its engine.
 
-The only places that build the model (`build_model`) and wrap it for its engine (`build_engine`:
+The only places that build the model (`build_meta_model`, `build_model`) and wrap it for its engine (`build_engine`:
 DDP for the native engine, deepspeed.initialize for DeepSpeed); gradient sync and clipping live in
 the native engine.
 """
@@ -15,6 +15,7 @@ from ..config import TrainConfig
 from ..data import TokenFile, open_splits, resolve_data_dir
 from ..data.checks import check_split_sizes, check_token_ids, resolve_vocab_size
 from ..engines import DeepSpeedEngine, Engine, NativeEngine, deepspeed_initialize
+from ..init import materialize
 from ..model import MoETransformer
 from ..parallel import ParallelState, parallelize
 from ..precision import autocast_dtype
@@ -34,31 +35,46 @@ def open_training_data(cfg: TrainConfig) -> tuple[Path, TokenFile, TokenFile]:
     return data_dir, train_tokens, val_tokens
 
 
+def build_meta_model(cfg: TrainConfig, parallel: ParallelState) -> MoETransformer:
+    """This rank's model (its share of the experts) on `meta`: shapes only, no memory, no group."""
+    with torch.device("meta"):
+        return MoETransformer(
+            cfg.model, cfg.router, seed=cfg.seed, shard=parallel.dims.expert_shard
+        )
+
+
 def build_model(cfg: TrainConfig, parallel: ParallelState) -> MoETransformer:
-    """This rank's model on its device: dense weights from cfg.seed (the same on every rank),
-    experts seeded by their global ids; this rank's share of the experts (no process group yet)."""
-    torch.manual_seed(cfg.seed)
-    shard = parallel.dims.expert_shard
-    model = MoETransformer(cfg.model, cfg.router, seed=cfg.seed, shard=shard)
-    return model.to(parallel.device)
+    """This rank's model on its device, initialised (moe_train.init: every parameter from
+    (cfg.seed, its name), experts by global id; the same model in any layout). Unsharded."""
+    return materialize(build_meta_model(cfg, parallel), parallel.device, cfg.seed)
 
 
 def build_engine(
     cfg: TrainConfig, parallel: ParallelState, micro_batch: int, grad_accum: int
 ) -> Engine:
     """The model, its optimizer and the engine of trainer.engine around them."""
-    module = build_model(cfg, parallel)
-    optimizer = build_optimizer(module, cfg.optim, parallel.device)
+    module = build_meta_model(cfg, parallel)
+    if not cfg.parallel.fsdp:  # replicated: allocate and initialise the whole local model now
+        materialize(module, parallel.device, cfg.seed)
     amp_dtype = autocast_dtype(cfg.trainer.precision, parallel.device)
     if cfg.trainer.engine == "deepspeed":  # DeepSpeed broadcasts, reduces and steps itself
+        optimizer = build_optimizer(module, cfg.optim, parallel.device)
         wrapped = deepspeed_initialize(
             module, optimizer, ep=parallel.ep, micro_batch=micro_batch, grad_accum=grad_accum,
             zero_stage=cfg.trainer.zero_stage, grad_clip=cfg.optim.grad_clip, amp_dtype=amp_dtype,
         )  # fmt: skip
         return DeepSpeedEngine(wrapped, module, optimizer)
-    # groups into the MoE layers, replicas made identical, DDP reduces dense grads
-    model = parallelize(module, parallel.dims, parallel.groups, cfg.parallel)
+    # groups into the MoE layers, recomputation, then FSDP shards (or DDP reduces dense grads)
+    model = parallelize(
+        module, parallel.dims, parallel.groups, cfg.parallel,
+        activation_checkpointing=cfg.trainer.activation_checkpointing,
+        param_dtype=amp_dtype, device_type=parallel.device.type,
+    )  # fmt: skip
+    if cfg.parallel.fsdp:  # sharded on meta: allocate and initialise this rank's shards only
+        materialize(module, parallel.device, cfg.seed)
+    optimizer = build_optimizer(module, cfg.optim, parallel.device)  # over the sharded parameters
     return NativeEngine(
         model, module, optimizer, parallel,
         grad_accum=grad_accum, grad_clip=cfg.optim.grad_clip, amp_dtype=amp_dtype,
+        async_checkpoint=cfg.trainer.async_checkpoint,
     )  # fmt: skip

@@ -25,6 +25,10 @@ class Checkpointer:
         engine.load_state_dict(extra)
         return True
 
+    def close(self, engine: Engine) -> None:
+        """The last checkpoint is complete (and published) when this returns."""
+        engine.finish_checkpoint()
+
     def after_step(self, train_state: TrainState, engine: Engine) -> None:
         if self.cadence.due(train_state.step):
             extra = {**train_state.state_dict(), **engine.state_dict()}

@@ -1,4 +1,4 @@
-"""The optimizer (AdamW over dense/expert x decay/no-decay groups), its schedule, the precision."""
+"""The optimizer (AdamW or Adafactor over dense/expert x decay/no-decay groups), its schedule, the precision."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from torch import nn
 
 from ..config import OptimConfig
 from ..parallel import is_expert_param
+from .adafactor import Adafactor
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -28,8 +29,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, device: torch.device
 ) -> torch.optim.Optimizer:
-    """AdamW over four groups: dense/expert x decay/no-decay (experts in their own groups, so
-    engines that shard or reduce per group treat them per expert group)."""
+    """AdamW (or Adafactor, optim.name) over four groups: dense/expert x decay/no-decay (experts in
+    their own groups, so engines that shard or reduce per group treat them per expert group, and
+    Adafactor takes its statistics per expert)."""
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}  # (expert, decay) -> params
     for p in model.parameters():
         if p.requires_grad:
@@ -38,6 +40,8 @@ def build_optimizer(
         {"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "moe": expert}
         for (expert, decay), ps in sorted(groups.items())
     ]
+    if cfg.name == "adafactor":
+        return Adafactor(param_groups, lr=cfg.lr, beta2_decay=cfg.beta2_decay)
     betas = (cfg.beta1, cfg.beta2)
     if cfg.impl == "apex":
         try:

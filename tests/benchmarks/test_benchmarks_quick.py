@@ -73,6 +73,17 @@ def test_quick_runs_do_not_overwrite_the_committed_results():
     assert results_dir(None, quick=True) == QUICK_DIR != RESULTS_DIR
     assert results_dir(None, quick=False) == RESULTS_DIR
     assert results_dir("elsewhere", quick=True) == Path("elsewhere")
-    for script in ("comm_volume", "dispatch_combine", "moe_layer", "quality", "scaling"):
+    for script in ("comm_volume", "dispatch_combine", "moe_layer", "quality", "scaling", "memory"):
         source = (BENCH / f"{script}.py").read_text()
         assert "results_dir(" in source and "default=RESULTS_DIR" not in source, script
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_memory_quick(tmp_path):
+    out = run("memory", tmp_path)
+    rows = {(r["world"], r["fsdp"]): r for r in out["results"]}
+    assert set(rows) == {(1, False), (1, True), (2, False), (2, True)}
+    for r in rows.values():
+        assert r["state_bytes_max"] == pytest.approx(r["state_bytes_planner"], rel=0.05)
+    assert rows[(2, True)]["state_bytes_max"] < rows[(2, False)]["state_bytes_max"]

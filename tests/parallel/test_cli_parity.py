@@ -7,14 +7,8 @@ index, so they are the same whatever the layout.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-from moe_train.metrics import read_metrics
+from cli_runs import STEPS, run
 
 pytestmark = pytest.mark.distributed
 
@@ -29,32 +23,16 @@ CASES = {
     # gradient accumulation (2 micro-steps per rank) with DDP's no_sync, and the non-overlapped sync
     "switch-accum": ["parallel.ep=2", "trainer.micro_batch_size=1"],
     "topk-no-overlap": ["parallel.ep=2", "parallel.overlap_grad_sync=false"],
+    # Adafactor on replicated (not sharded) parameters: per-expert statistics, any ep
+    "switch-adafactor": ["parallel.ep=2", "optim=adafactor"],
 }
-STEPS = 20
-
-
-def run(tmp_path: Path, run_dir: Path, nproc: int, overrides: list[str]) -> list[float]:
-    args = [
-        "-m", "moe_train.train", "model=tiny", "trainer=ci", f"trainer.max_steps={STEPS}",
-        "trainer.eval_batches=0", f"trainer.ckpt_every={STEPS}", f"trainer.run_dir={run_dir}",
-        f"data.cache_dir={tmp_path.parent / 'corpus'}", "data.default_corpus_bytes=400000",
-        *overrides,
-    ]  # fmt: skip
-    if nproc > 1:
-        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(
-        [sys.executable, *args], env=env, capture_output=True, text=True, timeout=900
-    )
-    assert p.returncode == 0, p.stderr[-4000:]
-    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
 
 
 @pytest.mark.parametrize("router", sorted(CASES))
-def test_four_ranks_reproduce_the_single_process_loss_curve(tmp_path, router):
+def test_four_ranks_reproduce_the_single_process_loss_curve(tmp_path, single_process_curve, router):
     overrides = [f"router={router.split('-')[0]}", *CASES[router]]
     single_overrides = [o for o in overrides if not o.startswith(("parallel.", "trainer.micro"))]
-    single = run(tmp_path, tmp_path / "single", 1, single_overrides)
+    single = single_process_curve(single_overrides)
     multi = run(tmp_path, tmp_path / "multi", 4, overrides)
     assert len(single) == len(multi) == STEPS
     assert single[-1] < single[0]  # it trains

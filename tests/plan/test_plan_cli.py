@@ -36,7 +36,8 @@ def test_bad_cluster_field_is_named() -> None:
         (RouterConfig(), ClusterConfig(tflops=math.inf), "cluster.tflops"),
         (RouterConfig(), ClusterConfig(reserved_gb=math.nan), "cluster.reserved_gb"),
         (RouterConfig(), ClusterConfig(reserved_gb=-1.0), "cluster.reserved_gb"),
-        (RouterConfig(), ClusterConfig(zero_stage=3), "cluster.zero_stage"),
+        (RouterConfig(), ClusterConfig(optimizer="sgd"), "optim.name"),
+        (RouterConfig(), ClusterConfig(activation_checkpointing="yes"), "trainer.activation_"),
         (RouterConfig(), ClusterConfig(seq_len=0), "cluster.seq_len"),
     ],
 )
@@ -58,7 +59,7 @@ def test_render_shows_every_section_and_the_fix() -> None:
     text = render(plan, {"model": "small", "router": "topk"})
     for title in ("Parameters", "Memory per GPU", "Per optimizer step", "Routers on this layout"):
         assert title in text
-    assert "DOES NOT FIT" in text and "To fit: cluster." in text
+    assert "DOES NOT FIT" in text and "trainer.activation_checkpointing=" in text
 
 
 def plan_cli(*overrides: str) -> subprocess.CompletedProcess:

@@ -31,15 +31,17 @@ def test_memory_terms_by_hand() -> None:
     base = ClusterConfig(
         world_size=8, ep=4, micro_batch_size=2, seq_len=16, gpu_memory_gb=1, reserved_gb=0
     )
-    for zero, grad_div, opt_div in ((0, (1, 1), (1, 1)), (1, (1, 1), (8, 2)), (2, (8, 2), (8, 2))):
-        m = memory(pc, model, router, replace(base, zero_stage=zero))
-        assert m["weights"] == 2 * (dense + expert / 4)
-        assert m["gradients"] == pytest.approx(
-            2 * dense / grad_div[0] + 2 * expert / 4 / grad_div[1]
-        )
-        assert m["optimizer"] == pytest.approx(
-            12 * dense / opt_div[0] + 12 * expert / 4 / opt_div[1]
-        )
+    # the trainer's state: fp32 weights and gradients, AdamW's two fp32 moments; FSDP shards
+    # dense over the world (8) and experts over the world/ep ranks holding them (2)
+    for fsdp, div in ((False, (1, 1)), (True, (8, 2))):
+        m = memory(pc, model, router, replace(base, fsdp=fsdp))
+        held = dense / div[0] + expert / 4 / div[1]
+        assert m["weights"] == pytest.approx(4 * held) and m["gradients"] == m["weights"]
+        assert m["optimizer"] == pytest.approx(8 * held)
+    fp32 = memory(pc, model, router, replace(base, precision="fp32"))
+    assert fp32["transient_weights_and_gradients"] == 0  # no autocast copies in fp32
+    ada = memory(pc, model, router, replace(base, optimizer="adafactor"))
+    assert ada["optimizer"] == 0 and ada["weights"] == 4 * (dense + expert / 4)
 
     # activations: Korthikanti per layer + MoE terms + head, b=2, s=16, a=2
     b, a, k = 2, 2, 2
@@ -51,6 +53,7 @@ def test_memory_terms_by_hand() -> None:
     acts = activation_bytes(model, router, base)
     assert acts["no_checkpointing"] == 2 * dense_layer + moe_layer + head
     assert acts["checkpointing"] == 3 * 2 * sbd + max(dense_layer, moe_layer) + head
+    assert acts["moe_checkpointing"] == acts["no_checkpointing"]  # one MoE layer: recomputed
     flash = activation_bytes(model, router, replace(base, flash_attention=True))
     assert acts["no_checkpointing"] - flash["no_checkpointing"] == 3 * 5 * a * s * s * b
     # Korthikanti's 34sbh + 5as^2b for a dense layer with d_ff = 4d
@@ -76,7 +79,7 @@ def test_a2a_sam_one_copy_topk_distinct_ranks() -> None:
     # 4 row transfers (dispatch+combine, fwd+bwd) of d*2 bytes + 24 B metadata per remote slot
     per_layer = 4 * tokens * remote * 16 * 2 + tokens * remote * (20 + 4)
     assert a2a(pc, model, r, c)["bytes_per_gpu_per_step"] == pytest.approx(per_layer * 1 * 3)
-    ck = a2a(pc, model, r, replace(c, activation_checkpointing=True))["bytes_per_gpu_per_step"]
+    ck = a2a(pc, model, r, replace(c, activation_checkpointing="full"))["bytes_per_gpu_per_step"]
     assert ck == pytest.approx((6 * tokens * remote * 32 + tokens * remote * (40 + 4)) * 3)
 
 

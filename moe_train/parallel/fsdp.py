@@ -1,0 +1,124 @@
+"""FSDP2 (`fully_shard`) composed with expert parallelism.
+
+Who shards what:
+- dense parameters (attention, norms, dense FFNs, routers, embeddings, head) are sharded over the
+  whole world on a 1-D mesh built on `groups.dense` (a world group of their own);
+- expert parameters (stacked [E_local, d, h]) are sharded over the expert-data-parallel group
+  `groups.dp` (the ranks holding the same experts) along dim 1, so each local expert's slice
+  `w[i]` is itself a dim-0 shard (checkpoints keep one key per global expert without copies).
+Neither group is the ep group, so FSDP's all-gathers and reduce-scatters never interleave with
+the dispatcher's all-to-alls on one process group (gloo matches collectives by order).
+
+Units, bottom-up as torchtitan does: each MoE layer's expert bank (edp mesh), each router in
+fp32 when computing in low precision, each block (world mesh, experts already managed are
+skipped), then the root (embeddings, final norm, head).
+
+Gradient scaling (the same math as grads.sync_gradients): FSDP averages over its mesh, so dense
+gradients come out as SUM over world / world; expert gradients as SUM over edp / edp, and
+`finish_expert_gradients` multiplies them by 1 / ep to give SUM over edp / world.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .dims import ParallelDims
+from .groups import ProcessGroups
+from .placement import expert_banks, is_expert_param, keeping_expert_marks
+
+
+def _fsdp_api():
+    """fully_shard, MixedPrecisionPolicy, FSDPModule (public in torch.distributed.fsdp >= 2.6)."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    return fully_shard, MixedPrecisionPolicy, FSDPModule
+
+
+def _mesh(group, device_type: str):
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return DeviceMesh.from_group(group, device_type)
+
+
+def _expert_placement(p: nn.Parameter):
+    """Stacked expert weights [E_local, ...] shard on dim 1 (each expert's slice on dim 0)."""
+    from torch.distributed.tensor import Shard
+
+    return Shard(1) if p.dim() >= 2 else Shard(0)
+
+
+def _routers(model: nn.Module) -> Iterator[nn.Module]:
+    for name, module in model.named_modules():
+        if name.endswith(".router") and any(True for _ in module.parameters()):
+            yield module
+
+
+def shard_model(
+    model: nn.Module,
+    dims: ParallelDims,
+    groups: ProcessGroups,
+    *,
+    device_type: str,
+    reshard_after_forward: bool = True,
+    param_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """fully_shard the expert banks (edp mesh), routers (fp32 when param_dtype is set), blocks and
+    root (world mesh). Parameters become DTensors; the expert mark is carried over. Collective."""
+    _, MixedPrecisionPolicy, _ = _fsdp_api()
+    if groups.dense is None or groups.dp is None:
+        raise ValueError(
+            "parallel.fsdp: the dense and dp groups are missing (build_process_groups)"
+        )
+    world_mesh = _mesh(groups.dense, device_type)
+    edp_mesh = _mesh(groups.dp, device_type)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    common = {"reshard_after_forward": reshard_after_forward, "mp_policy": mp}
+    with keeping_expert_marks(model):
+        _shard_units(model, world_mesh, edp_mesh, common, param_dtype)
+    return model
+
+
+def _shard_units(model, world_mesh, edp_mesh, common: dict, param_dtype) -> None:
+    """Bottom-up: expert banks, routers (low precision only), blocks, root."""
+    fully_shard, MixedPrecisionPolicy, _ = _fsdp_api()
+    for bank in expert_banks(model):
+        fully_shard(bank, mesh=edp_mesh, shard_placement_fn=_expert_placement, **common)
+    if param_dtype is not None:  # router math stays fp32: its own unit, fp32 all-gather
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        for router in _routers(model):
+            # kept gathered until backward (d x E, small): a router returns an Assignment, whose
+            # tensors FSDP's pre-backward hook does not find to gather them again
+            fully_shard(router, mesh=world_mesh, reshard_after_forward=False, mp_policy=fp32)
+    blocks = getattr(model, "blocks", None)
+    for block in blocks if blocks is not None else []:
+        fully_shard(block, mesh=world_mesh, **common)
+    fully_shard(model, mesh=world_mesh, **common)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when `model` was wrapped by `shard_model` (its parameters are DTensors)."""
+    _, _, FSDPModule = _fsdp_api()
+    return isinstance(model, FSDPModule)
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Reduce-scatter in this backward (the last micro-batch) or accumulate unsharded (others)."""
+    model.set_requires_gradient_sync(enabled)  # type: ignore[operator]
+
+
+def local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (the tensor itself otherwise)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
+def finish_expert_gradients(model: nn.Module, dims: ParallelDims) -> None:
+    """Expert gradients came out of FSDP as SUM over edp / edp: times 1/ep -> SUM over edp / world."""
+    if dims.ep == 1:
+        return
+    grads = [local(p.grad) for p in model.parameters() if is_expert_param(p) and p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, 1.0 / dims.ep)

@@ -1,0 +1,98 @@
+"""Training-state bytes: measured from this rank's tensors (the trainer's `mem/state_bytes`) and
+predicted from parameter shapes and the sharding rule (the planner's `state_bytes_per_gpu`).
+
+State = parameters + gradients + optimizer state, local shards only (a DTensor counts its local
+tensor, unpadded). FSDP2 shards a dense parameter on dim 0 over the world and a stacked expert
+weight on dim 1 over the ranks holding the same experts (moe_train.parallel.fsdp), with
+torch.chunk semantics: chunks of ceil(n / ranks) rows, the last ones shorter or empty.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .fsdp import local
+
+F32 = 4  # parameters, gradients and optimizer state are fp32 (compute copies are transient)
+
+
+def _nbytes(t: Tensor) -> int:
+    t = local(t)
+    return t.numel() * t.element_size()
+
+
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """This rank's parameter, gradient and optimizer-state bytes, measured from the tensors it
+    holds (each tensor once, tied parameters once)."""
+    params = list(dict.fromkeys(model.parameters()))  # unique, in order
+    grads = [p.grad for p in params if p.grad is not None]
+    seen: set[int] = set()
+    optim = 0
+    for state in optimizer.state.values():
+        for v in state.values():
+            if isinstance(v, Tensor) and id(v) not in seen:
+                seen.add(id(v))
+                optim += _nbytes(v)
+    out = {
+        "params": sum(_nbytes(p) for p in params),
+        "grads": sum(_nbytes(g) for g in grads),
+        "optimizer": optim,
+    }
+    return {**out, "total": sum(out.values())}
+
+
+# ---- the prediction ------------------------------------------------------------------------------
+def chunk_len(n: int, ranks: int, coord: int) -> int:
+    """Length of chunk `coord` when torch.chunk splits n rows into `ranks` chunks."""
+    size = math.ceil(n / ranks) if n else 0
+    return max(0, min(size, n - coord * size))
+
+
+def local_numel(shape: Iterable[int], dim: int | None, ranks: int, coord: int = 0) -> int:
+    """Elements of the local shard of a tensor of `shape` sharded on `dim` (None: not sharded)."""
+    shape = list(shape)
+    if dim is not None and ranks > 1 and shape:
+        shape[dim] = chunk_len(shape[dim], ranks, coord)
+    return math.prod(shape)
+
+
+def predicted_state_bytes(
+    shapes: list[tuple[tuple[int, ...], bool]],
+    *,
+    optimizer: str,
+    fsdp: bool,
+    world: int,
+    ep: int,
+) -> dict[str, int]:
+    """The state bytes of rank 0 (which holds the largest chunks) for parameters given as
+    (shape, is_expert), in the trainer's layout: fsdp shards dense on dim 0 over the world and
+    experts on dim 1 over world/ep ranks; fp32 parameters and gradients; AdamW two fp32 moments
+    and a step, Adafactor a row and a column statistic (or a full one for vectors) and a step.
+    Optimizer state is sharded like its parameter (the same placement applied to its shape)."""
+    params = optim = 0
+    for shape, expert in shapes:
+        ranks = (world // ep if expert else world) if fsdp else 1
+        dim = (1 if expert and len(shape) >= 2 else 0) if ranks > 1 else None
+        n = local_numel(shape, dim, ranks)
+        params += F32 * n
+        optim += F32  # the step counter: a 0-dim fp32 tensor per parameter
+        if optimizer == "adafactor" and len(shape) > 1:
+            row, col = (*shape[:-1], 1), (*shape[:-2], 1, shape[-1])
+            optim += F32 * (local_numel(row, dim, ranks) + local_numel(col, dim, ranks))
+        elif optimizer == "adafactor":
+            optim += F32 * n
+        else:
+            optim += 2 * F32 * n
+    out = {"params": params, "grads": params, "optimizer": optim}
+    return {**out, "total": sum(out.values())}
+
+
+def model_shapes(model: nn.Module) -> list[tuple[tuple[int, ...], bool]]:
+    """(shape, is_expert) of every unique parameter of a (meta-built) model."""
+    from .placement import is_expert_param
+
+    return [(tuple(p.shape), is_expert_param(p)) for p in dict.fromkeys(model.parameters())]
