@@ -28,8 +28,8 @@ def test_header_names_the_gpu_memory_peak_and_links():
 
 
 def test_json_byte_counts_are_integers():
-    # an odd world makes ZeRO's per-GPU shares fractional before rounding
-    cluster = ClusterConfig(world_size=6, gpus_per_node=6, ep=2, zero_stage=2)
+    # an odd world makes FSDP's per-GPU shares fractional before rounding
+    cluster = ClusterConfig(world_size=6, gpus_per_node=6, ep=2, fsdp=True)
     plan = _jsonable(make_plan(SMALL, RouterConfig(), cluster, FAST))
     for key, value in plan["memory"].items():
         assert isinstance(value, bool if key == "fits" else int), key
