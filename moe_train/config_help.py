@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +74,12 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+def dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as {"group.key": value}, the way overrides spell keys."""
     out: dict[str, Any] = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(dotted(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -97,7 +99,7 @@ def compact_config(cfg: Any) -> str:
     lines, rest = ["config:"], []
     for group, values in plain.items():
         if isinstance(values, dict):
-            pairs = " ".join(f"{k}={_show(v)}" for k, v in _flat(values).items())
+            pairs = " ".join(f"{k}={_show(v)}" for k, v in dotted(values).items())
             lines.append(f"  {group:<9}" + pairs)
         else:
             rest.append(f"{group}={_show(values)}")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import checkpoint_candidates
+from ..config_help import dotted
 from ..parallel.objects import from_main
 
 if TYPE_CHECKING:
@@ -97,16 +98,6 @@ class RunFolderLock:
         return self._file is not None
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def may_change(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE)
 
@@ -116,7 +107,7 @@ def config_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str
 
     A null in `now` (e.g. model.vocab_size: the data's) is filled in at start, after this check;
     the saved config holds the filled-in value, which the checkpoint's shapes then enforce."""
-    a, b = _flatten(saved), _flatten(now)
+    a, b = dotted(saved), dotted(now)
     return [
         f"{k}: {a[k]!r} -> {b[k]!r}"
         for k in sorted(a.keys() & b.keys())
