@@ -15,7 +15,7 @@ from moe_train import MoELayer, RouterConfig
 from moe_train.grouped import _grouped_mm_on_cpu
 from moe_train.indexing import count_values
 
-pytestmark = pytest.mark.skipif(
+needs_cpu_grouped = pytest.mark.skipif(
     not _grouped_mm_on_cpu(torch.float32), reason="this torch has no CPU _grouped_mm"
 )
 
@@ -27,9 +27,11 @@ DROPLESS = {
 }
 
 
-def syncs_of_a_training_step(cfg: RouterConfig, activation: str = "gelu") -> HostSyncCounter:
+def syncs_of_a_training_step(
+    cfg: RouterConfig, activation: str = "gelu", backend: str = "grouped"
+) -> HostSyncCounter:
     layer = MoELayer(32, 48, 8, router=cfg, activation=activation)
-    layer.experts.backend = "grouped"  # the GPU's backend
+    layer.experts.backend = backend  # grouped: the GPU's backend
     x = torch.randn(4, 16, 32, requires_grad=True)
     layer(x, noise_seed=1)  # warm-up (one-time probes)
     with HostSyncCounter() as counter:
@@ -39,6 +41,7 @@ def syncs_of_a_training_step(cfg: RouterConfig, activation: str = "gelu") -> Hos
     return counter
 
 
+@needs_cpu_grouped
 @pytest.mark.parametrize("kind", sorted(DROPLESS))
 def test_dropless_layer_forward_backward_has_no_host_sync(kind):
     counter = syncs_of_a_training_step(
@@ -47,9 +50,18 @@ def test_dropless_layer_forward_backward_has_no_host_sync(kind):
     assert counter.count == 0, dict(counter.ops)
 
 
+@needs_cpu_grouped
 def test_capacity_costs_exactly_one_sync_the_compaction_of_kept_slots():
     counter = syncs_of_a_training_step(RouterConfig(kind="switch", capacity_factor=1.0))
     assert dict(counter.ops) == {"aten.nonzero.default": 1}
+
+
+def test_the_loop_backend_costs_exactly_one_sync_reading_the_expert_counts():
+    """The fallback (no native grouped GEMM) needs the per-expert counts on the host, once."""
+    counter = syncs_of_a_training_step(
+        RouterConfig(kind="switch", capacity_factor=None), "gelu", "loop"
+    )
+    assert dict(counter.ops) == {"tolist": 1}
 
 
 def test_the_counter_sees_what_would_sync():
