@@ -112,8 +112,8 @@ def _grouped_mm_checks_out(device_index: int) -> bool:
         for got, want in zip(*results):
             torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
     except (AssertionError, RuntimeError) as e:
-        warnings.warn(f"torch._grouped_mm (torch {torch.__version__}) failed or disagreed with the "
-                      f"expert loop on ragged groups; using the loop. {e}", RuntimeWarning, stacklevel=3)  # fmt: skip
+        why = f"torch._grouped_mm (torch {torch.__version__}) failed or disagreed with the loop"
+        warnings.warn(f"{why} on ragged groups; using the loop. {e}", RuntimeWarning, stacklevel=3)
         return False
     return True
 
@@ -143,8 +143,8 @@ def pick_backend(x: Tensor, w_in: Tensor, w_out: Tensor, requested: str = "auto"
     cpu_grouped = x.device.type == "cpu" and _grouped_mm_on_cpu(x.dtype)
     if want == "grouped":
         if x.device.type == "cpu" and not cpu_grouped:
-            raise RuntimeError(f"expert backend 'grouped': torch {torch.__version__} has no CPU "
-                               f"_grouped_mm for {x.dtype}; use 'loop' or 'auto'")  # fmt: skip
+            why = f"torch {torch.__version__} has no CPU _grouped_mm for {x.dtype}"
+            raise RuntimeError(f"expert backend 'grouped': {why}; use 'loop' or 'auto'")
         return "grouped"
     if want == "loop":
         return "loop"
