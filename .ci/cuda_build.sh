@@ -107,8 +107,9 @@ from moe_train.ops import build
 build._build(verbose=False, build=False)
 assert build._state["prebuilt"] and build._state["cuda"], build._state
 lib = build._state["path"]
-for op in ("dispatch", "dispatch_backward", "combine", "combine_backward", "csr_by_row"):
-    for key in ("CPU", "CUDA") if op != "csr_by_row" else ("CPU",):
+cpu_only = ("csr_by_row", "gate", "gate_backward")
+for op in ("dispatch", "dispatch_backward", "combine", "combine_backward", "jitter", *cpu_only):
+    for key in ("CPU",) if op in cpu_only else ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_train::{op}", key), (op, key)
 # The CPU kernels of the same library against the reference.
 from moe_train.ops.reference import combine_reference, dispatch_reference

@@ -1,4 +1,4 @@
-"""Benchmark of the fused dispatch/combine kernels against the PyTorch reference (CPU).
+"""Benchmark of the fused dispatch/combine kernels against the PyTorch reference (CPU or GPU).
 
 For T tokens, width d and k slots per token (S = k*T slots, random routing), times dispatch and
 combine, forward and backward (as autograd runs it), for the extension and the reference, plus a
@@ -9,6 +9,11 @@ faults of a fresh large output cost as much as the copy); ``copy_`` into a preal
 listed too.
 
     python benchmarks/dispatch_combine.py [--quick] [--dtype bfloat16] [--reps 7]
+    python benchmarks/dispatch_combine.py --device cuda   # bf16, larger sizes, CUDA events
+
+On CPU the times are the process's CPU time (`--clock cpu`, the default with one thread: time
+spent computing, not waiting for a core of a shared machine); on the GPU, CUDA events, and the
+ceiling is a device-to-device copy (`clone`) of the same [S, d] tensor.
 
 Writes dispatch_combine.json to --out (default benchmarks/results/).
 """
@@ -16,6 +21,7 @@ Writes dispatch_combine.json to --out (default benchmarks/results/).
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import platform
 import statistics
@@ -35,18 +41,23 @@ from moe_train.ops.reference import combine_reference, dispatch_reference
 
 FULL = {"T": (4096, 16384, 65536), "d": (512, 2048, 4096), "k": (1, 2)}
 QUICK = {"T": (4096,), "d": (512, 1024), "k": (1, 2)}
-MAX_BUF_BYTES = 64 * 2**20  # skip sizes whose [S, d] buffer exceeds this (2-core CI machine)
+FULL_CUDA = {"T": (16384, 65536), "d": (2048, 4096), "k": (1, 2, 6)}
+QUICK_CUDA = {"T": (16384,), "d": (2048,), "k": (2,)}
+MAX_BUF_BYTES = {"cpu": 64 * 2**20, "cuda": 4 * 2**30}  # skip larger [S, d] buffers
 
 
-def cases(T: int, d: int, k: int, dtype: torch.dtype) -> dict[str, tuple[Callable, Callable, int]]:
+def cases(
+    T: int, d: int, k: int, dtype: torch.dtype, dev: str = "cpu"
+) -> dict[str, tuple[Callable, Callable, int]]:
     """name -> (extension fn, reference fn, bytes moved); the fns take no arguments."""
     S = k * T
     esize = torch.tensor([], dtype=dtype).element_size()
-    x = torch.randn(T, d).to(dtype).requires_grad_()
-    index = torch.randperm(S) % T  # k slots per token, shuffled as routing would
-    w = torch.rand(S, requires_grad=True)
-    buf = torch.randn(S, d).to(dtype).requires_grad_()
-    g_buf, g_y = torch.randn(S, d).to(dtype), torch.randn(T, d).to(dtype)
+    x = torch.randn(T, d, device=dev).to(dtype).requires_grad_()
+    index = torch.randperm(S, device=dev) % T  # k slots per token, shuffled as routing would
+    w = torch.rand(S, device=dev, requires_grad=True)
+    buf = torch.randn(S, d, device=dev).to(dtype).requires_grad_()
+    g_buf = torch.randn(S, d, device=dev).to(dtype)
+    g_y = torch.randn(T, d, device=dev).to(dtype)
 
     def backward(fwd: Callable, inputs: tuple, grad: torch.Tensor) -> Callable:
         out = fwd()
@@ -77,30 +88,48 @@ def cases(T: int, d: int, k: int, dtype: torch.dtype) -> dict[str, tuple[Callabl
     }
 
 
-def timed(fn: Callable) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def timer(clock: str) -> Callable[[Callable], float]:
+    """Seconds of one call: CUDA events ('cuda'), CPU time of the process ('cpu') or wall time."""
+    if clock == "cuda":
+
+        def on_gpu(fn: Callable) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+
+        return on_gpu
+    now = time.process_time if clock == "cpu" else time.perf_counter
+
+    def on_cpu(fn: Callable) -> float:
+        t0 = now()
+        fn()
+        return now() - t0
+
+    return on_cpu
 
 
-def copies(S: int, d: int, dtype: torch.dtype) -> tuple[Callable, Callable, int]:
+def copies(S: int, d: int, dtype: torch.dtype, dev: str = "cpu") -> tuple[Callable, Callable, int]:
     """The ceiling: a plain torch copy of an [S, d] tensor, allocating its output like the ops do
     (clone), and into a preallocated tensor (copy_, no page faults); bytes read + written."""
-    src = torch.randn(S, d).to(dtype)
+    src = torch.randn(S, d, device=dev).to(dtype)
     dst = torch.empty_like(src)
     return src.clone, lambda: dst.copy_(src), 2 * src.numel() * src.element_size()
 
 
-def run(grid: dict, dtype: torch.dtype, reps: int) -> list[dict]:
+def run(grid: dict, dtype: torch.dtype, reps: int, dev: str = "cpu", clock: str = "wall") -> list:
     rows = []
     esize = torch.tensor([], dtype=dtype).element_size()
+    timed = timer(clock)
     for T in grid["T"]:
         for d in grid["d"]:
             for k in grid["k"]:
-                if k * T * d * esize > MAX_BUF_BYTES:
+                if k * T * d * esize > MAX_BUF_BYTES[dev]:
                     continue
-                clone, copy_, copy_bytes = copies(k * T, d, dtype)
-                for name, (ext, ref, nbytes) in cases(T, d, k, dtype).items():
+                clone, copy_, copy_bytes = copies(k * T, d, dtype, dev)
+                for name, (ext, ref, nbytes) in cases(T, d, k, dtype, dev).items():
                     fns = {"ext": ext, "ref": ref, "clone": clone, "copy_": copy_}
                     times: dict[str, list[float]] = {key: [] for key in fns}
                     for fn in fns.values():  # warm-up
@@ -146,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (median)")
     p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--clock",
+        default=None,
+        choices=["cpu", "wall"],
+        help="CPU device: process CPU time (default with --threads 1) or wall time",
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -155,9 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.out = results_dir(args.out, args.quick)
     dtype = getattr(torch, args.dtype)
-    reps = args.reps or (3 if args.quick else 5)
+    reps = args.reps or (3 if args.quick else (20 if args.device == "cuda" else 5))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("skipped: --device cuda but no GPU is visible")
+        return 0
+    clock = "cuda" if args.device == "cuda" else args.clock
+    if clock is None:
+        clock = "cpu" if torch.get_num_threads() == 1 else "wall"
     if not ops.extension_available():
         print("skipped: the extension is not available, nothing to compare (see the warning above)")
         return 0
@@ -167,16 +209,28 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "loadavg_1m": os.getloadavg()[0],
     }
+    if args.device == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name()
+        machine["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+    where = machine.get("gpu") or f"{machine['cpu']}, {machine['cores']} cores"
     print(
-        f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
-        f"({machine['torch_threads']} threads); dtype {args.dtype}; median of {reps}"
+        f"machine: {where}, torch {machine['torch']} ({machine['torch_threads']} threads), "
+        f"load average {machine['loadavg_1m']:.1f}; dtype {args.dtype}; median of {reps}; "
+        f"clock {clock}"
     )
     print(HEADER)
-    rows = run(QUICK if args.quick else FULL, dtype, reps)
+    if args.device == "cuda":
+        grid = QUICK_CUDA if args.quick else FULL_CUDA
+    else:
+        grid = QUICK if args.quick else FULL
+    rows = run(grid, dtype, reps, args.device, clock)
+    name = "dispatch_combine" if args.device == "cpu" else "dispatch_combine_cuda"
     path = write_json(
-        "dispatch_combine",
-        {"machine": machine, "dtype": args.dtype, "reps": reps, "rows": rows},
+        name,
+        {"machine": machine, "dtype": args.dtype, "reps": reps, "clock": clock, "rows": rows},
         args.out,
     )
     print(f"wrote {path}")

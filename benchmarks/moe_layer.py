@@ -1,26 +1,33 @@
-"""One MoE layer, forward + backward: moe-train vs DeepSpeed vs fairscale vs the dense floor.
+"""One MoE layer, forward + backward, against the dense FFN of equal active FLOPs.
 
-Same shapes, capacity (factor 1.0: fairscale's Top2Gate hard-codes 2T/E) and expert FFN
-(Linear-GELU(tanh)-Linear, no biases) for every contender. The dense floor is one FFN of width
-k*d_ff over all tokens: the same expert FLOPs with no routing, no dispatch and no drops.
-Contenders are interleaved (rotated order every round) and the median per contender is reported.
+For every case (d_model x router x capacity factor) the contenders run interleaved in one process
+(order rotated every round) and each round's time is divided by the same round's dense time; the
+reported ratio is the median of those per-round ratios, so a loaded machine moves both sides of
+a ratio together. Dense floor = the model's DenseFFN of width k*d_ff over all tokens (the same
+expert FLOPs, no routing, no dispatch, no drops). moe-train runs each expert backend asked for
+(`--backends`: loop, grouped = torch._grouped_mm, auto).
 
-DeepSpeed and fairscale need torch.distributed: a 1-process gloo group is created here.
-Missing peers (pip install -e .[bench]) are skipped with a note.
+CPU (default): fp32, 1 thread, CPU time of the process (`--clock cpu`: time spent computing, not
+time waiting for a core of a shared machine; use `--clock wall` on an idle one). DeepSpeed and
+fairscale join with `--peers` (1-process gloo group; skipped with a note when missing).
+GPU (`--device cuda`): bf16 autocast over fp32 weights as in training, CUDA-event times, the
+shape presets `--preset coarse` (d 4096, d_ff 14336, 8 experts, top-2, SwiGLU, 16k tokens) and
+`--preset fine` (d 2048, d_ff 1408, 64 experts, top-6, SwiGLU, 16k tokens).
 
-    python benchmarks/moe_layer.py            # 8192 tokens, d 512, 16 experts, d_ff 1024
-    python benchmarks/moe_layer.py --quick    # seconds, for CI
+    python benchmarks/moe_layer.py --d-model 256 512 1024      # the CPU sweep (docs/RESULTS.md)
+    python benchmarks/moe_layer.py --device cuda --preset coarse fine --backends grouped loop
+    python benchmarks/moe_layer.py --quick                     # seconds, for CI
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import itertools
 import math
 import os
 import sys
 import time
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,7 +37,6 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    command_line,
     machine,
     machine_line,
     median,
@@ -40,12 +46,21 @@ from _common import (  # noqa: E402
 )
 
 from moe_train import MoELayer  # noqa: E402
+from moe_train.model import DenseFFN  # noqa: E402
 from moe_train.parallel.launch_env import ensure_single_process_env  # noqa: E402
 from moe_train.routing import RouterConfig  # noqa: E402
 
+PRESETS = {  # GPU shapes of issue #14 (bf16, SwiGLU)
+    "coarse": dict(d_model=4096, d_ff=14336, experts=8, router="topk", k=2, tokens=16384),
+    "fine": dict(d_model=2048, d_ff=1408, experts=64, router="topk", k=6, tokens=16384),
+}
+ROUTERS = {"top1": ("switch", 1), "top2": ("topk", 2), "sam2": ("sam", 2)}
+
+Step = Callable[[], float]  # forward + backward; returns the dropped fraction (nan if unknown)
+
 
 class FFN(nn.Module):
-    """The expert (and the dense floor): Linear -> GELU(tanh) -> Linear, no biases."""
+    """The peers' expert: Linear -> GELU(tanh) -> Linear, no biases."""
 
     def __init__(self, d: int, h: int):
         super().__init__()
@@ -56,6 +71,84 @@ class FFN(nn.Module):
         return self.w_out(F.gelu(self.w_in(x), approximate="tanh"))
 
 
+# ---- contenders: each returns a step() closure doing forward + backward ------------------------
+
+
+def router_config(case: dict) -> RouterConfig:
+    kind, k, cf = case["router"], case["k"], case["capacity_factor"]
+    extra = {"num_groups": case["sam_groups"]} if kind == "sam" else {}
+    # no random 2nd expert: the floor computes every slot, so should we (drops are measured)
+    return RouterConfig(kind=kind, top_k=k, capacity_factor=cf, random_routing=False, **extra)
+
+
+def make_layer(case: dict, dev: torch.device) -> MoELayer:
+    return MoELayer(
+        case["d_model"],
+        case["d_ff"],
+        case["experts"],
+        router=router_config(case),
+        activation=case["activation"],
+    ).to(dev)
+
+
+def make_ours(layer: MoELayer, case: dict, backend: str, dev: torch.device, autocast: bool) -> Step:
+    """One step of `layer` with the expert backend `backend` (the layer is shared by the backends:
+    the same weights, one initialisation)."""
+    x = torch.randn(case["tokens"], case["d_model"], device=dev, requires_grad=True)
+
+    def step() -> float:
+        layer.experts.backend = backend
+        layer.zero_grad(set_to_none=True)  # as a training step does: no accumulation
+        x.grad = None
+        with torch.autocast(dev.type, torch.bfloat16, enabled=autocast):
+            y, losses = layer(x, noise_seed=1)
+            loss = y.float().square().mean() + sum(losses.values())
+        loss.backward()
+        return layer.last_stats.get("dropped_frac", float("nan")) if dev.type == "cpu" else 0.0
+
+    return step
+
+
+def make_dense(case: dict, dev: torch.device, autocast: bool) -> Step:
+    ffn = DenseFFN(case["d_model"], case["k"] * case["d_ff"], case["activation"]).to(dev)
+    x = torch.randn(case["tokens"], case["d_model"], device=dev, requires_grad=True)
+
+    def step() -> float:
+        ffn.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast(dev.type, torch.bfloat16, enabled=autocast):
+            loss = ffn(x).float().square().mean()
+        loss.backward()
+        return 0.0
+
+    return step
+
+
+def make_deepspeed(case: dict) -> Step:
+    from deepspeed.moe.layer import MoE
+
+    d, h, cf = case["d_model"], case["d_ff"], case["capacity_factor"]
+    layer = MoE(
+        hidden_size=d,
+        expert=FFN(d, h),
+        num_experts=case["experts"],
+        ep_size=1,
+        k=case["k"],
+        capacity_factor=cf or 1.0,
+        eval_capacity_factor=cf or 1.0,
+        min_capacity=0,
+        drop_tokens=cf is not None,
+    )
+    x = torch.randn(1, case["tokens"], d, requires_grad=True)
+
+    def step() -> float:
+        y, l_aux, _ = layer(x)
+        (y.square().mean() + l_aux).backward()
+        return float("nan")
+
+    return step
+
+
 def init_single_process_group() -> None:
     if dist.is_initialized():
         return
@@ -63,105 +156,10 @@ def init_single_process_group() -> None:
     dist.init_process_group("gloo", rank=0, world_size=1)
 
 
-# ---- contenders: each returns a step() closure doing forward + backward ------------------------
-
-
-def make_ours(kind: str, k: int, T: int, d: int, h: int, E: int, cf: float, groups: int):
-    router = {
-        "top1": RouterConfig(kind="switch", capacity_factor=cf),
-        "top2": RouterConfig(kind="topk", top_k=2, capacity_factor=cf),
-        "sam2": RouterConfig(kind="sam", top_k=2, num_groups=groups, capacity_factor=cf),
-    }[kind]
-    layer = MoELayer(d, h, E, router=router, activation="gelu")
-    x = torch.randn(T, d, requires_grad=True)
-
-    def step():
-        y, losses = layer(x)
-        (y.square().mean() + sum(losses.values())).backward()
-        return layer.last_stats.get("dropped_frac", float("nan"))
-
-    return layer, x, step
-
-
-def make_deepspeed(kind: str, k: int, T: int, d: int, h: int, E: int, cf: float):
-    from deepspeed.moe.layer import MoE
-
-    layer = MoE(
-        hidden_size=d,
-        expert=FFN(d, h),
-        num_experts=E,
-        ep_size=1,
-        k=k,
-        capacity_factor=cf,
-        eval_capacity_factor=cf,
-        min_capacity=0,
-        drop_tokens=True,
-    )
-    x = torch.randn(1, T, d, requires_grad=True)
-
-    def step():
-        y, l_aux, _ = layer(x)
-        (y.square().mean() + l_aux).backward()
-        return float("nan")
-
-    return layer, x, step
-
-
-class Top1Gate(nn.Module):
-    """Switch top-1 in fairscale's gate interface (fairscale 0.4.13 ships only Top2Gate):
-    returns (l_aux, combine_weights [S,E,C], dispatch_mask [S,E,C]) built the same einsum way."""
-
-    def __init__(self, d: int, E: int, cf: float):
-        super().__init__()
-        self.wg = nn.Linear(d, E, bias=False)
-        self.cf = cf
-
-    def forward(self, x):
-        gates = F.softmax(self.wg(x).float(), dim=1)  # [S, E]
-        S, E = gates.shape
-        C = math.ceil(S / E * self.cf)
-        idx = gates.argmax(dim=1)
-        mask = F.one_hot(idx, E).to(gates.dtype)
-        loc = torch.cumsum(mask, dim=0) - 1
-        l_aux = torch.mean(gates.mean(0) * mask.mean(0)) * E * E
-        mask = mask * (loc < C)
-        loc_s = (loc * mask).sum(1).long()
-        g = (gates * mask).sum(1)  # [S]
-        combine = g[:, None, None] * mask[:, :, None] * F.one_hot(loc_s, C).to(gates.dtype)[:, None]
-        return l_aux, combine.to(x.dtype), combine.bool()
-
-
-def make_fairscale(kind: str, k: int, T: int, d: int, h: int, E: int, cf: float):
-    from fairscale.nn.moe import MOELayer, Top2Gate
-
-    gate = Top2Gate(d, E) if k == 2 else Top1Gate(d, E, cf)
-    layer = MOELayer(gate, nn.ModuleList(FFN(d, h) for _ in range(E)))
-    # fairscale wants 3-D input whose first dim is a multiple of the local experts; it flattens it
-    x = torch.randn(E, T // E, d, requires_grad=True)
-
-    def step():
-        y = layer(x)
-        (y.square().mean() + layer.l_aux).backward()
-        return float("nan")
-
-    return layer, x, step
-
-
-def make_dense(kind: str, k: int, T: int, d: int, h: int):
-    layer = FFN(d, k * h)
-    x = torch.randn(T, d, requires_grad=True)
-
-    def step():
-        layer(x).square().mean().backward()
-        return 0.0
-
-    return layer, x, step
-
-
 def peers_available() -> dict[str, str | None]:
     """name -> None if importable, else the reason it is skipped."""
     out: dict[str, str | None] = {}
-    for name, mod in (("deepspeed", "deepspeed.moe.layer"), ("fairscale", "fairscale.nn.moe")):
+    for name, mod in (("deepspeed", "deepspeed.moe.layer"),):
         try:
             __import__(mod)
             out[name] = None
@@ -170,158 +168,232 @@ def peers_available() -> dict[str, str | None]:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+# ---- timing ------------------------------------------------------------------------------------
+
+
+class Clock:
+    """Seconds of one call: CUDA events (GPU), CPU time of the process, or wall time."""
+
+    def __init__(self, kind: str, dev: torch.device):
+        self.kind, self.dev = kind, dev
+
+    def __call__(self, fn: Step) -> tuple[float, float]:
+        if self.dev.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3, out
+        now = time.process_time if self.kind == "cpu" else time.perf_counter
+        t0 = now()
+        out = fn()
+        return now() - t0, out
+
+
+def run_case(steps: dict[str, Step], clock: Clock, warmup: int, repeats: int) -> dict:
+    """Interleave the contenders; per-round ratios against the dense floor (the last one)."""
+    names = list(steps)
+    floor = names[-1]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    drops: dict[str, float] = {}
+    for r in range(warmup + repeats):
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no fixed position
+        for n in order:
+            dt, drops[n] = clock(steps[n])
+            if r >= warmup:
+                times[n].append(dt)
+    out = {}
+    for n in names:
+        ratios = [a / b for a, b in zip(times[n], times[floor])]
+        out[n] = {
+            "median_s": median(times[n]),
+            "min_s": min(times[n]),
+            "times_s": times[n],
+            "vs_dense": median(ratios),  # median of the per-round ratios
+            "dropped_frac": drops[n],
+        }
+    return out
+
+
+# ---- cases -------------------------------------------------------------------------------------
+
+
+def cases(a: argparse.Namespace) -> list[dict]:
+    if a.preset:
+        out = []
+        for name, cf in itertools.product(a.preset, a.capacity_factor):
+            p = PRESETS[name]
+            out.append(
+                dict(
+                    name=name,
+                    d_model=p["d_model"],
+                    d_ff=p["d_ff"],
+                    experts=p["experts"],
+                    router=p["router"],
+                    k=p["k"],
+                    tokens=a.tokens or p["tokens"],
+                    capacity_factor=cf,
+                    activation="swiglu",
+                    sam_groups=a.sam_groups,
+                )
+            )
+        return out
+    out = []
+    for d, label, cf in itertools.product(a.d_model, a.routers, a.capacity_factor):
+        kind, k = ROUTERS[label]
+        out.append(
+            dict(
+                name=label,
+                d_model=d,
+                d_ff=a.d_ff or a.d_ff_mult * d,
+                experts=a.experts,
+                router=kind,
+                k=k,
+                tokens=a.tokens or 8192,
+                capacity_factor=cf,
+                activation=a.activation,
+                sam_groups=a.sam_groups,
+            )
+        )
+    return out
+
+
+def contenders(case: dict, a: argparse.Namespace, dev: torch.device, peers: dict) -> dict:
+    autocast = dev.type == "cuda"
+    torch.manual_seed(0)
+    layer = make_layer(case, dev)
+    steps: dict[str, Step] = {}
+    for backend in a.backends:
+        torch.manual_seed(1)  # the same input for every backend
+        steps[f"moe-train ({backend})"] = make_ours(layer, case, backend, dev, autocast)
+    if a.peers and dev.type == "cpu" and case["router"] in ("switch", "topk"):
+        if peers.get("deepspeed") is None:
+            steps["deepspeed"] = make_deepspeed(case)
+    torch.manual_seed(1)
+    steps[f"dense FFN (d_ff {case['k'] * case['d_ff']})"] = make_dense(case, dev, autocast)
+    return steps
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats (CI)")
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--d-ff", type=int, default=1024)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--preset", nargs="+", choices=sorted(PRESETS), help="GPU shapes (issue #14)")
+    p.add_argument("--tokens", type=int, default=None, help="default 8192 (presets: 16384)")
+    p.add_argument("--d-model", type=int, nargs="+", default=[256, 512, 1024])
+    p.add_argument("--d-ff", type=int, default=None, help="expert width (default d-ff-mult * d)")
+    p.add_argument("--d-ff-mult", type=int, default=2)
     p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--capacity-factor", type=float, default=1.0)
+    p.add_argument("--activation", default="gelu", choices=["gelu", "swiglu"])
+    p.add_argument(
+        "--capacity-factor",
+        nargs="+",
+        type=lambda v: None if v.lower() in ("none", "null", "dropless") else float(v),
+        default=[1.25, None],
+        help="capacity factors; 'none' = dropless",
+    )
+    p.add_argument("--routers", nargs="+", default=["top1", "top2"], choices=sorted(ROUTERS))
     p.add_argument("--sam-groups", type=int, default=4, help="SAM device groups (E/G experts each)")
-    p.add_argument("--repeats", type=int, default=7, help="timed rounds per contender")
+    p.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "loop", "grouped"])
+    p.add_argument("--peers", action="store_true", help="add DeepSpeed (CPU, top-1/top-2)")
+    p.add_argument("--repeats", type=int, default=9, help="timed rounds per contender")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument(
-        "--routers", nargs="+", default=["top1", "top2", "sam2"], choices=["top1", "top2", "sam2"]
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads (default: torch's choice; 1 is steadier on a shared machine)",
-    )
+    p.add_argument("--clock", default="cpu", choices=["cpu", "wall"], help="CPU device only")
+    p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
     p.add_argument(
         "--out",
         type=Path,
         default=None,
         help="folder for moe_layer.json (default benchmarks/results/; with --quick results/quick/)",
     )
-    p.add_argument(
-        "--merge",
-        action="store_true",
-        help="keep results of routers not run now from an existing moe_layer.json "
-        "with the same shapes (re-measure one router)",
-    )
     a = p.parse_args(argv)
     a.out = results_dir(a.out, a.quick)
     if a.quick:
-        a.tokens, a.d_model, a.d_ff, a.experts, a.repeats, a.warmup = 512, 64, 128, 8, 3, 1
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    T, d, h, E, cf = a.tokens, a.d_model, a.d_ff, a.experts, a.capacity_factor
+        a.tokens, a.d_model, a.experts, a.repeats, a.warmup = 512, [64], 8, 2, 1
+        a.preset = None if a.device == "cpu" else ["fine"]
+        a.tokens = 512 if a.device == "cpu" else 2048
+    if a.clock == "cpu" and a.threads != 1 and a.device == "cpu":
+        p.error("--clock cpu adds up the time of every thread: use it with --threads 1")
+    return a
 
-    os.environ.setdefault(
-        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "moe_train" / "torch_extensions")
-    )
-    init_single_process_group()
-    peers = peers_available()
-    for name, why in peers.items():
-        if why:
-            print(f"note: {name} not available ({why}); skipping it (pip install -e .[bench])")
-    if peers.get("deepspeed") is None:
-        import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+def main(argv: list[str] | None = None) -> dict:
+    a = parse(argv)
+    dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("skipped: --device cuda but no GPU is visible")
+        return {}
+    torch.set_num_threads(a.threads)
+    peers: dict[str, str | None] = {}
+    if a.peers:
+        os.environ.setdefault(
+            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "moe_train" / "torch_extensions")
+        )
+        init_single_process_group()
+        peers = peers_available()
+        for name, why in peers.items():
+            if why:
+                print(f"note: {name} not available ({why}); skipping it (pip install -e .[bench])")
+        if peers.get("deepspeed") is None:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     from moe_train import ops
 
     mach = machine()
     mach["moe_train_fused_ops"] = ops.extension_available()
-    print(machine_line(mach))
-    print(
-        f"shapes: {T} tokens, d {d}, d_ff {h}, {E} experts, capacity factor {cf}, fp32, "
-        f"fused dispatch/combine ops: {mach['moe_train_fused_ops']}"
-    )
-
-    torch.manual_seed(0)
-    results, rows = {}, []
-    for kind in a.routers:
-        k = 1 if kind == "top1" else 2
-        makers = {"moe-train": partial(make_ours, kind, k, T, d, h, E, cf, a.sam_groups)}
-        if kind != "sam2":  # SAM has no peer implementation: compare it with top-2 instead
-            if peers.get("deepspeed") is None:
-                makers["deepspeed"] = partial(make_deepspeed, kind, k, T, d, h, E, cf)
-            if peers.get("fairscale") is None:
-                makers["fairscale"] = partial(make_fairscale, kind, k, T, d, h, E, cf)
-        makers[f"dense FFN (d_ff {k * h})"] = partial(make_dense, kind, k, T, d, h)
-        steps = {name: make()[2] for name, make in makers.items()}
-        times: dict[str, list[float]] = {n: [] for n in steps}
-        drops: dict[str, float] = {}
-        names = list(steps)
-        for r in range(a.warmup + a.repeats):
-            order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no fixed position
-            for n in order:
-                t0 = time.perf_counter()
-                drops[n] = steps[n]()
-                dt = time.perf_counter() - t0
-                if r >= a.warmup:
-                    times[n].append(dt)
-        floor = median(times[names[-1]])
-        ours = median(times["moe-train"])
-        results[kind] = {}
-        for n in names:
-            m = median(times[n])
-            results[kind][n] = {
-                "median_s": m,
-                "times_s": times[n],
-                "vs_dense": m / floor,
-                "vs_moe_train": m / ours,
-                "dropped_frac_ours": drops[n],
-            }
-        del steps
-        print(f"  {kind} done", flush=True)
-    shapes = {
-        "tokens": T,
-        "d_model": d,
-        "d_ff": h,
-        "experts": E,
-        "capacity_factor": cf,
-        "sam_groups": a.sam_groups,
-    }
-    runs = {kind: {"machine": mach, "command": command_line()} for kind in results}
-    old = a.out / "moe_layer.json"
-    if a.merge and old.exists():  # keep the other routers' results of an earlier run
-        prev = json.loads(old.read_text())
-        if prev.get("shapes") == shapes:
-            before = {
-                k: {"machine": prev["machine"], "command": prev["command"]} for k in prev["results"]
-            }
-            runs = {**before, **prev.get("runs", {}), **runs}
-            results = {**prev["results"], **results}
-    for kind in [k for k in ("top1", "top2", "sam2") if k in results]:
-        for n, r in results[kind].items():
+    if dev.type == "cuda":
+        mach["gpu"] = torch.cuda.get_device_name(dev)
+        mach["capability"] = ".".join(map(str, torch.cuda.get_device_capability(dev)))
+    clock = Clock(a.clock if dev.type == "cpu" else "cuda", dev)
+    dtype = "bf16 autocast" if dev.type == "cuda" else "fp32"
+    print(machine_line(mach) + (f", {mach['gpu']}" if dev.type == "cuda" else ""))
+    print(f"{dtype}, clock: {clock.kind}, fused ops: {mach['moe_train_fused_ops']}")
+    results, rows = [], []
+    for case in cases(a):
+        steps = contenders(case, a, dev, peers)
+        res = run_case(steps, clock, a.warmup, a.repeats)
+        results.append({**case, "dtype": dtype, "contenders": res})
+        cf = "dropless" if case["capacity_factor"] is None else case["capacity_factor"]
+        for n, r in res.items():
             rows.append(
                 [
-                    kind,
+                    case["d_model"],
+                    f"{case['name']} (k={case['k']})",
+                    cf,
                     n,
                     f"{r['median_s'] * 1e3:.1f}",
-                    f"{min(r['times_s']) * 1e3:.1f}",
-                    f"{r['vs_dense']:.2f}x",
-                    f"{r['vs_moe_train']:.2f}x",
+                    f"{r['vs_dense']:.3f}x",
+                    "" if math.isnan(r["dropped_frac"]) else f"{r['dropped_frac']:.3f}",
                 ]
             )
-    if "sam2" in results and "top2" in results:
-        s, t = results["sam2"]["moe-train"]["median_s"], results["top2"]["moe-train"]["median_s"]
-        rows.append(["sam2 vs top2", "moe-train", "", "", "", f"{s / t:.2f}x of top2"])
+        print(f"  d {case['d_model']} {case['name']} cf {cf} done", flush=True)
+        del steps
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     print_table(
         [
+            "d_model",
             "router",
+            "capacity",
             "contender",
-            "median ms (fwd+bwd)",
-            "min ms",
+            "median ms",
             "time / dense floor",
-            "time / moe-train's",
+            "dropped",
         ],
         rows,
     )
     fields = {
-        "shapes": shapes,
-        "runs": runs,  # per router: when and how it was measured (differs after --merge)
+        "device": a.device,
+        "clock": clock.kind,
         "repeats": a.repeats,
         "skipped": {k: v for k, v in peers.items() if v},
-        "results": results,
+        "cases": results,
     }
-    payload = publish("moe_layer", mach, fields, a.out)
-    dist.destroy_process_group()
+    payload = publish("moe_layer" if dev.type == "cpu" else "moe_layer_cuda", mach, fields, a.out)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return payload
 
 

@@ -1,13 +1,18 @@
-// Op schemas of the moe_train namespace and their CPU kernels (OpenMP over rows).
-// The per-row math is in moe_ops_index.h, shared with the CUDA kernels.
+// Op schemas of the moe_train namespace and their CPU kernels: OpenMP over rows, at::vec over
+// columns. The per-row index math (and the scalar column tails) is in moe_ops_index.h, shared
+// with the CUDA kernels.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <cstring>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "moe_ops_host.h"
@@ -51,15 +56,66 @@ struct Cvt<at::BFloat16> {
 
 namespace {
 
-constexpr int kChunk = 16;            // columns per inner (vectorisable) loop
+using at::vec::Vectorized;
+using fVec = Vectorized<float>;
 constexpr int64_t kSerialWork = 1 << 15;  // elements below which one thread does it all
 
-// Apply f(col, N) over [0, d) in chunks of kChunk columns, then a scalar tail.
-template <typename F16, typename F1>
-inline void over_columns(int64_t d, F16 chunk, F1 tail) {
-  int64_t c = 0;
-  for (; c + kChunk <= d; c += kChunk) chunk(c);
-  for (; c < d; ++c) tail(c);
+// ---- blocks of kVecs float vectors, loaded from / stored to float, bfloat16 or half ----------
+// (at::vec: AVX2/AVX-512 when the extension is built with them, see moe_train/ops/build.py;
+// portable code otherwise). Columns past the last whole block go through the scalar functions of
+// moe_ops_index.h, as do float64 rows.
+constexpr int kVecs = 4;
+constexpr int64_t kBlock = kVecs * fVec::size();  // columns per block
+
+template <typename T>
+constexpr bool kVectorised = std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16> ||
+                             std::is_same_v<T, at::Half>;
+
+template <typename T>
+inline void load_block(const T* p, fVec* v) {
+  if constexpr (std::is_same_v<T, float>) {
+    for (int k = 0; k < kVecs; ++k) v[k] = fVec::loadu(p + k * fVec::size());
+  } else {
+    using rVec = Vectorized<T>;  // 2 float vectors' worth of 16-bit values
+    for (int k = 0; k < kVecs / 2; ++k) {
+      std::tie(v[2 * k], v[2 * k + 1]) = at::vec::convert_to_float<T>(rVec::loadu(p + k * rVec::size()));
+    }
+  }
+}
+
+template <typename T>
+inline void store_block(T* p, const fVec* v) {
+  if constexpr (std::is_same_v<T, float>) {
+    for (int k = 0; k < kVecs; ++k) v[k].store(p + k * fVec::size());
+  } else {
+    using rVec = Vectorized<T>;
+    for (int k = 0; k < kVecs / 2; ++k) {
+      at::vec::convert_from_float<T>(v[2 * k], v[2 * k + 1]).store(p + k * rVec::size());
+    }
+  }
+}
+
+inline float sum_lanes(const fVec& v) {
+  alignas(64) float lanes[fVec::size()];
+  v.store(lanes);
+  float s = 0.f;
+  for (int k = 0; k < fVec::size(); ++k) s += lanes[k];
+  return s;
+}
+
+// Ask for a row of `bytes` bytes ahead of its use (rows gathered in random order defeat the
+// hardware prefetcher).
+constexpr int64_t kAhead = 2;  // rows of prefetch distance
+
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o);
+}
+
+// Columns [c0, d) of a row with the scalar N = 1 functions of the shared header.
+template <typename F>
+inline void tail_columns(int64_t c0, int64_t d, F f) {
+  for (int64_t c = c0; c < d; ++c) f(c);
 }
 
 template <typename in_t, typename out_t>
@@ -67,6 +123,7 @@ void dispatch_cpu(const in_t* x, int64_t ldx, int64_t num_src, const int64_t* in
                   int64_t d, out_t* buf) {
   const int nt = at::get_num_threads();
   const bool par = slots * d > kSerialWork;
+  constexpr bool vec = kVectorised<in_t> && kVectorised<out_t>;
   int64_t bad = -1;  // an out-of-range slot, if any
   _Pragma("omp parallel for num_threads(nt) if(par) schedule(static) reduction(max : bad)")
   for (int64_t i = 0; i < slots; ++i) {
@@ -74,14 +131,25 @@ void dispatch_cpu(const in_t* x, int64_t ldx, int64_t num_src, const int64_t* in
       bad = i;
       continue;
     }
-    if constexpr (IsSame<in_t, out_t>::value) {  // a row copy: memcpy beats the chunk loop
-      std::memcpy(buf + i * d, x + index[i] * ldx, sizeof(in_t) * d);
-    } else {
-      over_columns(
-          d,
-          [&](int64_t c) { dispatch_cols<in_t, out_t, kChunk, false>(x, ldx, index, i, c, buf, d); },
-          [&](int64_t c) { dispatch_cols<in_t, out_t, 1, false>(x, ldx, index, i, c, buf, d); });
+    if (i + 1 < slots && in_range(index[i + 1], num_src)) {
+      prefetch_row(x + index[i + 1] * ldx, d * static_cast<int64_t>(sizeof(in_t)));
     }
+    const in_t* src = x + index[i] * ldx;
+    out_t* dst = buf + i * d;
+    int64_t c = 0;
+    if constexpr (IsSame<in_t, out_t>::value) {  // a row copy
+      std::memcpy(dst, src, sizeof(in_t) * d);
+      c = d;
+    } else if constexpr (vec) {
+      for (; c + kBlock <= d; c += kBlock) {
+        fVec v[kVecs];
+        load_block(src + c, v);
+        store_block(dst + c, v);
+      }
+    }
+    tail_columns(c, d, [&](int64_t col) {
+      dispatch_cols<in_t, out_t, 1, false>(x, ldx, index, i, col, buf, d);
+    });
   }
   TORCH_CHECK(bad < 0, "dispatch: index[", bad, "] = ", index[bad], " is out of range for x with ",
               num_src, " rows");
@@ -96,15 +164,30 @@ void combine_cpu(const in_t* buf, int64_t ldb, const typename AccOf<in_t>::type*
   const bool par = (num_rows + slots) * d > kSerialWork;
   _Pragma("omp parallel for num_threads(nt) if(par) schedule(static)")
   for (int64_t r = 0; r < num_rows; ++r) {
-    over_columns(
-        d,
-        [&](int64_t c) {
-          combine_cols<in_t, out_t, acc_t, kChunk, false>(buf, ldb, weight, row_ptr, perm, r, c,
-                                                          y, d);
-        },
-        [&](int64_t c) {
-          combine_cols<in_t, out_t, acc_t, 1, false>(buf, ldb, weight, row_ptr, perm, r, c, y, d);
-        });
+    int64_t c = 0;
+    if (r + kAhead < num_rows) {  // a later row's slots are random rows of buf: fetch them early
+      for (int64_t j = row_ptr[r + kAhead]; j < row_ptr[r + kAhead + 1]; ++j) {
+        prefetch_row(buf + perm[j] * ldb, d * static_cast<int64_t>(sizeof(in_t)));
+      }
+    }
+    if constexpr (kVectorised<in_t> && kVectorised<out_t>) {
+      const int64_t begin = row_ptr[r], end = row_ptr[r + 1];
+      for (; c + kBlock <= d; c += kBlock) {  // one block of the row in registers, over its slots
+        fVec acc[kVecs];
+        for (int k = 0; k < kVecs; ++k) acc[k] = fVec(0.f);
+        for (int64_t j = begin; j < end; ++j) {
+          const int64_t s = perm[j];
+          const fVec w(weight ? weight[s] : 1.f);
+          fVec v[kVecs];
+          load_block(buf + s * ldb + c, v);
+          for (int k = 0; k < kVecs; ++k) acc[k] = at::vec::fmadd(w, v[k], acc[k]);
+        }
+        store_block(y + r * d + c, acc);
+      }
+    }
+    tail_columns(c, d, [&](int64_t col) {
+      combine_cols<in_t, out_t, acc_t, 1, false>(buf, ldb, weight, row_ptr, perm, r, col, y, d);
+    });
   }
 }
 
@@ -117,20 +200,57 @@ void combine_backward_cpu(const T* grad_y, int64_t ldg, int64_t num_rows, const 
   const int nt = at::get_num_threads();
   const bool par = slots * d > kSerialWork;
   const bool want_dot = grad_w != nullptr;
-  _Pragma("omp parallel for num_threads(nt) if(par) schedule(static)")
+  int64_t bad = -1;
+  _Pragma("omp parallel for num_threads(nt) if(par) schedule(static) reduction(max : bad)")
   for (int64_t s = 0; s < slots; ++s) {
+    if (!in_range(index[s], num_rows)) {
+      bad = s;
+      continue;
+    }
+    if (s + 1 < slots && in_range(index[s + 1], num_rows)) {
+      prefetch_row(grad_y + index[s + 1] * ldg, d * static_cast<int64_t>(sizeof(T)));
+    }
     acc_t dot = 0;
-    over_columns(
-        d,
-        [&](int64_t c) {
-          dot += combine_backward_cols<T, acc_t, kChunk, false>(
-              grad_y, ldg, num_rows, buf, ldb, weight, index, s, c, grad_buf, d, want_dot);
-        },
-        [&](int64_t c) {
-          dot += combine_backward_cols<T, acc_t, 1, false>(grad_y, ldg, num_rows, buf, ldb, weight,
-                                                           index, s, c, grad_buf, d, want_dot);
-        });
+    int64_t c = 0;
+    if constexpr (kVectorised<T>) {
+      const T* g_row = grad_y + index[s] * ldg;
+      const fVec w(weight ? weight[s] : 1.f);
+      fVec dots(0.f);
+      for (; c + kBlock <= d; c += kBlock) {
+        fVec g[kVecs];
+        load_block(g_row + c, g);
+        if (want_dot) {
+          fVec b[kVecs];
+          load_block(buf + s * ldb + c, b);
+          for (int k = 0; k < kVecs; ++k) dots = at::vec::fmadd(g[k], b[k], dots);
+        }
+        for (int k = 0; k < kVecs; ++k) g[k] = g[k] * w;
+        store_block(grad_buf + s * d + c, g);
+      }
+      dot = sum_lanes(dots);
+    }
+    tail_columns(c, d, [&](int64_t col) {
+      dot += combine_backward_cols<T, acc_t, 1, false>(grad_y, ldg, num_rows, buf, ldb, weight,
+                                                       index, s, col, grad_buf, d, want_dot);
+    });
     if (want_dot) grad_w[s] = dot;
+  }
+  TORCH_CHECK(bad < 0, "combine_backward: index[", bad, "] = ", index[bad],
+              " is out of range [0, ", num_rows, ")");
+}
+
+void jitter_cpu(const float* x, int64_t ldx, int64_t rows, int64_t d, uint64_t seed,
+                int64_t first_row, float lo, float span, float* y) {
+  const int nt = at::get_num_threads();
+  const bool par = rows * d > kSerialWork;
+  _Pragma("omp parallel for num_threads(nt) if(par) schedule(static)")
+  for (int64_t t = 0; t < rows; ++t) {
+    const uint32_t key = noise_row_key(seed, static_cast<uint64_t>(first_row + t));
+    const float* src = x + t * ldx;
+    float* dst = y + t * d;
+    for (int64_t f = 0; f < d; ++f) {
+      dst[f] = src[f] * jitter_factor(key, static_cast<uint32_t>(f), lo, span);
+    }
   }
 }
 
@@ -231,6 +351,18 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_op_cpu(const at::Tensor& gra
   return {grad_buf, grad_w};
 }
 
+// y = x * jitter factor per (global row, column); x float32 [rows, d] (the router's input).
+at::Tensor jitter_op_cpu(const at::Tensor& x_in, int64_t seed, int64_t first_row, double eps) {
+  const at::Tensor x = rows_2d(x_in, "jitter", "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "jitter: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(first_row >= 0, "jitter: first_row must be >= 0, got ", first_row);
+  at::Tensor y = at::empty({x.size(0), x.size(1)}, x.options());
+  jitter_cpu(x.data_ptr<float>(), x.stride(0), x.size(0), x.size(1), static_cast<uint64_t>(seed),
+             first_row, static_cast<float>(1.0 - eps), static_cast<float>(2.0 * eps),
+             y.data_ptr<float>());
+  return y;
+}
+
 // CSR of slots by destination row by a stable counting sort, O(S + R), serial: the same
 // (row_ptr, perm) as a stable argsort of index, without torch.sort's cost on small CPUs.
 std::tuple<at::Tensor, at::Tensor> csr_by_row_op_cpu(const at::Tensor& index_in, int64_t num_rows) {
@@ -267,6 +399,12 @@ TORCH_LIBRARY(moe_train, m) {
   m.def(
       "combine_backward(Tensor grad_y, Tensor buf, Tensor? weight, Tensor index, "
       "bool weight_grad) -> (Tensor, Tensor)");
+  m.def("jitter(Tensor x, int seed, int first_row, float eps) -> Tensor");
+  // the router's gate fused with its jitter (CPU only: moe_gate_cpu.cpp)
+  m.def("gate(Tensor x, Tensor weight, int seed, int first_row, float eps) -> Tensor");
+  m.def(
+      "gate_backward(Tensor grad, Tensor x, Tensor weight, int seed, int first_row, float eps, "
+      "bool x_grad, bool weight_grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(moe_train, CPU, m) {
@@ -275,4 +413,5 @@ TORCH_LIBRARY_IMPL(moe_train, CPU, m) {
   m.impl("dispatch_backward", &moe_ops::dispatch_backward_op_cpu);
   m.impl("combine", &moe_ops::combine_op_cpu);
   m.impl("combine_backward", &moe_ops::combine_backward_op_cpu);
+  m.impl("jitter", &moe_ops::jitter_op_cpu);
 }

@@ -1,6 +1,8 @@
 // CUDA implementations of the moe_train ops: argument checks and allocation in ATen, kernels
 // launched on the current torch stream through the plain launchers of moe_ops_cuda.cu.
-// Out-of-range indices are not checked here (that would synchronise); kernels assert.
+// Out-of-range indices are not checked here (that would synchronise): the kernels assert on the
+// device (dispatch: index in range; combine: every slot in a CSR row; combine backward: index in
+// range), which fails the next synchronising call with "device-side assert triggered".
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -47,7 +49,8 @@ at::Tensor combine_rows_cuda(const at::Tensor& buf_in, const std::optional<at::T
   check_launch(moe_ops_cuda::combine(buf.data_ptr(), buf.stride(0), code(buf.scalar_type()),
                                      weight ? weight->data_ptr() : nullptr,
                                      row_ptr.data_ptr<int64_t>(), perm.data_ptr<int64_t>(),
-                                     num_rows, d, y.data_ptr(), d, code(out_dtype), stream_of(buf)),
+                                     num_rows, slots, d, y.data_ptr(), d, code(out_dtype),
+                                     stream_of(buf)),
                op);
   return y;
 }
@@ -115,6 +118,20 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_op_cuda(
   return {grad_buf, grad_w};
 }
 
+at::Tensor jitter_op_cuda(const at::Tensor& x_in, int64_t seed, int64_t first_row, double eps) {
+  const at::Tensor x = rows_2d(x_in, "jitter", "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "jitter: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(first_row >= 0, "jitter: first_row must be >= 0, got ", first_row);
+  at::Tensor y = at::empty({x.size(0), x.size(1)}, x.options());
+  check_launch(moe_ops_cuda::jitter(x.data_ptr<float>(), x.stride(0), x.size(0), x.size(1),
+                                    static_cast<uint64_t>(seed), first_row,
+                                    static_cast<float>(1.0 - eps), static_cast<float>(2.0 * eps),
+                                    y.data_ptr<float>(), stream_of(x)),
+               "jitter");
+  return y;
+}
+
 }  // namespace moe_ops
 
 TORCH_LIBRARY_IMPL(moe_train, CUDA, m) {
@@ -122,4 +139,5 @@ TORCH_LIBRARY_IMPL(moe_train, CUDA, m) {
   m.impl("dispatch_backward", &moe_ops::dispatch_backward_op_cuda);
   m.impl("combine", &moe_ops::combine_op_cuda);
   m.impl("combine_backward", &moe_ops::combine_backward_op_cuda);
+  m.impl("jitter", &moe_ops::jitter_op_cuda);
 }

@@ -8,6 +8,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+// Out-of-range indices are a device-side assert (the launch would need a host sync to report them
+// otherwise): keep assert() on even in builds that define NDEBUG.
+#ifdef NDEBUG
+#undef NDEBUG
+#endif
 #include <cassert>
 #include <cstdint>
 
@@ -79,9 +84,12 @@ template <typename in_t, typename out_t, int N, bool kVec>
 __global__ void combine_kernel(const in_t* __restrict__ buf, int64_t ldb,
                                const typename AccOf<in_t>::type* __restrict__ weight,
                                const int64_t* __restrict__ row_ptr,
-                               const int64_t* __restrict__ perm, int64_t num_rows, int64_t d,
-                               out_t* __restrict__ y, int64_t ldy) {
+                               const int64_t* __restrict__ perm, int64_t num_rows, int64_t slots,
+                               int64_t d, out_t* __restrict__ y, int64_t ldy) {
   using acc_t = typename AccOf<in_t>::type;
+  // Every slot must land in a row: an index outside [0, num_rows) falls outside every CSR row.
+  if (blockIdx.x == 0 && threadIdx.x == 0 && threadIdx.y == 0)
+    assert(row_ptr[0] == 0 && row_ptr[num_rows] == slots);
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; r < num_rows;
        r += step) {
@@ -110,6 +118,7 @@ __global__ void combine_backward_kernel(const T* __restrict__ grad_y, int64_t ld
     const int64_t s = base + threadIdx.y;
     acc_t dot = acc_t(0);
     if (s < slots) {
+      if (threadIdx.x == 0) assert(moe_ops::in_range(index[s], num_rows));
       for (int64_t c = static_cast<int64_t>(threadIdx.x) * N; c < d; c += blockDim.x * N)
         dot += moe_ops::combine_backward_cols<T, acc_t, N, kVec>(
             grad_y, ldg, num_rows, buf, ldb, weight, index, s, c, grad_buf, ldgb, want_dot);
@@ -123,6 +132,23 @@ __global__ void combine_backward_kernel(const T* __restrict__ grad_y, int64_t ld
       }
       if (threadIdx.x == 0 && s < slots) grad_w[s] = red[0];
       __syncthreads();
+    }
+  }
+}
+
+// One thread per 4 consecutive columns of a row (grid-stride over rows x column groups).
+__global__ void jitter_kernel(const float* __restrict__ x, int64_t ldx, int64_t rows, int64_t d,
+                              uint64_t seed, int64_t first_row, float lo, float span,
+                              float* __restrict__ y) {
+  const int64_t groups = (d + 3) / 4, total = rows * groups;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += step) {
+    const int64_t t = i / groups, f0 = (i - t * groups) * 4;
+    const uint32_t key = moe_ops::noise_row_key(seed, static_cast<uint64_t>(first_row + t));
+    for (int64_t f = f0; f < f0 + 4 && f < d; ++f) {
+      const float n = moe_ops::jitter_factor(key, static_cast<uint32_t>(f), lo, span);
+      y[t * d + f] = moe_ops::mul_rn(x[t * ldx + f], n);
     }
   }
 }
@@ -176,8 +202,8 @@ cudaError_t dispatch(const void* x, int64_t ldx, int64_t num_src, DType x_dtype,
 }
 
 cudaError_t combine(const void* buf, int64_t ldb, DType buf_dtype, const void* weight,
-                    const int64_t* row_ptr, const int64_t* perm, int64_t num_rows, int64_t d,
-                    void* y, int64_t ldy, DType y_dtype, cudaStream_t stream) {
+                    const int64_t* row_ptr, const int64_t* perm, int64_t num_rows, int64_t slots,
+                    int64_t d, void* y, int64_t ldy, DType y_dtype, cudaStream_t stream) {
   if (num_rows == 0 || d == 0) return cudaSuccess;
   return with_type(buf_dtype, [&](auto ti) {
     using in_t = typename decltype(ti)::type;
@@ -190,12 +216,12 @@ cudaError_t combine(const void* buf, int64_t ldb, DType buf_dtype, const void* w
       auto* yp = static_cast<out_t*>(y);
       if (moe_ops::pack_ok(d, N, bp, ldb, sizeof(in_t), yp, ldy, sizeof(out_t))) {
         const Geometry g = geometry(num_rows, d, N);
-        combine_kernel<in_t, out_t, N, true>
-            <<<g.grid, g.block, 0, stream>>>(bp, ldb, wp, row_ptr, perm, num_rows, d, yp, ldy);
+        combine_kernel<in_t, out_t, N, true><<<g.grid, g.block, 0, stream>>>(
+            bp, ldb, wp, row_ptr, perm, num_rows, slots, d, yp, ldy);
       } else {
         const Geometry g = geometry(num_rows, d, 1);
-        combine_kernel<in_t, out_t, 1, false>
-            <<<g.grid, g.block, 0, stream>>>(bp, ldb, wp, row_ptr, perm, num_rows, d, yp, ldy);
+        combine_kernel<in_t, out_t, 1, false><<<g.grid, g.block, 0, stream>>>(
+            bp, ldb, wp, row_ptr, perm, num_rows, slots, d, yp, ldy);
       }
       return cudaGetLastError();
     });
@@ -231,6 +257,17 @@ cudaError_t combine_backward(const void* grad_y, int64_t ldg, int64_t num_rows, 
     }
     return cudaGetLastError();
   });
+}
+
+cudaError_t jitter(const float* x, int64_t ldx, int64_t rows, int64_t d, uint64_t seed,
+                   int64_t first_row, float lo, float span, float* y, cudaStream_t stream) {
+  if (rows == 0 || d == 0) return cudaSuccess;
+  const int64_t work = rows * ((d + 3) / 4);
+  int64_t grid = (work + kThreads - 1) / kThreads;
+  if (grid > (int64_t{1} << 30)) grid = int64_t{1} << 30;
+  jitter_kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(x, ldx, rows, d, seed,
+                                                                      first_row, lo, span, y);
+  return cudaGetLastError();
 }
 
 }  // namespace moe_ops_cuda

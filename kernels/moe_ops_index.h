@@ -8,6 +8,8 @@
 //                     is fixed and each output row is written by exactly one worker: deterministic)
 //   combine backward  grad_buf[s, :] = w[s] * grad_y[index[s], :]
 //                     grad_w[s]      = dot(grad_y[index[s], :], buf[s, :])
+//   jitter            y[t, f] = x[t, f] * ((1 - eps) + 2 eps * u), u = noise(seed, row0 + t, f)
+//                     (counter-based: the same u for a global (token, feature) on any split)
 // Each function below handles N consecutive columns starting at `col` of one row; the CPU calls
 // them on chunks of a row, the GPU gives each thread one chunk (a 16-byte pack when kVec).
 // Conversions go through Cvt<T> (load: T -> acc, store: acc -> T), specialised per back end.
@@ -166,6 +168,59 @@ MOE_UNROLL
     for (int k = 0; k < N; ++k) dot += g[k] * b[k];
   }
   return dot;
+}
+
+// ---- counter-based noise: a pure function of (seed, global row, column) ----------------------
+// Row key: SplitMix64 (Steele et al. 2014) of the global row, once per row; per column: the
+// MurmurHash3 32-bit finaliser of key + column * golden, 32-bit integer math that vectorises.
+
+constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
+constexpr uint32_t kGolden32 = 0x9E3779B9u;
+
+// The i-th output of a SplitMix64 stream seeded with `seed`: mix(seed + golden * (i + 1)).
+MOE_HD uint64_t splitmix64(uint64_t seed, uint64_t i) {
+  uint64_t z = seed + kGolden * (i + 1);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+MOE_HD uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  return h ^ (h >> 16);
+}
+
+MOE_HD uint32_t noise_row_key(uint64_t seed, uint64_t row) {
+  return static_cast<uint32_t>(splitmix64(seed, row));
+}
+
+// U[0, 1) with 24 random bits for column `col` of the row with key `key` (exact: k * 2^-24).
+MOE_HD float noise_uniform(uint32_t key, uint32_t col) {
+  const uint32_t h = fmix32(key + col * kGolden32);
+  return static_cast<float>(static_cast<int32_t>(h >> 8)) * (1.0f / 16777216.0f);
+}
+
+// The jitter factor lo + span * u, rounded after the product and after the sum: no fused
+// multiply-add (__fmul_rn/__fadd_rn on the GPU, -ffp-contract=off on the CPU), so the CPU kernel,
+// the CUDA kernel and torch's elementwise reference agree bit for bit.
+MOE_HD float jitter_factor(uint32_t key, uint32_t col, float lo, float span) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(lo, __fmul_rn(span, noise_uniform(key, col)));
+#else
+  return lo + span * noise_uniform(key, col);
+#endif
+}
+
+// Rounded product (no contraction with a following add).
+MOE_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
 }
 
 }  // namespace moe_ops

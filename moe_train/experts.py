@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .grouped import activate, grouped_ffn, loop_ffn, pick_backend
 from .parallel.placement import mark_expert
 from .routing.noise import mix_seed
 
 ACTIVATIONS = ("gelu", "swiglu")
 
-
-def activate(h: Tensor, activation: str) -> Tensor:
-    """The FFN's nonlinearity: GELU (tanh) on h [.., h], or SwiGLU silu(gate) * up on the two
-    halves of h [.., 2h] -> [.., h]. Shared by the experts and the dense FFN."""
-    if activation == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return F.gelu(h, approximate="tanh")
+__all__ = ["ACTIVATIONS", "ExpertBank", "activate", "dense_ffn_params"]
 
 
 class ExpertBank(nn.Module):
@@ -28,7 +21,11 @@ class ExpertBank(nn.Module):
     w_out: [E_local, h, d]
     Expert `first_expert + i` is initialised from a generator seeded by (seed, layer_id, global id),
     so the same experts come out whatever the parallel layout.
+    `backend`: "auto" (grouped GEMM where torch runs it natively, else the loop), "grouped" or
+    "loop" (moe_train.grouped); set it on an instance to force one.
     """
+
+    backend: str = "auto"
 
     def __init__(
         self,
@@ -76,23 +73,40 @@ class ExpertBank(nn.Module):
         """Local expert i on its rows x: [n, d] -> [n, d]."""
         return self.ffn(x, self.w_in[i], self.w_out[i])
 
-    def forward(self, x: Tensor, counts: list[int]) -> Tensor:
-        """x: [S, d] rows sorted by local expert; counts: rows per local expert -> [S, d]."""
-        if len(counts) != self.num_local or sum(counts) != x.shape[0]:
+    def forward(self, x: Tensor, counts: Tensor | list[int]) -> Tensor:
+        """x: [S, d] rows sorted by local expert; counts: rows per local expert ([E_local] int
+        tensor on any device, or host ints) -> [S, d] in the compute dtype (the autocast dtype
+        when autocast is on, else x's).
+
+        The grouped backend (see moe_train.grouped) reads the counts on the device and never
+        syncs; the loop backend needs them on the host."""
+        self._check_counts(x, counts)
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            x = x.to(torch.get_autocast_dtype(dev))
+        w_in, w_out = self.w_in.to(x.dtype), self.w_out.to(x.dtype)
+        if x.shape[0] == 0:  # stay in the graph so every expert param still gets a zero gradient
+            return x.new_zeros(x.shape) + (w_in.sum() + w_out.sum()) * 0
+        with torch.autocast(dev, enabled=False):
+            if pick_backend(x, w_in, w_out, self.backend) == "grouped":
+                if not isinstance(counts, Tensor):
+                    counts = torch.tensor(counts)
+                ends = counts.to(x.device).cumsum(0, dtype=torch.int32)  # [E_local]
+                return grouped_ffn(x, w_in, w_out, ends, self.activation)
+            host = counts.tolist() if isinstance(counts, Tensor) else list(counts)
+            if sum(host) != x.shape[0]:
+                raise ValueError(f"expert counts {host} do not add up to the {x.shape[0]} rows")
+            return loop_ffn(x, w_in, w_out, host, self.activation)
+
+    def _check_counts(self, x: Tensor, counts: Tensor | list[int]) -> None:
+        """One count per local expert; host counts must add up to the rows (no sync for a
+        tensor: its sum is checked where it is read on the host)."""
+        n = counts.shape[0] if isinstance(counts, Tensor) else len(counts)
+        if n != self.num_local or (not isinstance(counts, Tensor) and sum(counts) != x.shape[0]):
             raise ValueError(
-                f"expert counts {counts} do not match {self.num_local} experts / {x.shape[0]} rows"
+                f"expert counts {list(counts)} do not match {self.num_local} experts / "
+                f"{x.shape[0]} rows"
             )
-        # unbind once: its backward stacks the expert grads in one pass (indexing w[i] per expert
-        # would zero-fill a full-size gradient for every expert)
-        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
-        outs = [
-            self.ffn(seg, w_in[i], w_out[i])
-            for i, seg in enumerate(x.split(counts))
-            if seg.shape[0] > 0
-        ]
-        if not outs:  # no rows: stay in the graph so every expert param still gets a zero gradient
-            return x.new_zeros(x.shape) + (self.w_in.sum() + self.w_out.sum()).to(x.dtype) * 0
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def flops_per_row(self) -> int:
         width = self.w_in.shape[2]

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import ops
+from ..indexing import count_values
 from ..parallel.dims import ParallelDims
 from ..parallel.groups import ProcessGroups
 from ..parallel.placement import ExpertShard
@@ -18,7 +19,8 @@ from ..routing import Assignment
 from .all_to_all import Splits, all_to_all, all_to_all_rows, dispatch_all_to_all, exchange_counts
 from .layout import plan_send, sort_by_expert
 
-ExpertFn = Callable[[Tensor, list[int]], Tensor]  # rows sorted by local expert, counts -> outputs
+# rows sorted by local expert, counts per local expert ([E_local] int64 tensor) -> outputs
+ExpertFn = Callable[[Tensor, Tensor], Tensor]
 
 _META_BYTES_PER_SLOT = 2 * 8 + 4  # (row, local expert) int64 + weight float32
 
@@ -143,14 +145,15 @@ class Dispatcher:
 
         def leaf(rows: Tensor, s: Slots) -> Tensor:  # my local experts on the rows they got
             order, counts = sort_by_expert(s.expert, self.num_local)
-            stats["expert_slots"] += float(sum(counts))
+            stats["expert_slots"] += counts.sum()  # a tensor: read at log steps only
             row = s.token[order]
-            out = experts(ops.dispatch(rows, row), counts)  # [S, d] sorted by local expert
-            return ops.combine(out, s.weight[order], row, rows.shape[0])
+            # the expert input in the autocast dtype: the gather casts on the way (one pass)
+            buf = ops.dispatch(rows, row, compute_dtype(rows))  # [S, d] sorted by local expert
+            return ops.combine(experts(buf, counts), s.weight[order], row, rows.shape[0])
 
         if self.ep == 1:
             # tokens with any kept slot, as a tensor: no host sync in the forward pass
-            rows = (torch.bincount(a.token, minlength=x.shape[0]) > 0).sum()
+            rows = (count_values(a.token, x.shape[0]) > 0).sum()
             stats["dispatch_rows"] = rows
             stats["dispatch_bytes"] = rows * x.shape[1] * x.element_size()
             return leaf(x, slots), stats
@@ -215,6 +218,12 @@ class Dispatcher:
         back = all_to_all(partial, splits.recv_rows, splits.send_rows, hop.group, "MoE return rows")
         _count(stats, hop, splits, d * x.element_size())
         return ops.combine(back, None, plan.row_token, T)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the experts compute in: autocast's when it is on for x's device, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def _count(stats: dict, hop: Hop, s: Splits, row_bytes: int) -> None:

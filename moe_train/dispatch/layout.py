@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import ops
+
 
 @dataclass
 class SendLayout:
@@ -54,8 +56,7 @@ def plan_send(
     )
 
 
-def sort_by_expert(local_expert: Tensor, num_local: int) -> tuple[Tensor, list[int]]:
-    """Stable order of slots by local expert and the per-expert counts (host ints)."""
-    order = torch.argsort(local_expert, stable=True)
-    counts = torch.bincount(local_expert, minlength=num_local)
-    return order, counts.tolist()
+def sort_by_expert(local_expert: Tensor, num_local: int) -> tuple[Tensor, Tensor]:
+    """Stable order of slots by local expert [S] and the per-expert counts [num_local] int64, both
+    on the slots' device (no host sync)."""
+    return ops.group_by(local_expert, num_local)

@@ -11,13 +11,16 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from ..indexing import count_values
 from . import build as _build
-from .reference import combine_reference, dispatch_reference
+from .reference import combine_reference, dispatch_reference, jitter_reference
 
-# Run the fused dispatch on CPU even without a cast (the kernel tests do; see dispatch()).
-FUSED_CPU_DISPATCH = os.environ.get("MOE_TRAIN_FUSED_CPU_DISPATCH") == "1"
+# The fused dispatch on CPU also without a cast: its CSR backward beats index_add
+# (benchmarks/dispatch_combine.py); MOE_TRAIN_FUSED_CPU_DISPATCH=0 routes it to torch's gather.
+FUSED_CPU_DISPATCH = os.environ.get("MOE_TRAIN_FUSED_CPU_DISPATCH", "1") != "0"
 
 
 def extension_available() -> bool:
@@ -53,14 +56,23 @@ def dispatch(x: Tensor, index: Tensor, out_dtype: torch.dtype | None = None) -> 
     _check_index(index, "dispatch")
     if x.dim() != 2:
         raise ValueError(f"dispatch: x must be 2-D [T, d], got shape {tuple(x.shape)}")
-    # On CPU a plain row gather (and its index_add backward) is as fast as ours or faster
-    # (benchmarks/dispatch_combine.py): the fused op runs there only to fuse a dtype cast.
     fused_cast = out_dtype is not None and out_dtype != x.dtype
     if _ext_for(x.device.type) and (x.device.type != "cpu" or fused_cast or FUSED_CPU_DISPATCH):
         from . import _custom
 
         return _custom.dispatch(x, index, out_dtype)
     return dispatch_reference(x, index, out_dtype)
+
+
+def group_by(index: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
+    """Stable order of index [S] (values in [0, num_groups)) and the count of each value
+    [num_groups] int64, on index's device without a host sync: a counting sort in C++ on CPU
+    (O(S)), a stable torch.sort elsewhere."""
+    _check_index(index, "group_by")
+    if index.device.type == "cpu" and _ext_for("cpu"):
+        row_ptr, order = torch.ops.moe_train.csr_by_row(index, num_groups)
+        return order, row_ptr.diff()
+    return torch.argsort(index, stable=True), count_values(index, num_groups)
 
 
 def combine(buf: Tensor, weight: Tensor | None, index: Tensor, num_rows: int) -> Tensor:
@@ -85,4 +97,35 @@ def combine(buf: Tensor, weight: Tensor | None, index: Tensor, num_rows: int) ->
     return combine_reference(buf, weight, index, num_rows)
 
 
-__all__ = ["combine", "dispatch", "extension_available"]
+def jitter(x: Tensor, seed: int, first_row: int, eps: float) -> Tensor:
+    """y = x * ((1 - eps) + 2 eps * u), u = U[0,1) keyed by (seed, (first_row + t) * d + f):
+    x [T, d] float32 (the router's input) -> [T, d]. One fused pass (forward and backward) with
+    the extension; the bit-identical torch reference otherwise. seed: 0 <= seed < 2**63."""
+    if x.dim() != 2:
+        raise ValueError(f"jitter: x must be 2-D [T, d], got shape {tuple(x.shape)}")
+    if x.dtype == torch.float32 and _ext_for(x.device.type):
+        from . import _custom
+
+        return _custom.jitter(x, seed, first_row, eps)
+    return jitter_reference(x, seed, first_row, eps)
+
+
+def gate(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, seed: int = 0, first_row: int = 0,
+    eps: float = 0.0,
+) -> Tensor:  # fmt: skip
+    """The router's gate: logits [T, E] = jitter(x) @ weight^T + bias, x [T, d] and weight [E, d]
+    float32; jitter as in `jitter` (none when eps = 0). On CPU with the extension one fused pass
+    (the noise recomputed in the backward, never stored; BLAS runs these skinny shapes slowly);
+    elsewhere jitter + F.linear (the same function)."""
+    if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and _ext_for("cpu"):
+        from . import _custom
+
+        logits = _custom.gate(x, weight, seed, first_row, eps)
+        return logits if bias is None else logits + bias
+    if eps > 0:
+        x = jitter(x, seed, first_row, eps)
+    return F.linear(x, weight, bias)
+
+
+__all__ = ["combine", "dispatch", "extension_available", "gate", "group_by", "jitter"]

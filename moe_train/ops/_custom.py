@@ -74,7 +74,49 @@ def _combine_backward_fake(
     return grad_buf, grad_w
 
 
+def _jitter_fake(x: Tensor, seed: int, first_row: int, eps: float) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)  # [T, d]
+
+
+def _gate_fake(x: Tensor, weight: Tensor, seed: int, first_row: int, eps: float) -> Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))  # [T, E]
+
+
+def _gate_backward_fake(
+    grad: Tensor, x: Tensor, weight: Tensor, seed: int, first_row: int, eps: float,
+    x_grad: bool, weight_grad: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    return (
+        x.new_empty((x.shape[0] if x_grad else 0, x.shape[1])),
+        x.new_empty((weight.shape[0] if weight_grad else 0, x.shape[1])),
+    )
+
+
 # ---- autograd ----
+
+
+def _gate_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, weight, ctx.seed, ctx.first_row, ctx.eps = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def _gate_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202
+    """grad_x = n * (grad @ W), grad_W = grad^T @ (x * n): the noise n recomputed, not stored."""
+    x, weight = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[:2]
+    gx, gw = torch.ops.moe_train.gate_backward(
+        grad, x, weight, ctx.seed, ctx.first_row, ctx.eps, need_x, need_w
+    )
+    return (gx if need_x else None), (gw if need_w else None), None, None, None
+
+
+def _jitter_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    _, ctx.seed, ctx.first_row, ctx.eps = inputs
+
+
+def _jitter_backward(ctx, grad_y: Tensor):  # noqa: ANN001, ANN202
+    """d(x * n)/dx = n: the same noise, recomputed from its counters instead of stored."""
+    return torch.ops.moe_train.jitter(grad_y, ctx.seed, ctx.first_row, ctx.eps), None, None, None
 
 
 def _dispatch_setup(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -123,12 +165,17 @@ def register() -> None:
     torch.library.register_fake(lib + "dispatch_backward")(_dispatch_backward_fake)
     torch.library.register_fake(lib + "combine")(_combine_fake)
     torch.library.register_fake(lib + "combine_backward")(_combine_backward_fake)
+    torch.library.register_fake(lib + "jitter")(_jitter_fake)
+    torch.library.register_fake(lib + "gate")(_gate_fake)
+    torch.library.register_fake(lib + "gate_backward")(_gate_backward_fake)
     torch.library.register_autograd(
         lib + "dispatch", _dispatch_backward, setup_context=_dispatch_setup
     )
     torch.library.register_autograd(
         lib + "combine", _combine_backward, setup_context=_combine_setup
     )
+    torch.library.register_autograd(lib + "jitter", _jitter_backward, setup_context=_jitter_setup)
+    torch.library.register_autograd(lib + "gate", _gate_backward, setup_context=_gate_setup)
     _registered = True
 
 
@@ -143,3 +190,13 @@ def combine(buf: Tensor, weight: Tensor | None, index: Tensor, num_rows: int) ->
         weight = weight.to(acc_dtype(buf.dtype))
     row_ptr, perm = csr_by_row(index, num_rows)
     return torch.ops.moe_train.combine(buf, weight, index, row_ptr, perm, num_rows)
+
+
+def jitter(x: Tensor, seed: int, first_row: int, eps: float) -> Tensor:
+    """Extension jitter: x [T, d] float32 -> x * noise [T, d]."""
+    return torch.ops.moe_train.jitter(x, seed, first_row, eps)
+
+
+def gate(x: Tensor, weight: Tensor, seed: int, first_row: int, eps: float) -> Tensor:
+    """Extension gate (CPU): (x * jitter noise) @ weight^T -> [T, E]."""
+    return torch.ops.moe_train.gate(x, weight, seed, first_row, eps)

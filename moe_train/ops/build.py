@@ -27,6 +27,7 @@ import fcntl
 import hashlib
 import json
 import os
+import platform
 import shutil
 import socket
 import sys
@@ -49,6 +50,7 @@ _HOW_TO_OPT_OUT = (
     "index_add, which is not deterministic on CUDA)."
 )
 _STAMP = "moe_train_ops.stamp.json"
+CPU_SOURCES = ("moe_ops.cpp", "moe_gate_cpu.cpp")
 _LOCK = "moe_train_ops.lock"
 
 _lock = threading.Lock()
@@ -119,6 +121,18 @@ def _wheel_cuda_includes() -> list[str]:
     return sorted(p for pat in pats for p in glob.glob(str(site / pat)))
 
 
+def cpu_simd_flags() -> list[str]:
+    """at::vec with AVX2 + FMA where torch itself runs AVX2 or AVX-512 kernels on this x86-64 CPU
+    (torch.backends.cpu.get_cpu_capability, which honours ATEN_CPU_CAPABILITY); the portable
+    at::vec code elsewhere. The flags are part of the stamp, so a library built with them is
+    never loaded on a CPU without them."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return []
+    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+
+
 @dataclass
 class BuildPlan:
     """Everything that decides the built library: sources, flags, targets, torch build."""
@@ -131,12 +145,19 @@ class BuildPlan:
     cuda_home: str | None = None
 
     @property
+    def with_cuda(self) -> bool:
+        """Does the library hold the CUDA kernels (a toolkit was found for it)?"""
+        return self.cuda_home is not None
+
+    @property
     def name(self) -> str:
         return f"moe_train_ops_{self.kind}"
 
     @property
     def build_dir(self) -> Path:
         tag = f"torch{torch.__version__}_py{sys.version_info[0]}{sys.version_info[1]}_{self.kind}"
+        if "-DCPU_CAPABILITY_AVX2" in self.cflags:
+            tag += "_avx2"
         if self.arch_list:
             archs = "-".join(
                 a.replace(".", "") for a in self.arch_list.replace(" ", ";").split(";")
@@ -172,9 +193,10 @@ def plan() -> BuildPlan:
     src = kernels_dir()
     if not (src / "moe_ops.cpp").exists():
         raise FileNotFoundError(f"kernel sources not found in {src} (set MOE_TRAIN_KERNELS_DIR)")
-    cflags = ["-O3", "-fopenmp", f"-I{src}"]
+    # -ffp-contract=off: the jitter op matches torch's elementwise reference bit for bit
+    cflags = ["-O3", "-fopenmp", "-ffp-contract=off", f"-I{src}", *cpu_simd_flags()]
     if not cuda_wanted():
-        return BuildPlan("cpu", [str(src / "moe_ops.cpp")], cflags)
+        return BuildPlan("cpu", [str(src / f) for f in CPU_SOURCES], cflags)
     cuda_home = _cuda_home()
     if cuda_home is None:
         raise RuntimeError(
@@ -182,7 +204,7 @@ def plan() -> BuildPlan:
             "or TORCH_CUDA_ARCH_LIST is set), but no CUDA toolkit was found: set CUDA_HOME or "
             "put nvcc on PATH"
         )
-    sources = [str(src / f) for f in ("moe_ops.cpp", "moe_ops_cuda.cpp", "moe_ops_cuda.cu")]
+    sources = [str(src / f) for f in (*CPU_SOURCES, "moe_ops_cuda.cpp", "moe_ops_cuda.cu")]
     # Toolkit headers first; the wheel's fill in what a minimal toolkit lacks.
     cflags += [f"-idirafter{p}" for p in _wheel_cuda_includes()] + ["-DMOE_WITH_CUDA"]
     return BuildPlan("cuda", sources, cflags, ["-O3", f"-I{src}"], _arch_list(), cuda_home)
@@ -273,7 +295,7 @@ def _compile(p: BuildPlan, verbose: bool) -> None:
     )
     env: dict[str, str] = {}
     kwargs: dict[str, object] = {}
-    if p.kind == "cuda":
+    if p.with_cuda:
         assert p.cuda_home is not None
         env = {"CUDA_HOME": p.cuda_home, "TORCH_CUDA_ARCH_LIST": p.arch_list}
         cpp_extension.CUDA_HOME = p.cuda_home  # torch would pick /usr/local for a wrapper nvcc
@@ -313,7 +335,7 @@ def _build(verbose: bool, build: bool = True) -> BuildPlan:
         torch.ops.load_library(str(p.library))
     elif not build:
         raise FileNotFoundError(f"no up-to-date prebuilt kernels in {p.build_dir}")
-    _state.update(cuda=p.kind == "cuda", path=p.library, prebuilt=prebuilt)
+    _state.update(cuda=p.with_cuda, path=p.library, prebuilt=prebuilt)
     return p
 
 
@@ -403,11 +425,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     ops = [
         n
-        for n in ("csr_by_row", "dispatch", "dispatch_backward", "combine", "combine_backward")
+        for n in (
+            "csr_by_row",
+            "dispatch",
+            "dispatch_backward",
+            "combine",
+            "combine_backward",
+            "jitter",
+            "gate",
+            "gate_backward",
+        )  # fmt: skip
         if hasattr(torch.ops.moe_train, n)
     ]
     how = "prebuilt, loaded" if _state["prebuilt"] else "built and loaded"
-    archs = f", CUDA targets {bp.arch_list}" if bp.kind == "cuda" else ""
+    archs = f", CUDA targets {bp.arch_list}" if bp.with_cuda else ""
     print(f"torch {torch.__version__}: {bp.kind} kernels{archs}, from {kernels_dir()}")
     print(f"{how} in {time.perf_counter() - t0:.1f} s: {bp.library}; ops: {ops}")
     return 0

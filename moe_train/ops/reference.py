@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..hashing import noise_uniform
+
 
 def dispatch_reference(x: Tensor, index: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
     """buf[i] = x[index[i]]. x: [T, d], index: [S] int64 -> [S, d] (cast to out_dtype)."""
@@ -23,3 +25,12 @@ def combine_reference(buf: Tensor, weight: Tensor | None, index: Tensor, num_row
         rows = rows * weight.float().unsqueeze(1)
     y = torch.zeros(num_rows, buf.shape[1], dtype=torch.float32, device=buf.device)
     return y.index_add(0, index, rows).to(buf.dtype)
+
+
+def jitter_reference(x: Tensor, seed: int, first_row: int, eps: float) -> Tensor:
+    """y[t, f] = x[t, f] * ((1 - eps) + 2 eps * u), u = noise_uniform(seed, first_row + t, f).
+    x: [T, d] float32 -> [T, d]; the product and the sum are rounded separately, as the kernels do.
+    """
+    T, d = x.shape
+    rows = torch.arange(first_row, first_row + T, device=x.device)  # [T] global rows
+    return x * noise_uniform(seed, rows, d).mul(2.0 * eps).add(1.0 - eps)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..indexing import count_values
+
 
 @dataclass
 class Assignment:
@@ -34,7 +36,7 @@ class Assignment:
 
     def __post_init__(self) -> None:
         if self.expert_load is None:
-            self.expert_load = torch.bincount(self.expert, minlength=self.num_experts)
+            self.expert_load = count_values(self.expert, self.num_experts)
         if self.dropped is None:
             self.dropped = torch.zeros((), dtype=torch.int64, device=self.token.device)
 
@@ -44,16 +46,21 @@ class Assignment:
         token: Tensor,
         expert: Tensor,
         weight: Tensor,
-        keep: Tensor,
+        keep: Tensor | None,
         num_tokens: int,
         num_experts: int,
         losses: dict[str, Tensor],
     ) -> Assignment:
-        """The kept slots of the requested ones (token, expert, weight: [S]; keep: [S] bool)."""
+        """The kept slots of the requested ones (token, expert, weight: [S]; keep: [S] bool, or
+        None when every slot is kept: no compaction, so no host sync on a GPU)."""
+        if keep is None:
+            return cls(token, expert, weight, num_tokens, num_experts, losses,
+                       requested=int(token.numel()))  # fmt: skip
+        kept = keep.nonzero().squeeze(1)  # [S_kept]: the one host sync (a data-dependent size)
         return cls(
-            token[keep],
-            expert[keep],
-            weight[keep],
+            token[kept],
+            expert[kept],
+            weight[kept],
             num_tokens,
             num_experts,
             losses,

@@ -11,15 +11,17 @@ import math
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ops
 from .assignment import Assignment
 from .capacity import expert_capacity, keep_within_capacity
 from .config import RouterConfig
 from .context import RouteContext
 from .losses import z_loss
 from .noise import mix_seed
+
+JITTER_STREAM = 1  # noise stream of the input jitter (random routing uses its own)
 
 
 class Router(nn.Module):
@@ -127,10 +129,11 @@ class Router(nn.Module):
         priority: Tensor,
         capacity: int | Tensor | None,
         ctx: RouteContext,
-    ) -> Tensor:
-        """Capacity mask [S] for slots (token, expert), per routing group of ctx.group_size."""
+    ) -> Tensor | None:
+        """Capacity mask [S] for slots (token, expert), per routing group of ctx.group_size;
+        None without capacity (dropless: every slot kept, nothing to compact)."""
         if capacity is None:
-            return torch.ones_like(token, dtype=torch.bool)
+            return None
         G = ctx.num_groups
         bucket = (token // ctx.group_size) * self.num_experts + expert
         cap = capacity.repeat(G) if isinstance(capacity, Tensor) else capacity
@@ -172,15 +175,16 @@ class Router(nn.Module):
             if noise_seed is None:
                 noise_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
             ctx = RouteContext(T, gs, noise_seed, token_offset)
-            eps = self.cfg.effective_jitter
-            if self.training and eps > 0:
-                x32 = x32 * (1 - eps + 2 * eps * self.group_uniform(x32.shape, ctx))
-            return self.route(self.logits(x32), ctx)
+            eps = self.cfg.effective_jitter if self.training else 0.0
+            # jitter keyed by (seed, global token, feature), fused into the gate (noise.py)
+            seed = mix_seed(noise_seed, JITTER_STREAM) & ((1 << 63) - 1)
+            return self.route(self.logits(x32, seed, token_offset, eps), ctx)
 
-    def logits(self, x32: Tensor) -> Tensor:
-        """Gate logits [T, units] in float32, even if the module was cast to bf16."""
+    def logits(self, x32: Tensor, seed: int = 0, first_row: int = 0, eps: float = 0.0) -> Tensor:
+        """Gate logits [T, units] in float32 (even if the module was cast to bf16) of the input
+        with multiplicative jitter U[1-eps, 1+eps) (none when eps = 0), see ops.gate."""
         bias = None if self.gate.bias is None else self.gate.bias.float()
-        return F.linear(x32, self.gate.weight.float(), bias)
+        return ops.gate(x32, self.gate.weight.float(), bias, seed, first_row, eps)
 
     def empty(self, logits: Tensor) -> Assignment:
         """Zero tokens: no slots, and every loss an exact zero that is still connected to the
@@ -189,24 +193,6 @@ class Router(nn.Module):
         none = torch.zeros(0, dtype=torch.int64, device=logits.device)
         losses = {name: zero for name in self.loss_names()}
         return Assignment(none, none, logits.new_zeros(0), 0, self.num_experts, losses)
-
-    def group_uniform(self, shape: torch.Size, ctx: RouteContext) -> Tensor:
-        """U[0,1) noise [T, d], one generator per routing group keyed by the group's GLOBAL index,
-        so it does not depend on how the batch is split (token_offset: a whole number of groups)."""
-        gs, token_offset = ctx.group_size, ctx.token_offset
-        if token_offset % gs:
-            raise ValueError(
-                f"token_offset={token_offset} is not a whole number of routing groups of {gs} "
-                "tokens; split batches at routing-group (sequence) boundaries"
-            )
-        T, d = shape
-        first = token_offset // gs
-        device = self.gate.weight.device
-        out = torch.empty(T // gs, gs, d, device=device)
-        for g in range(T // gs):  # a loop over routing groups (sequences), never over tokens
-            gen = torch.Generator(device=device).manual_seed(mix_seed(ctx.noise_seed, 1, first + g))
-            torch.rand(gs, d, generator=gen, device=device, out=out[g])
-        return out.view(T, d)
 
     def route(self, logits: Tensor, ctx: RouteContext) -> Assignment:  # pragma: no cover
         raise NotImplementedError

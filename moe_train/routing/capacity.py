@@ -7,6 +7,8 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
+from ..indexing import count_values
+
 
 def exact_factor(factor: float) -> Fraction:
     """The capacity factor as the decimal the user wrote: 1.1 -> 11/10 (the float 1.1 is
@@ -40,7 +42,7 @@ def keep_within_capacity(
     by_bucket = torch.argsort(bucket[by_priority], stable=True)
     perm = by_priority[by_bucket]  # slots ordered by (bucket, priority)
     sorted_bucket = bucket[perm]
-    counts = torch.bincount(sorted_bucket, minlength=num_buckets)
+    counts = count_values(sorted_bucket, num_buckets)
     starts = torch.cumsum(counts, 0) - counts
     position = torch.arange(S, device=bucket.device) - starts[sorted_bucket]
     cap = capacity[sorted_bucket] if isinstance(capacity, Tensor) else capacity

@@ -63,7 +63,7 @@ class ExpertChoiceRouter(Router):
         token = (top_t + base).flatten()
         expert = torch.arange(E, device=logits.device).view(1, E, 1).expand(G, E, C).flatten()
         weight = top_s.flatten()
-        keep = torch.ones_like(token, dtype=torch.bool)
+        keep = None
         if self.cfg.max_experts_per_token is not None:
             keep = keep_within_capacity(token, weight.detach(), self.cfg.max_experts_per_token, T)
         losses = self.z_loss_term(logits)

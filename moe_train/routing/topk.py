@@ -59,12 +59,13 @@ class TopKRouter(Router):
         weight = top_p / top_p.sum(dim=-1, keepdim=True)
         token = torch.arange(T, device=dev).unsqueeze(1).expand(T, k)
         choice = torch.arange(k, device=dev).expand(T, k)
-        routed = torch.ones(T, k, dtype=torch.bool, device=dev)
+        slots = (token, top_e, weight, top_p, choice)
         if self.training and self.cfg.effective_random_routing and k > 1:
             u = ctx.uniform(RANDOM_ROUTING_STREAM, (ctx.token_offset + token) * k + choice)
             routed = (choice == 0) | (k * weight.detach() > u)
-        token, expert, w, p = token[routed], top_e[routed], weight[routed], top_p[routed]
-        choice = choice[routed]
+            token, expert, w, p, choice = (t[routed] for t in slots)
+        else:  # every choice routed: flatten, no compaction (no host sync on a GPU)
+            token, expert, w, p, choice = (t.flatten() for t in slots)
         keep = self.keep(
             token,
             expert,
@@ -81,9 +82,10 @@ class TopKRouter(Router):
         return Assignment.from_slots(token, expert, w, keep, T, E, losses)
 
 
-def renormalise_kept(p: Tensor, token: Tensor, keep: Tensor, num_tokens: int) -> Tensor:
-    """p / (sum of p over the token's kept slots), [S]; entries of dropped slots are finite and
-    unused (the denominator is clamped, so no 0/0 reaches the graph)."""
+def renormalise_kept(p: Tensor, token: Tensor, keep: Tensor | None, num_tokens: int) -> Tensor:
+    """p / (sum of p over the token's kept slots (all when keep is None)), [S]; entries of dropped
+    slots are finite and unused (the denominator is clamped, so no 0/0 reaches the graph)."""
     denom = torch.zeros(num_tokens, dtype=p.dtype, device=p.device)
-    denom = denom.index_add(0, token[keep], p[keep])  # [T]
+    kept_p = p if keep is None else torch.where(keep, p, torch.zeros_like(p))
+    denom = denom.index_add(0, token, kept_p)  # [T]
     return p / denom.clamp_min(torch.finfo(p.dtype).tiny)[token]

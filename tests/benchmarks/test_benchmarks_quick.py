@@ -29,11 +29,14 @@ def run(script: str, tmp_path: Path, *extra: str, timeout: float = 300) -> dict:
 
 @pytest.mark.slow
 def test_moe_layer_quick(tmp_path):
-    out = run("moe_layer", tmp_path, "--routers", "top1", "sam2", "--repeats", "1")
-    top1 = out["results"]["top1"]
-    assert "moe-train" in top1 and any(k.startswith("dense") for k in top1)
-    assert all(v["median_s"] > 0 for v in top1.values())
-    assert set(out["results"]["sam2"]) == {"moe-train", "dense FFN (d_ff 256)"}
+    out = run("moe_layer", tmp_path, "--routers", "top1", "sam2", "--backends", "auto", "loop")
+    cases = {(c["name"], c["capacity_factor"]): c["contenders"] for c in out["cases"]}
+    assert set(cases) == {("top1", 1.25), ("top1", None), ("sam2", 1.25), ("sam2", None)}
+    for (name, _), contenders in cases.items():
+        dense = f"dense FFN (d_ff {128 * (1 if name == 'top1' else 2)})"  # k x d_ff
+        assert set(contenders) == {"moe-train (auto)", "moe-train (loop)", dense}
+        assert all(v["median_s"] > 0 and v["vs_dense"] > 0 for v in contenders.values())
+        assert contenders[dense]["vs_dense"] == 1.0
 
 
 @pytest.mark.slow
@@ -87,3 +90,21 @@ def test_memory_quick(tmp_path):
     for r in rows.values():
         assert r["state_bytes_max"] == pytest.approx(r["state_bytes_planner"], rel=0.05)
     assert rows[(2, True)]["state_bytes_max"] < rows[(2, False)]["state_bytes_max"]
+
+
+@pytest.mark.slow
+def test_gpu_check_rehearses_every_step_on_cpu(tmp_path):
+    """benchmarks/gpu_check.sh with GPU_CHECK_DRY=1: the same steps with --device cpu --quick,
+    so an argument or syntax error shows here, not on a lent GPU."""
+    env = {**os.environ, "GPU_CHECK_DRY": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True, timeout=900, env=env
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["failed_steps"] == []
+    for name in ("gpu_check.log", "pytest.xml", "moe_layer.json", "dispatch_combine.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    train = json.loads((tmp_path / "gpu_train.json").read_text())
+    assert train["tokens_per_s"] > 0 and train["mfu"] is None  # no peak known for a CPU
+    assert train["model_flops_per_token"] >= 6 * train["params_active_matmul"]

@@ -42,7 +42,7 @@ def test_local_dispatch_matches_dense_sum_and_reports_stats():
     scale = torch.arange(1, E + 1, dtype=torch.float32)
 
     def experts(rows, counts):
-        ids = torch.repeat_interleave(torch.arange(E), torch.tensor(counts))
+        ids = torch.repeat_interleave(torch.arange(E), counts)  # counts: [E] int64 tensor
         return rows * scale[ids].unsqueeze(1)
 
     y, stats = Dispatcher(E)(x, a, experts)

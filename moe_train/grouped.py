@@ -1,0 +1,228 @@
+"""Grouped FFN of the expert bank: every local expert on its contiguous segment of rows.
+
+y[rows of e] = act(x[rows of e] @ w_in[e]) @ w_out[e], rows sorted by local expert. Two backends
+compute the same function (tests compare them):
+
+- ``grouped``: ``torch._grouped_mm`` with the segment ends as an int32 tensor on the device, so no
+  host sync and one kernel per matmul. Used where torch runs it natively: CUDA sm_90/sm_100,
+  bfloat16, torch >= 2.8, row strides of 16 bytes (widths multiple of 8); and on CPU where torch
+  has a CPU kernel for the dtype (a C++ per-group loop, faster than ours). On other GPUs torch
+  would fall back to a per-group loop that copies the offsets to the host.
+- ``loop``: one ``torch.mm`` per expert and matmul, written in place into preallocated outputs
+  (no ``cat`` of the outputs, no ``stack`` of the weight gradients), the activation and its
+  backward over all rows at once. Needs the counts on the host.
+
+``pick_backend`` chooses; ``MOE_TRAIN_EXPERT_BACKEND=loop|grouped`` (or ``ExpertBank.backend``)
+forces one.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BACKENDS = ("auto", "grouped", "loop")
+
+
+def activate(h: Tensor, activation: str) -> Tensor:
+    """The FFN's nonlinearity: GELU (tanh) on h [.., h], or SwiGLU silu(gate) * up on the two
+    halves of h [.., 2h] -> [.., h]. Shared by the experts and the dense FFN."""
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h, approximate="tanh")
+
+
+def activate_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
+    """d(activate(h))/dh applied to grad [.., h] -> [.., h | 2h] (the shape of h)."""
+    if activation != "swiglu":
+        return torch.ops.aten.gelu_backward(grad, h, approximate="tanh")
+    gate, up = h.chunk(2, dim=-1)
+    out = torch.empty_like(h)
+    g_gate, g_up = out.chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    torch.mul(grad, silu, out=g_up)
+    # silu'(g) = sig * (1 + g * (1 - sig))
+    torch.mul(grad * up, sig * (1 + gate * (1 - sig)), out=g_gate)
+    return out
+
+
+# ---- backend choice ------------------------------------------------------------------------
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def _aligned(t: Tensor) -> bool:
+    """Row strides and base pointer on 16-byte boundaries (the grouped kernels' requirement)."""
+    n = 16 // t.element_size()
+    return all(s % n == 0 for s in t.stride()[:-1]) and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+
+
+def grouped_mm_supported(x: Tensor, w_in: Tensor, w_out: Tensor) -> bool:
+    """Does torch run ``_grouped_mm`` natively (one kernel, no host sync) for these operands?
+    torch >= 2.8, CUDA sm_90 or sm_100 family, bfloat16, 16-byte row strides; the first call per
+    device also checks the kernel against the loop on ragged groups (``_grouped_mm_checks_out``)."""
+    if not hasattr(torch, "_grouped_mm") or _torch_version() < (2, 8):
+        return False
+    if x.device.type != "cuda" or torch.version.hip is not None:
+        return False
+    if not all(t.dtype == torch.bfloat16 for t in (x, w_in, w_out)):
+        return False
+    major, minor = torch.cuda.get_device_capability(x.device)
+    if not ((major, minor) == (9, 0) or major == 10):  # torch's fast path: sm_90, sm_100 family
+        return False
+    widths_ok = x.shape[1] % 8 == 0 and w_in.shape[2] % 8 == 0 and w_out.shape[1] % 8 == 0
+    if not (widths_ok and all(_aligned(t) for t in (x, w_in, w_out))):
+        return False
+    return _grouped_mm_checks_out(x.device.index or 0)
+
+
+@functools.cache
+def _grouped_mm_checks_out(device_index: int) -> bool:
+    """Once per device: grouped_ffn equals loop_ffn (forward and gradients, bf16 tolerance) on
+    ragged groups with an empty one and sizes that are not multiples of 8. A failure (an older
+    kernel's restriction) warns and keeps the loop."""
+    dev = torch.device("cuda", device_index)
+    g = torch.Generator(device=dev).manual_seed(0)
+    counts = [5, 0, 11, 3]
+    x = torch.randn(sum(counts), 32, device=dev, generator=g)
+    w_in = torch.randn(4, 32, 64, device=dev, generator=g) / 6
+    w_out = torch.randn(4, 64, 32, device=dev, generator=g) / 8
+    grad = torch.randn(sum(counts), 32, device=dev, generator=g)
+    ends = torch.tensor(counts, device=dev).cumsum(0).to(torch.int32)
+    results = []
+    try:
+        for fn, arg, dtype in (
+            (grouped_ffn, ends, torch.bfloat16),
+            (loop_ffn, counts, torch.float32),
+        ):
+            leaves = [t.to(dtype).requires_grad_() for t in (x, w_in, w_out)]
+            y = fn(*leaves, arg, "gelu")
+            y.backward(grad.to(dtype))
+            results.append([y.float(), *(t.grad.float() for t in leaves)])
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
+    except (AssertionError, RuntimeError) as e:
+        why = f"torch._grouped_mm (torch {torch.__version__}) failed or disagreed with the loop"
+        warnings.warn(f"{why} on ragged groups; using the loop. {e}", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+@functools.cache
+def _grouped_mm_on_cpu(dtype: torch.dtype) -> bool:
+    """Does this torch run ``_grouped_mm`` (with autograd) on CPU tensors of this dtype? Probed
+    once per dtype: torch 2.8 had no CPU kernel; 2.13 runs a per-group loop in C++."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        x = torch.ones(3, 8, dtype=dtype, requires_grad=True)
+        w = torch.ones(2, 8, 8, dtype=dtype, requires_grad=True)
+        y = torch._grouped_mm(x, w, offs=torch.tensor([1, 3], dtype=torch.int32))
+        y.backward(torch.ones_like(y))
+        return bool(torch.equal(y.float(), torch.full((3, 8), 8.0)) and w.grad is not None)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def pick_backend(x: Tensor, w_in: Tensor, w_out: Tensor, requested: str = "auto") -> str:
+    """'grouped' or 'loop' for these operands: `requested` (or $MOE_TRAIN_EXPERT_BACKEND) when
+    not 'auto', else grouped where torch runs it natively on the GPU, loop otherwise."""
+    want = os.environ.get("MOE_TRAIN_EXPERT_BACKEND") or requested
+    if want not in BACKENDS:
+        raise ValueError(f"expert backend: got {want!r}; allowed: {', '.join(BACKENDS)}")
+    cpu_grouped = x.device.type == "cpu" and _grouped_mm_on_cpu(x.dtype)
+    if want == "grouped":
+        if x.device.type == "cpu" and not cpu_grouped:
+            why = f"torch {torch.__version__} has no CPU _grouped_mm for {x.dtype}"
+            raise RuntimeError(f"expert backend 'grouped': {why}; use 'loop' or 'auto'")
+        return "grouped"
+    if want == "loop":
+        return "loop"
+    # CPU: torch's C++ per-group loop beats ours by 5-15 % of the layer (benchmarks/moe_layer.py)
+    return "grouped" if cpu_grouped or grouped_mm_supported(x, w_in, w_out) else "loop"
+
+
+# ---- the two backends ----------------------------------------------------------------------
+
+
+def grouped_ffn(x: Tensor, w_in: Tensor, w_out: Tensor, ends: Tensor, activation: str) -> Tensor:
+    """x: [S, d], w_in: [E, d, W], w_out: [E, h, d], ends: [E] int32 cumulative row counts on
+    x's device -> [S, d] (torch's autograd for _grouped_mm)."""
+    h = torch._grouped_mm(x, w_in, offs=ends)  # [S, W]
+    return torch._grouped_mm(activate(h, activation), w_out, offs=ends)
+
+
+def _bounds(counts: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, first row, end row) of every non-empty segment."""
+    out, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            out.append((e, start, start + n))
+        start += n
+    return out
+
+
+class _LoopFFN(torch.autograd.Function):
+    """The loop backend with a hand-written backward: every matmul writes into a slice of one
+    preallocated output, so neither direction concatenates segments or stacks weight grads."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_in: Tensor, w_out: Tensor, counts: list[int], activation: str):  # type: ignore[override]
+        segs = _bounds(counts)
+        h = x.new_empty(x.shape[0], w_in.shape[2])  # [S, W]
+        for e, a, b in segs:
+            torch.mm(x[a:b], w_in[e], out=h[a:b])
+        act = activate(h, activation)  # [S, h]
+        y = x.new_empty(x.shape[0], w_out.shape[2])  # [S, d]
+        for e, a, b in segs:
+            torch.mm(act[a:b], w_out[e], out=y[a:b])
+        ctx.save_for_backward(x, w_in, w_out, h, act)
+        ctx.segs, ctx.activation = segs, activation
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):  # type: ignore[override]
+        x, w_in, w_out, h, act = ctx.saved_tensors
+        segs = ctx.segs
+        need_x, need_w_in, need_w_out = ctx.needs_input_grad[:3]
+        grad_y = grad_y.contiguous()
+        grad_act = torch.empty_like(act)
+        grad_w_out = _zeros_where_empty(w_out, segs) if need_w_out else None
+        for e, a, b in segs:
+            torch.mm(grad_y[a:b], w_out[e].t(), out=grad_act[a:b])
+            if grad_w_out is not None:
+                torch.mm(act[a:b].t(), grad_y[a:b], out=grad_w_out[e])
+        grad_h = activate_backward(grad_act, h, ctx.activation)
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w_in = _zeros_where_empty(w_in, segs) if need_w_in else None
+        for e, a, b in segs:
+            if grad_x is not None:
+                torch.mm(grad_h[a:b], w_in[e].t(), out=grad_x[a:b])
+            if grad_w_in is not None:
+                torch.mm(x[a:b].t(), grad_h[a:b], out=grad_w_in[e])
+        return grad_x, grad_w_in, grad_w_out, None, None
+
+
+def _zeros_where_empty(w: Tensor, segs: list[tuple[int, int, int]]) -> Tensor:
+    """An uninitialised gradient of w [E, ...] with zeros in the slices of experts without rows."""
+    g = torch.empty_like(w, memory_format=torch.contiguous_format)
+    busy = {e for e, _, _ in segs}
+    for e in range(w.shape[0]):
+        if e not in busy:
+            g[e].zero_()
+    return g
+
+
+def loop_ffn(x: Tensor, w_in: Tensor, w_out: Tensor, counts: list[int], activation: str) -> Tensor:
+    """The loop backend: x [S, d] sorted by expert, counts [E] host ints -> [S, d]."""
+    return _LoopFFN.apply(x, w_in, w_out, counts, activation)

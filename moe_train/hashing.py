@@ -1,0 +1,71 @@
+"""Counter-based hashing behind the layout-invariant noise: SplitMix64 (Steele, Lea and Flood
+2014) on int64 tensors and Python ints, and the per-(row, column) noise of the jitter, whose bits
+the C++/CUDA kernels (kernels/moe_ops_index.h) compute too."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_MASK64 = (1 << 64) - 1
+GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+
+def signed64(value: int) -> int:
+    """An unsigned 64-bit value as the signed int64 torch stores."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+def _logical_shift(z: Tensor, bits: int) -> Tensor:
+    """z >>> bits on int64 (torch's >> is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def splitmix(z: Tensor) -> Tensor:
+    """SplitMix64's step on int64 z (wrapping): mix(z + golden)."""
+    z = z + signed64(GOLDEN)
+    z = (z ^ _logical_shift(z, 30)) * signed64(_MIX1)
+    z = (z ^ _logical_shift(z, 27)) * signed64(_MIX2)
+    return z ^ _logical_shift(z, 31)
+
+
+def splitmix_int(z: int) -> int:
+    """splitmix on a Python int (unsigned 64-bit in, unsigned 64-bit out)."""
+    z = (z + GOLDEN) & _MASK64
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _fmix32(h: Tensor) -> Tensor:
+    """MurmurHash3's 32-bit finaliser on values in [0, 2**32) held in int64."""
+    m32 = (1 << 32) - 1
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & m32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & m32
+    return h ^ (h >> 16)
+
+
+def noise_uniform(seed: int, rows: Tensor, cols: int) -> Tensor:
+    """U[0, 1) float32 [R, cols] with 24 random bits, a pure function of (seed, row, column):
+    row key = low 32 bits of SplitMix64 output `row` of `seed` (rows: [R] int64 global indices),
+    u = fmix32(key + column * golden32) >> 8, times 2^-24 (moe_ops::noise_uniform's bits)."""
+    m32 = (1 << 32) - 1
+    key = splitmix(rows.to(torch.int64) * signed64(GOLDEN) + signed64(seed)) & m32  # [R]
+    col = (torch.arange(cols, device=rows.device) * (GOLDEN >> 32)) & m32  # [cols]
+    h = _fmix32((key.unsqueeze(1) + col) & m32)
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def mix_bits(seed: int, index: Tensor) -> Tensor:
+    """Two rounds of splitmix on index ^ seed (int64 tensor out)."""
+    return splitmix(splitmix(index.to(torch.int64) ^ signed64(seed)))
+
+
+def top24_uniform(z: Tensor) -> Tensor:
+    """The top 24 bits of int64 z as a U[0, 1) float32."""
+    return _logical_shift(z, 40).to(torch.float32) * (1.0 / (1 << 24))

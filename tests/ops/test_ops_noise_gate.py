@@ -1,0 +1,95 @@
+"""The fused jitter and gate ops against their references; group_by; the range checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_train import ops
+from moe_train.ops._custom import csr_by_row
+from moe_train.ops.reference import jitter_reference
+
+pytestmark = pytest.mark.usefixtures("ext")
+SEEDS = (0, 1, 2**63 - 1, 987654321987)
+
+
+@pytest.mark.parametrize("d", [77, 256, 5])
+def test_jitter_is_bit_identical_to_the_reference_and_split_invariant(d, gen):
+    x = torch.randn(150, d, generator=gen)
+    for seed in SEEDS:
+        for eps, first in ((0.01, 0), (0.3, 1000), (0.1, 2**40)):
+            got = ops.jitter(x, seed, first, eps)
+            assert torch.equal(got, jitter_reference(x, seed, first, eps))
+            parts = [
+                ops.jitter(x[:64], seed, first, eps),
+                ops.jitter(x[64:], seed, first + 64, eps),
+            ]
+            assert torch.equal(torch.cat(parts), got)  # the same noise for a row on any split
+
+
+def test_jitter_noise_is_uniform_on_its_interval():
+    n = ops.jitter(torch.ones(400, 500), seed=9, first_row=0, eps=0.5)  # U[0.5, 1.5)
+    assert 0.5 <= float(n.min()) and float(n.max()) < 1.5
+    assert abs(float(n.mean()) - 1.0) < 0.005 and abs(float(n.std()) - 12**-0.5) < 0.005
+    # neighbouring features and rows are not correlated
+    c = torch.corrcoef(torch.stack([n[:, 0], n[:, 1], n.roll(1, 0)[:, 0]]))
+    assert c.sub(torch.eye(3)).abs().max() < 0.15
+
+
+def test_jitter_gradient_is_the_same_noise(gen):
+    x = torch.randn(40, 33, generator=gen, requires_grad=True)
+    ops.jitter(x, 5, 7, 0.2).backward(torch.ones(40, 33))
+    assert torch.equal(x.grad, ops.jitter(torch.ones(40, 33), 5, 7, 0.2))
+
+
+@pytest.mark.parametrize("shape", [(37, 19, 5), (130, 64, 16), (9, 40, 33)])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gate_matches_jitter_then_linear(shape, eps, bias, gen):
+    T, d, E = shape
+    x = torch.randn(T, d, generator=gen, requires_grad=True)
+    w = torch.randn(E, d, generator=gen, requires_grad=True)
+    b = torch.randn(E, generator=gen, requires_grad=True) if bias else None
+    g = torch.randn(T, E, generator=gen)
+    leaves = [t for t in (x, w, b) if t is not None]
+    got = [
+        ops.gate(x, w, b, 3, 50, eps),
+        *torch.autograd.grad(ops.gate(x, w, b, 3, 50, eps), leaves, g),
+    ]
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_() if bias else None
+    noise = jitter_reference(torch.ones(T, d), 3, 50, eps).double() if eps else 1.0
+    want_y = F.linear(x64 * noise, w64, b64)
+    want = [
+        want_y,
+        *torch.autograd.grad(want_y, [t for t in (x64, w64, b64) if t is not None], g.double()),
+    ]
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4)
+
+
+def test_gate_rows_do_not_depend_on_the_batch(gen):
+    x, w = torch.randn(23, 48, generator=gen), torch.randn(16, 48, generator=gen)
+    full = ops.gate(x, w, None, 1, 0, 0.01)
+    for lo, hi in ((0, 4), (4, 5), (5, 23)):  # whole blocks of rows, single rows, tails
+        assert torch.equal(ops.gate(x[lo:hi], w, None, 1, lo, 0.01), full[lo:hi])
+
+
+def test_group_by_is_a_stable_sort_with_counts(gen):
+    index = torch.randint(0, 7, (500,), generator=gen)
+    order, counts = ops.group_by(index, 9)
+    assert torch.equal(order, torch.argsort(index, stable=True))
+    assert torch.equal(counts, torch.bincount(index, minlength=9))
+
+
+def test_out_of_range_rows_are_rejected_on_cpu():
+    buf, index = torch.randn(3, 8), torch.tensor([0, 5, 1])
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.combine(buf, None, index, 4)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.moe_train.combine_backward(torch.randn(4, 8), buf, None, index, False)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.dispatch(torch.randn(4, 8), index)
+    with pytest.raises(RuntimeError, match="out of range"):
+        csr_by_row(torch.tensor([0, -1]), 4)
