@@ -9,14 +9,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..parallel import ParallelState
 from ..parallel.launch_env import ensure_single_process_env
+from ..parallel.parallelize import connect_process_groups
+from .deepspeed_moe import (
+    WithMoEMarker,
+    check_engine_groups,
+    name_expert_groups,
+    register_expert_groups,
+    tag_expert_params,
+)
 
 
 def deepspeed_initialize(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
+    parallel: ParallelState,
     *,
-    ep: int,
+    num_experts: int,
     micro_batch: int,
     grad_accum: int,
     zero_stage: int,
@@ -25,9 +35,10 @@ def deepspeed_initialize(
 ):
     """Wrap model and optimizer with deepspeed.initialize; returns the engine.
 
-    The optimizer arrives with experts in their own parameter groups (see training.optim.build_optimizer).
-    Data parallel only (parallel.ep=1): every rank holds every expert, and ZeRO (stage 0/1/2)
-    reduces and shards dense and expert state alike over the world.
+    The optimizer arrives with experts in their own parameter groups (see training.optim).
+    Distributed (any parallel.ep): the model's MoE layers get moe-train's groups (they do the
+    all-to-all), and DeepSpeed's ZeRO shards dense state over the world and expert state over
+    each expert's data-parallel group (moe-train's dp group), as engines.deepspeed_moe explains.
     """
     try:
         import deepspeed
@@ -35,15 +46,22 @@ def deepspeed_initialize(
         raise RuntimeError(
             "trainer.engine=deepspeed needs DeepSpeed: pip install -e '.[deepspeed]'"
         ) from e
-    if ep > 1:
+    ep = parallel.ep
+    if ep > 1 and zero_stage not in (1, 2):
         raise ValueError(
-            f"trainer.engine=deepspeed with parallel.ep={ep}: DeepSpeed's ZeRO recognises expert "
-            "parameters only inside its own deepspeed.moe.layer.MoE modules and would all-reduce "
-            "moe-train's experts over the whole world. Use parallel.ep=1 with DeepSpeed (experts "
-            "replicated, ZeRO shards their state too), or trainer.engine=native for expert parallelism"
+            f"trainer.zero_stage={zero_stage} with parallel.ep={ep}: DeepSpeed reduces and shards "
+            "expert state over their expert-data-parallel groups in ZeRO stages 1 and 2 only; "
+            "use trainer.zero_stage=1 or 2 (or trainer.engine=native)"
         )
     ensure_single_process_env()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    wrapped: nn.Module = model
+    if parallel.distributed:
+        connect_process_groups(model, parallel.dims, parallel.groups)  # the all-to-all's groups
+        tag_expert_params(model, ep)
+        name_expert_groups(optimizer, ep)
+        register_expert_groups(parallel)
+        wrapped = WithMoEMarker(model, num_experts, ep)
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
@@ -54,7 +72,9 @@ def deepspeed_initialize(
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    engine, *_ = deepspeed.initialize(model=wrapped, optimizer=optimizer, config=config)
+    if parallel.distributed:
+        check_engine_groups(engine, parallel)
     return engine
 
 
@@ -63,9 +83,16 @@ class DeepSpeedEngine:
     accumulation, reduces, clips, scales and steps itself, and counts the steps it skips (fp16
     overflow). Its checkpoints are its own (ZeRO-partitioned) format, in run_dir/deepspeed."""
 
-    def __init__(self, wrapped: nn.Module, module: nn.Module, optimizer: torch.optim.Optimizer):
-        """`wrapped`: deepspeed_initialize(module, optimizer, ...)."""
+    def __init__(
+        self,
+        wrapped: nn.Module,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        parallel: ParallelState,
+    ):
+        """`wrapped`: deepspeed_initialize(module, optimizer, parallel, ...)."""
         self.model, self.module, self.optimizer = wrapped, module, optimizer
+        self.parallel = parallel
         self._skipped_seen = 0  # DeepSpeed's skipped_steps at the end of the last step
 
     def autocast(self) -> contextlib.AbstractContextManager:
