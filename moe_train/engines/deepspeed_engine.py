@@ -9,8 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import checkpoint_candidates, load_latest_checkpoint, save_checkpoint
 from ..parallel import ParallelState
 from ..parallel.launch_env import ensure_single_process_env
+from ..parallel.objects import from_main
 from ..parallel.parallelize import connect_process_groups
 from .deepspeed_moe import (
     WithMoEMarker,
@@ -19,6 +21,7 @@ from .deepspeed_moe import (
     register_expert_groups,
     tag_expert_params,
 )
+from .deepspeed_state import WholeState, whole_master_weights
 
 
 def deepspeed_initialize(
@@ -81,7 +84,8 @@ def deepspeed_initialize(
 class DeepSpeedEngine:
     """deepspeed.initialize around the bare model: DeepSpeed casts the model, divides by the
     accumulation, reduces, clips, scales and steps itself, and counts the steps it skips (fp16
-    overflow). Its checkpoints are its own (ZeRO-partitioned) format, in run_dir/deepspeed."""
+    overflow). Checkpoints are moe-train's DCP format (whole tensors per parameter gathered from
+    ZeRO's partitions), so they resume on either engine at any parallel.ep."""
 
     def __init__(
         self,
@@ -118,22 +122,64 @@ class DeepSpeedEngine:
         return None  # ZeRO keeps its state in flat partitions of its own: not measured here
 
     def state_dict(self) -> dict[str, Any]:
-        return {}  # DeepSpeed's checkpoint holds its loss scaler and step counters
+        """The loss scale as the native engine's GradScaler keeps it (empty unless fp16)."""
+        scaler = getattr(self.model.optimizer, "loss_scaler", None)
+        if not self.model.fp16_enabled() or scaler is None:
+            return {"scaler": {}}
+        return {
+            "scaler": {
+                "scale": float(scaler.cur_scale),
+                "growth_factor": float(getattr(scaler, "scale_factor", 2.0)),
+                "backoff_factor": 1.0 / float(getattr(scaler, "scale_factor", 2.0)),
+                "growth_interval": int(getattr(scaler, "scale_window", 1000)),
+                "_growth_tracker": 0,
+            }
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        scaler = getattr(self.model.optimizer, "loss_scaler", None)
+        saved = state.get("scaler", {})
+        if self.model.fp16_enabled() and scaler is not None and "scale" in saved:
+            scaler.cur_scale = saved["scale"]
+
+    def _zero(self) -> Any | None:
+        """DeepSpeed's ZeRO 1/2 optimizer, or None when it steps the client optimizer itself."""
+        inner = self.model.optimizer
+        if hasattr(inner, "bit16_groups") and hasattr(inner, "single_partition_of_fp32_groups"):
+            return inner
+        if inner is self.optimizer:
+            return None
+        raise NotImplementedError(
+            f"trainer.engine=deepspeed: checkpoints of DeepSpeed's {type(inner).__name__} are not "
+            "supported; use trainer.zero_stage=1 or 2"
+        )
 
     def save_checkpoint(self, run_dir: Path, step: int, extra: dict[str, Any], keep: int) -> None:
-        folder = Path(run_dir) / "deepspeed"  # DeepSpeed keeps every tag: `keep` does not apply
-        self.model.save_checkpoint(str(folder), f"step_{step:08d}", client_state=extra)
+        """moe-train's DCP format (moe_train.checkpoint): whole fp32 weights and optimizer state
+        per parameter, gathered from ZeRO's partitions (engines.deepspeed_state)."""
+        zero = self._zero()
+        if zero is None:
+            save_checkpoint(run_dir, step, self.module, self.optimizer, extra, self.parallel, keep)
+            return
+        view = WholeState(zero, self.parallel)
+        view.gather()
+        with whole_master_weights(zero, self.parallel, load=False):
+            save_checkpoint(run_dir, step, self.module, view, extra, self.parallel, keep)
 
     def finish_checkpoint(self) -> None:
-        pass  # DeepSpeed saves synchronously
+        pass  # saved synchronously
 
     def load_latest(self, run_dir: Path) -> dict[str, Any] | None:
-        folder = Path(run_dir) / "deepspeed"
-        if not (folder / "latest").exists():
-            return None
-        _, extra = self.model.load_checkpoint(str(folder))
-        self._skipped_seen = self.model.skipped_steps
-        return extra
+        """The newest checkpoint of run_dir that verifies (written by either engine, any ep)."""
+        if not from_main(self.parallel, lambda: checkpoint_candidates(run_dir)):
+            return None  # nothing to allocate state for (that would count an optimizer step)
+        zero = self._zero()
+        if zero is None:
+            found = load_latest_checkpoint(run_dir, self.module, self.optimizer, self.parallel)
+            return None if found is None else found[1]
+        view = WholeState(zero, self.parallel)
+        view.allocate()
+        with whole_master_weights(zero, self.parallel, load=True):
+            found = load_latest_checkpoint(run_dir, self.module, view, self.parallel)
+        view.scatter()
+        return None if found is None else found[1]
