@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..checkpoint import checkpoint_candidates, load_latest_checkpoint, save_checkpoint
 from ..parallel import ParallelState
 from ..parallel.launch_env import ensure_single_process_env
+from ..parallel.memory import state_bytes
 from ..parallel.objects import from_main
 from ..parallel.parallelize import connect_process_groups
 from .deepspeed_moe import (
@@ -21,7 +22,7 @@ from .deepspeed_moe import (
     register_expert_groups,
     tag_expert_params,
 )
-from .deepspeed_state import WholeState, whole_master_weights
+from .deepspeed_state import WholeState, whole_master_weights, zero_state_bytes
 
 
 def deepspeed_initialize(
@@ -50,6 +51,12 @@ def deepspeed_initialize(
             "trainer.engine=deepspeed needs DeepSpeed: pip install -e '.[deepspeed]'"
         ) from e
     ep = parallel.ep
+    if zero_stage > 0 and type(optimizer).__name__ == "Adafactor":
+        raise ValueError(
+            "optim.name=adafactor with trainer.engine=deepspeed and trainer.zero_stage>0: ZeRO "
+            "steps the optimizer on flat 1-D partitions, where Adafactor's row/column statistics "
+            "do not exist; use optim.name=adamw, trainer.zero_stage=0, or trainer.engine=native"
+        )
     if ep > 1 and zero_stage not in (1, 2):
         raise ValueError(
             f"trainer.zero_stage={zero_stage} with parallel.ep={ep}: DeepSpeed reduces and shards "
@@ -98,6 +105,7 @@ class DeepSpeedEngine:
         self.model, self.module, self.optimizer = wrapped, module, optimizer
         self.parallel = parallel
         self._skipped_seen = 0  # DeepSpeed's skipped_steps at the end of the last step
+        self._state_bytes: int | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the engine casts the model itself
@@ -113,13 +121,18 @@ class DeepSpeedEngine:
         skipped = self.model.skipped_steps
         applied = skipped == self._skipped_seen
         self._skipped_seen = skipped
+        zero = self._zero()
+        measured = zero_state_bytes(zero) if zero else state_bytes(self.module, self.optimizer)
+        self._state_bytes = measured["total"]
         return applied
 
     def grad_norm(self) -> float:
         return float(self.model.get_global_grad_norm() or 0.0)
 
     def state_bytes(self) -> int | None:
-        return None  # ZeRO keeps its state in flat partitions of its own: not measured here
+        """This rank's state bytes at the last step, from ZeRO's own tensors (see
+        engines.deepspeed_state.zero_state_bytes; the planner predicts the same terms)."""
+        return self._state_bytes
 
     def state_dict(self) -> dict[str, Any]:
         """The loss scale as the native engine's GradScaler keeps it (empty unless fp16)."""

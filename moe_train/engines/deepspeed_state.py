@@ -143,3 +143,26 @@ def whole_master_weights(zero: Any, parallel: ParallelState, load: bool) -> Iter
                     _write(p, zero.optimizer.param_groups[gi]["params"][0], p.data)
                     own.copy_(p.data)
                 p.data = own
+
+
+def _nbytes(tensors: list[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def zero_state_bytes(zero: Any) -> dict[str, int]:
+    """This rank's state under ZeRO 1/2, from ZeRO's own tensors: params = the module's whole
+    low-precision copy (its flat buffers) + this rank's fp32 master partitions; grads = the fp32
+    partition the step reduces into (stage 2) or the whole low-precision gradients (stage 1);
+    optimizer = every tensor of the client optimizer's state (over the partitions)."""
+    masters = list(zero.single_partition_of_fp32_groups)
+    lp = _nbytes(list(zero.bit16_groups_flat))
+    grads = _nbytes(masters) if zero.partition_gradients else lp
+    seen: set[int] = set()
+    optim = 0
+    for state in zero.optimizer.state.values():
+        for v in state.values():
+            if isinstance(v, Tensor) and id(v) not in seen:
+                seen.add(id(v))
+                optim += v.numel() * v.element_size()
+    out = {"params": lp + _nbytes(masters), "grads": grads, "optimizer": optim}
+    return {**out, "total": sum(out.values())}
