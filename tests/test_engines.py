@@ -78,3 +78,15 @@ def test_deepspeed_ep_without_zero_is_refused_by_name():
 def test_deepspeed_zero_with_adafactor_is_refused_by_name():
     with pytest.raises(ValueError, match="optim.name=adafactor with trainer.engine=deepspeed"):
         _initialize("adafactor", zero_stage=1, ep=1)
+
+
+def test_deepspeed_before_the_expert_gradient_fix_is_refused_with_ep(monkeypatch):
+    import deepspeed
+
+    from moe_train.engines.deepspeed_moe import check_version
+
+    check_version(2)  # the installed one is supported
+    monkeypatch.setattr(deepspeed, "__version_minor__", 14)
+    check_version(1)  # data parallel only: expert gradients are reduced like dense ones
+    with pytest.raises(ValueError, match="needs DeepSpeed >= 0.16.0"):
+        check_version(2)

@@ -18,6 +18,7 @@ from ..parallel.parallelize import connect_process_groups
 from .deepspeed_moe import (
     WithMoEMarker,
     check_engine_groups,
+    check_version,
     name_expert_groups,
     register_expert_groups,
     tag_expert_params,
@@ -63,6 +64,7 @@ def deepspeed_initialize(
             "expert state over their expert-data-parallel groups in ZeRO stages 1 and 2 only; "
             "use trainer.zero_stage=1 or 2 (or trainer.engine=native)"
         )
+    check_version(ep)
     ensure_single_process_env()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     wrapped: nn.Module = model

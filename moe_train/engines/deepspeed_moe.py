@@ -32,6 +32,25 @@ from torch import nn
 
 from ..parallel import ParallelState, is_expert_param
 
+# The oldest DeepSpeed tested (pyproject pins >=0.16,<0.20; 0.16.0 and 0.19.8 pass the parity tests).
+# Its ZeRO 1/2 divides expert gradients by the world (DeepSpeed PR 6546); 0.14.5 divides them by
+# the expert-data-parallel size: ep times too large for moe-train's rule.
+MIN_VERSION = (0, 16, 0)
+
+
+def check_version(ep: int) -> None:
+    """ValueError naming the installed DeepSpeed when it predates MIN_VERSION and ep > 1."""
+    import deepspeed
+
+    found = (deepspeed.__version_major__, deepspeed.__version_minor__, deepspeed.__version_patch__)
+    if ep > 1 and tuple(found) < MIN_VERSION:
+        wanted = ".".join(map(str, MIN_VERSION))
+        raise ValueError(
+            f"trainer.engine=deepspeed with parallel.ep={ep} needs DeepSpeed >= {wanted} (found "
+            f"{deepspeed.__version__}, whose ZeRO scales expert gradients ep times too large): "
+            f"pip install 'deepspeed>={wanted}', or use trainer.engine=native"
+        )
+
 
 def expert_group_name(ep: int) -> str:
     """DeepSpeed's name for the expert groups of expert-parallel size `ep`."""
@@ -65,9 +84,10 @@ def register_expert_groups(parallel: ParallelState) -> None:
     ep_ranks = next(r for r in dims.ep_groups() if dims.rank in r)
     dp_ranks = next(r for r in dims.dp_groups() if dims.rank in r)
     ds_groups._EXPERT_PARALLEL_GROUP[name] = parallel.groups.ep
-    ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = ep_ranks
     ds_groups._EXPERT_DATA_PARALLEL_GROUP[name] = parallel.groups.dp
-    ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = dp_ranks
+    if hasattr(ds_groups, "_EXPERT_PARALLEL_GROUP_RANKS"):  # DeepSpeed >= 0.15 keeps the ranks too
+        ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = ep_ranks
+        ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = dp_ranks
     seen = {
         "expert-parallel": dist.get_process_group_ranks(ds_groups._get_expert_parallel_group(name)),
         "expert-data-parallel": dist.get_process_group_ranks(

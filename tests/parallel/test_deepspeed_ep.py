@@ -53,6 +53,10 @@ def _planned_state_bytes(overrides: list[str]) -> int:
     return json.loads(plan.stdout)["state_bytes_per_gpu"]
 
 
+def _grad_norms(run_dir: Path) -> list[float]:
+    return [r["grad_norm"] for r in read_metrics(run_dir) if "grad_norm" in r]
+
+
 def _measured_state_bytes(run_dir: Path) -> int:
     return [r["mem/state_bytes"] for r in read_metrics(run_dir) if "mem/state_bytes" in r][-1]
 
@@ -61,9 +65,14 @@ def _measured_state_bytes(run_dir: Path) -> int:
 def test_deepspeed_ep2_reproduces_the_single_process_curve(tmp_path, single_process_curve, case):
     overrides = [f"router={case.split('-')[0]}", *DEEPSPEED_EP2, *CASES[case]]
     single = single_process_curve([o for o in overrides if not o.startswith(NOT_IN_1_PROCESS)])
+    single_overrides = [o for o in overrides if not o.startswith(NOT_IN_1_PROCESS)]
     multi = run(tmp_path, tmp_path / "deepspeed", 4, overrides)
     assert single[-1] < single[0]  # it trains
     _same_curve(single, multi, 1, f"deepspeed ep=2 ({case})")
+    # Adam hardly sees a constant factor on a parameter's gradient, the norm does (DeepSpeed
+    # 0.14 averaged expert gradients over their dp group: ep times moe-train's)
+    single_norms = _grad_norms(single_process_curve.run_dir(single_overrides))
+    _same_curve(single_norms, _grad_norms(tmp_path / "deepspeed"), 1, f"grad norm ({case})")
     measured = _measured_state_bytes(tmp_path / "deepspeed")
     assert measured == pytest.approx(_planned_state_bytes(overrides), rel=0.05)
 
