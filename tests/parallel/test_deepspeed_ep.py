@@ -31,6 +31,8 @@ DEEPSPEED_EP2 = ["trainer.engine=deepspeed", "trainer.zero_stage=2", "parallel.e
 CASES = {
     "switch": [],
     "sam": ["model.num_experts=8", "router.num_groups=4"],
+    "prototype": [],
+    "expert_choice": [],
     # ZeRO stage 1 with gradient accumulation (2 micro-steps per rank)
     "switch-accum-zero1": ["trainer.micro_batch_size=1", "trainer.zero_stage=1"],
 }
