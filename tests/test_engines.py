@@ -48,25 +48,45 @@ def test_deepspeed_matches_native_on_two_ranks(tmp_path):
     native, ds = losses(tmp_path / "native"), losses(tmp_path / "deepspeed")
     assert len(native) == len(ds) == 6
     assert ds == pytest.approx(native, rel=1e-4)
-    assert (tmp_path / "deepspeed" / "deepspeed" / "latest").read_text().strip() == "step_00000006"
+    assert (tmp_path / "deepspeed" / "latest").read_text().strip() == "step_00000006"  # DCP
 
 
-def test_deepspeed_with_expert_parallelism_is_refused_by_name():
+def _initialize(optimizer_name: str, zero_stage: int, ep: int):
     import torch
 
     from moe_train.engines import deepspeed_initialize
+    from moe_train.parallel import ParallelConfig, ParallelDims, ParallelState
+    from moe_train.training.adafactor import Adafactor
 
     model = torch.nn.Linear(2, 2)
-    opt = torch.optim.AdamW(model.parameters())
-    with pytest.raises(ValueError, match="parallel.ep=2") as e:
-        deepspeed_initialize(
-            model,
-            opt,
-            ep=2,
-            micro_batch=1,
-            grad_accum=1,
-            zero_stage=1,
-            grad_clip=1.0,
-            amp_dtype=None,
-        )
-    assert "trainer.engine=native" in str(e.value)
+    if optimizer_name == "adafactor":
+        opt = Adafactor(model.parameters())
+    else:
+        opt = torch.optim.AdamW(model.parameters())
+    parallel = ParallelState(ParallelConfig(ep=ep), ParallelDims(world_size=2, ep=ep))
+    return deepspeed_initialize(
+        model, opt, parallel, num_experts=2, micro_batch=1, grad_accum=1,
+        zero_stage=zero_stage, grad_clip=1.0, amp_dtype=None,
+    )  # fmt: skip
+
+
+def test_deepspeed_ep_without_zero_is_refused_by_name():
+    with pytest.raises(ValueError, match="trainer.zero_stage=0 with parallel.ep=2"):
+        _initialize("adamw", zero_stage=0, ep=2)
+
+
+def test_deepspeed_zero_with_adafactor_is_refused_by_name():
+    with pytest.raises(ValueError, match="optim.name=adafactor with trainer.engine=deepspeed"):
+        _initialize("adafactor", zero_stage=1, ep=1)
+
+
+def test_deepspeed_before_the_expert_gradient_fix_is_refused_with_ep(monkeypatch):
+    import deepspeed
+
+    from moe_train.engines.deepspeed_moe import check_version
+
+    check_version(2)  # the installed one is supported
+    monkeypatch.setattr(deepspeed, "__version_minor__", 14)
+    check_version(1)  # data parallel only: expert gradients are reduced like dense ones
+    with pytest.raises(ValueError, match="needs DeepSpeed >= 0.16.0"):
+        check_version(2)

@@ -9,14 +9,29 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import checkpoint_candidates, load_latest_checkpoint, save_checkpoint
+from ..parallel import ParallelState
 from ..parallel.launch_env import ensure_single_process_env
+from ..parallel.memory import state_bytes
+from ..parallel.objects import from_main
+from ..parallel.parallelize import connect_process_groups
+from .deepspeed_moe import (
+    WithMoEMarker,
+    check_engine_groups,
+    check_version,
+    name_expert_groups,
+    register_expert_groups,
+    tag_expert_params,
+)
+from .deepspeed_state import WholeState, whole_master_weights, zero_state_bytes
 
 
 def deepspeed_initialize(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
+    parallel: ParallelState,
     *,
-    ep: int,
+    num_experts: int,
     micro_batch: int,
     grad_accum: int,
     zero_stage: int,
@@ -25,9 +40,10 @@ def deepspeed_initialize(
 ):
     """Wrap model and optimizer with deepspeed.initialize; returns the engine.
 
-    The optimizer arrives with experts in their own parameter groups (see training.optim.build_optimizer).
-    Data parallel only (parallel.ep=1): every rank holds every expert, and ZeRO (stage 0/1/2)
-    reduces and shards dense and expert state alike over the world.
+    The optimizer arrives with experts in their own parameter groups (see training.optim).
+    Distributed (any parallel.ep): the model's MoE layers get moe-train's groups (they do the
+    all-to-all), and DeepSpeed's ZeRO shards dense state over the world and expert state over
+    each expert's data-parallel group (moe-train's dp group), as engines.deepspeed_moe explains.
     """
     try:
         import deepspeed
@@ -35,15 +51,29 @@ def deepspeed_initialize(
         raise RuntimeError(
             "trainer.engine=deepspeed needs DeepSpeed: pip install -e '.[deepspeed]'"
         ) from e
-    if ep > 1:
+    ep = parallel.ep
+    if zero_stage > 0 and type(optimizer).__name__ == "Adafactor":
         raise ValueError(
-            f"trainer.engine=deepspeed with parallel.ep={ep}: DeepSpeed's ZeRO recognises expert "
-            "parameters only inside its own deepspeed.moe.layer.MoE modules and would all-reduce "
-            "moe-train's experts over the whole world. Use parallel.ep=1 with DeepSpeed (experts "
-            "replicated, ZeRO shards their state too), or trainer.engine=native for expert parallelism"
+            "optim.name=adafactor with trainer.engine=deepspeed and trainer.zero_stage>0: ZeRO "
+            "steps the optimizer on flat 1-D partitions, where Adafactor's row/column statistics "
+            "do not exist; use optim.name=adamw, trainer.zero_stage=0, or trainer.engine=native"
         )
+    if ep > 1 and zero_stage not in (1, 2):
+        raise ValueError(
+            f"trainer.zero_stage={zero_stage} with parallel.ep={ep}: DeepSpeed reduces and shards "
+            "expert state over their expert-data-parallel groups in ZeRO stages 1 and 2 only; "
+            "use trainer.zero_stage=1 or 2 (or trainer.engine=native)"
+        )
+    check_version(ep)
     ensure_single_process_env()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    wrapped: nn.Module = model
+    if parallel.distributed:
+        connect_process_groups(model, parallel.dims, parallel.groups)  # the all-to-all's groups
+        tag_expert_params(model, ep)
+        name_expert_groups(optimizer, ep)
+        register_expert_groups(parallel)
+        wrapped = WithMoEMarker(model, num_experts, ep)
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
@@ -54,19 +84,30 @@ def deepspeed_initialize(
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    engine, *_ = deepspeed.initialize(model=wrapped, optimizer=optimizer, config=config)
+    if parallel.distributed:
+        check_engine_groups(engine, parallel)
     return engine
 
 
 class DeepSpeedEngine:
     """deepspeed.initialize around the bare model: DeepSpeed casts the model, divides by the
     accumulation, reduces, clips, scales and steps itself, and counts the steps it skips (fp16
-    overflow). Its checkpoints are its own (ZeRO-partitioned) format, in run_dir/deepspeed."""
+    overflow). Checkpoints are moe-train's DCP format (whole tensors per parameter gathered from
+    ZeRO's partitions), so they resume on either engine at any parallel.ep."""
 
-    def __init__(self, wrapped: nn.Module, module: nn.Module, optimizer: torch.optim.Optimizer):
-        """`wrapped`: deepspeed_initialize(module, optimizer, ...)."""
+    def __init__(
+        self,
+        wrapped: nn.Module,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        parallel: ParallelState,
+    ):
+        """`wrapped`: deepspeed_initialize(module, optimizer, parallel, ...)."""
         self.model, self.module, self.optimizer = wrapped, module, optimizer
+        self.parallel = parallel
         self._skipped_seen = 0  # DeepSpeed's skipped_steps at the end of the last step
+        self._state_bytes: int | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the engine casts the model itself
@@ -82,31 +123,78 @@ class DeepSpeedEngine:
         skipped = self.model.skipped_steps
         applied = skipped == self._skipped_seen
         self._skipped_seen = skipped
+        zero = self._zero()
+        measured = zero_state_bytes(zero) if zero else state_bytes(self.module, self.optimizer)
+        self._state_bytes = measured["total"]
         return applied
 
     def grad_norm(self) -> float:
         return float(self.model.get_global_grad_norm() or 0.0)
 
     def state_bytes(self) -> int | None:
-        return None  # ZeRO keeps its state in flat partitions of its own: not measured here
+        """This rank's state bytes at the last step, from ZeRO's own tensors (see
+        engines.deepspeed_state.zero_state_bytes; the planner predicts the same terms)."""
+        return self._state_bytes
 
     def state_dict(self) -> dict[str, Any]:
-        return {}  # DeepSpeed's checkpoint holds its loss scaler and step counters
+        """The loss scale as the native engine's GradScaler keeps it (empty unless fp16)."""
+        scaler = getattr(self.model.optimizer, "loss_scaler", None)
+        if not self.model.fp16_enabled() or scaler is None:
+            return {"scaler": {}}
+        return {
+            "scaler": {
+                "scale": float(scaler.cur_scale),
+                "growth_factor": float(getattr(scaler, "scale_factor", 2.0)),
+                "backoff_factor": 1.0 / float(getattr(scaler, "scale_factor", 2.0)),
+                "growth_interval": int(getattr(scaler, "scale_window", 1000)),
+                "_growth_tracker": 0,
+            }
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        scaler = getattr(self.model.optimizer, "loss_scaler", None)
+        saved = state.get("scaler", {})
+        if self.model.fp16_enabled() and scaler is not None and "scale" in saved:
+            scaler.cur_scale = saved["scale"]
+
+    def _zero(self) -> Any | None:
+        """DeepSpeed's ZeRO 1/2 optimizer, or None when it steps the client optimizer itself."""
+        inner = self.model.optimizer
+        if hasattr(inner, "bit16_groups") and hasattr(inner, "single_partition_of_fp32_groups"):
+            return inner
+        if inner is self.optimizer:
+            return None
+        raise NotImplementedError(
+            f"trainer.engine=deepspeed: checkpoints of DeepSpeed's {type(inner).__name__} are not "
+            "supported; use trainer.zero_stage=1 or 2"
+        )
 
     def save_checkpoint(self, run_dir: Path, step: int, extra: dict[str, Any], keep: int) -> None:
-        folder = Path(run_dir) / "deepspeed"  # DeepSpeed keeps every tag: `keep` does not apply
-        self.model.save_checkpoint(str(folder), f"step_{step:08d}", client_state=extra)
+        """moe-train's DCP format (moe_train.checkpoint): whole fp32 weights and optimizer state
+        per parameter, gathered from ZeRO's partitions (engines.deepspeed_state)."""
+        zero = self._zero()
+        if zero is None:
+            save_checkpoint(run_dir, step, self.module, self.optimizer, extra, self.parallel, keep)
+            return
+        view = WholeState(zero, self.parallel)
+        view.gather()
+        with whole_master_weights(zero, self.parallel, load=False):
+            save_checkpoint(run_dir, step, self.module, view, extra, self.parallel, keep)
 
     def finish_checkpoint(self) -> None:
-        pass  # DeepSpeed saves synchronously
+        pass  # saved synchronously
 
     def load_latest(self, run_dir: Path) -> dict[str, Any] | None:
-        folder = Path(run_dir) / "deepspeed"
-        if not (folder / "latest").exists():
-            return None
-        _, extra = self.model.load_checkpoint(str(folder))
-        self._skipped_seen = self.model.skipped_steps
-        return extra
+        """The newest checkpoint of run_dir that verifies (written by either engine, any ep)."""
+        if not from_main(self.parallel, lambda: checkpoint_candidates(run_dir)):
+            return None  # nothing to allocate state for (that would count an optimizer step)
+        zero = self._zero()
+        if zero is None:
+            found = load_latest_checkpoint(run_dir, self.module, self.optimizer, self.parallel)
+            return None if found is None else found[1]
+        view = WholeState(zero, self.parallel)
+        view.allocate()
+        with whole_master_weights(zero, self.parallel, load=True):
+            found = load_latest_checkpoint(run_dir, self.module, view, self.parallel)
+        view.scatter()
+        return None if found is None else found[1]

@@ -91,6 +91,37 @@ def predicted_state_bytes(
     return {**out, "total": sum(out.values())}
 
 
+def predicted_zero_state_bytes(
+    shapes: list[tuple[tuple[int, ...], bool]],
+    *,
+    zero_stage: int,
+    world: int,
+    ep: int,
+    lp_bytes: int = F32,
+) -> dict[str, int]:
+    """The state bytes of one rank under DeepSpeed ZeRO 1/2 with AdamW (the DeepSpeed engine's
+    `mem/state_bytes`, moe_train.engines.deepspeed_state.zero_state_bytes): per optimizer group
+    (dense/expert x decay/no-decay, moe_train.training.optim) the group is flattened, padded to a
+    multiple of 2 x ranks and split evenly over its ranks (dense: the world; experts: world/ep).
+    Every rank keeps the whole low-precision copy (lp_bytes per element) and an fp32 partition
+    of master weights, of gradients (stage 2; stage 1: whole low-precision gradients) and of
+    AdamW's two moments, plus one fp32 step per group."""
+    groups: dict[tuple[bool, bool], int] = {}
+    for shape, expert in shapes:
+        key = (expert, len(shape) >= 2)
+        groups[key] = groups.get(key, 0) + math.prod(shape)
+    params = grads = optim = 0
+    for (expert, _), numel in groups.items():
+        ranks = world // ep if expert else world
+        padded = math.ceil(numel / (2 * ranks)) * 2 * ranks
+        part = padded // ranks
+        params += lp_bytes * padded + F32 * part
+        grads += F32 * part if zero_stage >= 2 else lp_bytes * padded
+        optim += 2 * F32 * part + F32
+    out = {"params": params, "grads": grads, "optimizer": optim}
+    return {**out, "total": sum(out.values())}
+
+
 def model_shapes(model: nn.Module) -> list[tuple[tuple[int, ...], bool]]:
     """(shape, is_expert) of every unique parameter of a (meta-built) model."""
     from .placement import is_expert_param

@@ -64,6 +64,8 @@ def _trainer_options(cluster: ClusterConfig, cfg: Any) -> None:
     )
     cluster.precision = get("trainer.precision", cluster.precision)
     cluster.optimizer = get("optim.name", cluster.optimizer)
+    cluster.engine = get("trainer.engine", cluster.engine)
+    cluster.zero_stage = int(get("trainer.zero_stage", cluster.zero_stage))
     micro = get("trainer.micro_batch_size", None)
     if micro is not None:
         cluster.micro_batch_size = int(micro)

@@ -87,6 +87,8 @@ class ClusterConfig:
     activation_checkpointing: str = "none"
     precision: str = "auto"
     optimizer: str = "adamw"
+    engine: str = "native"  # trainer.engine: native | deepspeed
+    zero_stage: int = 1  # trainer.zero_stage (deepspeed engine only)
 
     @property
     def compute_bytes(self) -> int:
@@ -109,6 +111,8 @@ class ClusterConfig:
         at_least(self, "cluster", 0, "reserved_gb")
         one_of(self, "trainer", "activation_checkpointing", CHECKPOINTING)
         one_of(self, "trainer", "precision", PRECISIONS)
+        one_of(self, "trainer", "engine", ("native", "deepspeed"))
+        one_of(self, "trainer", "zero_stage", (0, 1, 2))
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(
                 f"optim.name: got {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..parallel.memory import model_shapes, predicted_state_bytes
+from ..parallel.memory import model_shapes, predicted_state_bytes, predicted_zero_state_bytes
 from .config import ClusterConfig
 from .meta_check import build_one_rank
 
@@ -22,9 +22,16 @@ NOT_MODELLED = [
 
 def state_bytes_per_gpu(model: Any, router: Any, cluster: ClusterConfig) -> dict[str, int]:
     """Parameter + gradient + optimizer-state bytes of the GPU holding the most (rank 0), as the
-    trainer measures them (metrics.jsonl `mem/state_bytes`); integers."""
+    trainer measures them (metrics.jsonl `mem/state_bytes`); integers. trainer.engine=deepspeed
+    with ZeRO 1/2: DeepSpeed's flat partitions (moe_train.parallel.memory.predicted_zero_state_bytes).
+    """
     ep = cluster.ep or 1
     shapes = model_shapes(build_one_rank(model, router, ep, rank=0))
+    if cluster.engine == "deepspeed" and cluster.zero_stage > 0 and cluster.world_size > 1:
+        return predicted_zero_state_bytes(
+            shapes, zero_stage=cluster.zero_stage, world=cluster.world_size, ep=ep,
+            lp_bytes=4 if cluster.precision == "fp32" else cluster.compute_bytes,
+        )  # fmt: skip
     return predicted_state_bytes(
         shapes, optimizer=cluster.optimizer, fsdp=cluster.fsdp, world=cluster.world_size, ep=ep
     )

@@ -60,10 +60,11 @@ def build_engine(
     if cfg.trainer.engine == "deepspeed":  # DeepSpeed broadcasts, reduces and steps itself
         optimizer = build_optimizer(module, cfg.optim, parallel.device)
         wrapped = deepspeed_initialize(
-            module, optimizer, ep=parallel.ep, micro_batch=micro_batch, grad_accum=grad_accum,
-            zero_stage=cfg.trainer.zero_stage, grad_clip=cfg.optim.grad_clip, amp_dtype=amp_dtype,
+            module, optimizer, parallel, num_experts=cfg.model.num_experts,
+            micro_batch=micro_batch, grad_accum=grad_accum, zero_stage=cfg.trainer.zero_stage,
+            grad_clip=cfg.optim.grad_clip, amp_dtype=amp_dtype,
         )  # fmt: skip
-        return DeepSpeedEngine(wrapped, module, optimizer)
+        return DeepSpeedEngine(wrapped, module, optimizer, parallel)
     # groups into the MoE layers, recomputation, then FSDP shards (or DDP reduces dense grads)
     model = parallelize(
         module, parallel.dims, parallel.groups, cfg.parallel,
