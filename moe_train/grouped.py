@@ -86,6 +86,13 @@ def grouped_mm_supported(x: Tensor, w_in: Tensor, w_out: Tensor) -> bool:
     return _grouped_mm_checks_out(x.device.index or 0)
 
 
+def _probe_hooks() -> torch.autograd.graph.saved_tensors_hooks:
+    """Identity saved-tensor hooks for a probe's own autograd: innermost hooks win, so a probe run
+    inside an activation-checkpointed forward (once, cached) saves nothing into the checkpoint,
+    whose recomputation (probe cached, not run) must save the same tensors."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+
+
 @functools.cache
 def _grouped_mm_checks_out(device_index: int) -> bool:
     """Once per device: grouped_ffn equals loop_ffn (forward and gradients, bf16 tolerance) on
@@ -106,7 +113,8 @@ def _grouped_mm_checks_out(device_index: int) -> bool:
             (loop_ffn, counts, torch.float32),
         ):
             leaves = [t.to(dtype).requires_grad_() for t in (x, w_in, w_out)]
-            y = fn(*leaves, arg, "gelu")
+            with _probe_hooks():
+                y = fn(*leaves, arg, "gelu")
             y.backward(grad.to(dtype))
             results.append([y.float(), *(t.grad.float() for t in leaves)])
         for got, want in zip(*results):
@@ -127,7 +135,8 @@ def _grouped_mm_on_cpu(dtype: torch.dtype) -> bool:
     try:
         x = torch.ones(3, 8, dtype=dtype, requires_grad=True)
         w = torch.ones(2, 8, 8, dtype=dtype, requires_grad=True)
-        y = torch._grouped_mm(x, w, offs=torch.tensor([1, 3], dtype=torch.int32))
+        with _probe_hooks():
+            y = torch._grouped_mm(x, w, offs=torch.tensor([1, 3], dtype=torch.int32))
         y.backward(torch.ones_like(y))
         return bool(torch.equal(y.float(), torch.full((3, 8), 8.0)) and w.grad is not None)
     except (RuntimeError, NotImplementedError, TypeError):

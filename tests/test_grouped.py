@@ -120,3 +120,20 @@ def test_backend_choice(monkeypatch):
     assert pick_backend(x, w_in, w_out) == "loop"
     with pytest.raises(RuntimeError, match="no CPU _grouped_mm"):
         pick_backend(x, w_in, w_out, "grouped")
+
+
+def test_the_backend_probe_inside_a_checkpointed_forward_saves_nothing_into_it():
+    """The first forward probes torch's _grouped_mm (once, cached); under activation checkpointing
+    its recomputation does not probe, so the probe must not add to the checkpoint's saved tensors."""
+    from torch.utils.checkpoint import checkpoint
+
+    grouped._grouped_mm_on_cpu.cache_clear()
+    w_in, w_out = torch.randn(4, 8, 16), torch.randn(4, 16, 8)
+    x = torch.randn(10, 8, requires_grad=True)
+
+    def forward(x):
+        grouped.pick_backend(x, w_in, w_out)
+        return (x * 2).sin()
+
+    checkpoint(forward, x, use_reentrant=False).sum().backward()
+    torch.testing.assert_close(x.grad, 2 * (2 * x.detach()).cos())
