@@ -85,7 +85,7 @@ class TrainerConfig:
     # auto (bf16 on Ampere+, fp16 on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16
     precision: str = "auto"
     engine: str = "native"  # native | deepspeed
-    zero_stage: int = 1  # deepspeed engine only: ZeRO stage for dense state (0, 1, 2)
+    zero_stage: int = 1  # deepspeed engine only: ZeRO stage (0, 1, 2; 1 or 2 with parallel.ep > 1)
     # none | moe (recompute the expert FFNs) | full (recompute every block); non-reentrant
     activation_checkpointing: str = "none"
     log_every: int = 10  # steps between metrics records (metrics.jsonl, the progress bar)
