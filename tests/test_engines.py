@@ -23,7 +23,9 @@ pytestmark = [
 def torchrun(tmp_path: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
-        "TORCH_EXTENSIONS_DIR": str(tmp_path.parent / "torch_ext"),
+        # the session's build cache when it has one (CI's: DeepSpeed's CPU op is built once)
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR")
+        or str(tmp_path.parent / "torch_ext"),
         "OMP_NUM_THREADS": "1",
     }
     cmd = [
