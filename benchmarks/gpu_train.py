@@ -4,8 +4,9 @@ The model (default: d 1024, 12 layers, every FFN an MoE of 16 SwiGLU experts of 
 dropless, vocab 32768, sequences of 2048: 1.1B parameters, 0.22B active per token) trains on
 random tokens with fused AdamW under bf16 autocast (fp32 master weights), as the trainer does.
 Tokens/s are timed over the steps after the warm-up with CUDA events; model FLOPs per token come
-from the planner (moe_train.plan.costs.flops: 6 x active matmul parameters + attention), MFU is
-achieved FLOP/s over the GPU's dense bf16 peak (datasheet; --peak-tflops overrides).
+from moe_train.hardware (the planner's: 6 x active matmul parameters + attention), MFU is
+achieved FLOP/s over the GPU's dense bf16 peak (moe_train.hardware's datasheet table, as the
+trainer's metrics use; --peak-tflops overrides).
 
     python benchmarks/gpu_train.py                  # 100 steps, writes gpu_train.json
     python benchmarks/gpu_train.py --quick          # a few steps of a small model
@@ -27,21 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, write_json  # noqa: E402
 
 from moe_train import MoETransformer, RouterConfig  # noqa: E402
+from moe_train.hardware import model_flops_per_token, peak_tflops  # noqa: E402
 from moe_train.model import ModelConfig  # noqa: E402
-from moe_train.plan.config import ClusterConfig  # noqa: E402
-from moe_train.plan.costs import flops  # noqa: E402
 from moe_train.plan.params import count_params  # noqa: E402
-
-# dense bf16 tensor-core peak (TFLOP/s, no sparsity), NVIDIA datasheets; matched by device name
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0,
-                    "H100 NVL": 835.0, "H100": 989.4, "A100": 312.0, "V100": 125.0}  # fmt: skip
-
-
-def peak_tflops(name: str) -> float | None:
-    for key, value in PEAK_BF16_TFLOPS.items():  # most specific first
-        if key in name:
-            return value
-    return None
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -99,10 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     counts = model.num_params()
     pc = count_params(cfg, router)
-    cluster = ClusterConfig(
-        world_size=1, gpus_per_node=1, micro_batch_size=a.batch, seq_len=a.seq_len
-    )
-    per_token = flops(pc, cfg, router, cluster)["model_flops_per_token"]
+    per_token = model_flops_per_token(cfg, router)  # the trainer's MFU numerator (hardware.py)
     gen = torch.Generator(device=dev).manual_seed(0)
     tokens = a.batch * a.seq_len
 
