@@ -18,7 +18,7 @@ tmp="${TMPDIR:-/tmp}"
 # the main test step. Likewise three of the seven FSDP parity runs (SAM and both full-recompute
 # runs: FSDP2 and checkpoint hooks are what changes between versions), and none of the DeepSpeed
 # ones (DeepSpeed's version floor is tested in the main step). Not here: FSDP with Adafactor
-# (test_checkpoint_layouts, switch-adafactor-accum), which on torch 2.7.1 drifts from the
+# (test_checkpoint_layouts, switch-adafactor-accum), which on the floor torch drifts from the
 # 1-process curve by 1.1e-4 relative at steps 12-19, just over the 1e-4 these tests allow (on
 # the torch of the main step it stays within it); README says so.
 floor_tests=(tests/parallel tests/test_checkpoint.py tests/test_train.py tests/ops
