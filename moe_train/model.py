@@ -197,8 +197,14 @@ class MoETransformer(nn.Module):
         cfg.validate()
         router.validate(router.num_experts_for(cfg.num_experts))
         self.cfg, self.router_cfg = cfg, router
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        # `_weight` skips nn.Embedding's normal_ init: init_parameters (or, on meta,
+        # moe_train.init.materialize) sets every value, and a first normal_ on meta costs ~2 s.
+        self.tok_emb = nn.Embedding(
+            cfg.vocab_size, cfg.d_model, _weight=torch.empty(cfg.vocab_size, cfg.d_model)
+        )
+        self.pos_emb = nn.Embedding(
+            cfg.seq_len, cfg.d_model, _weight=torch.empty(cfg.seq_len, cfg.d_model)
+        )
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
             Block(cfg, router, i, cfg.is_moe_layer(i), seed, shard) for i in range(cfg.n_layers)
