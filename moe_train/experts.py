@@ -85,8 +85,12 @@ class ExpertBank(nn.Module):
         if torch.is_autocast_enabled(dev):
             x = x.to(torch.get_autocast_dtype(dev))
         w_in, w_out = self.w_in.to(x.dtype), self.w_out.to(x.dtype)
-        if x.shape[0] == 0:  # stay in the graph so every expert param still gets a zero gradient
-            return x.new_zeros(x.shape) + (w_in.sum() + w_out.sum()) * 0
+        if x.shape[0] == 0:
+            # Stay in the graph of the weights (each gets a zero gradient) AND of x: FSDP runs a
+            # bank's reduce-scatter when the gradient reaches its input; an output cut off from
+            # x would delay it to the end of backward on this rank only, out of order with the
+            # other ranks' collectives (a hang).
+            return x * 0 + (w_in.sum() + w_out.sum()) * 0
         with torch.autocast(dev, enabled=False):
             if pick_backend(x, w_in, w_out, self.backend) == "grouped":
                 if not isinstance(counts, Tensor):

@@ -69,6 +69,9 @@ def test_no_rows_at_all():
     assert y.shape == (0, D)
     y.sum().backward()
     assert bank.w_in.grad is not None and torch.all(bank.w_in.grad == 0)
+    # the gradient reaches the input too: FSDP reduce-scatters a bank when it does
+    # (tests/parallel/test_fsdp_empty_experts.py)
+    assert x.grad is not None and x.grad.shape == (0, D)
 
 
 def test_bad_counts_and_activation_raise():
