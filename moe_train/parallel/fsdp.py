@@ -15,7 +15,10 @@ skipped), then the root (embeddings, final norm, head).
 
 Gradient scaling (the same math as grads.sync_gradients): FSDP averages over its mesh, so dense
 gradients come out as SUM over world / world; expert gradients as SUM over edp / edp, and
-`finish_expert_gradients` multiplies them by 1 / ep to give SUM over edp / world.
+`finish_gradients` multiplies them by 1 / ep to give SUM over edp / world. Where FSDP sums
+instead of averaging (torch 2.7's gloo reduce-scatter treats ReduceOp.AVG as SUM, so FSDP2's fp32
+gradients come out mesh-size times too large on CPU), a probe at `shard_model` finds it and
+`finish_gradients` divides by the mesh size as well.
 """
 
 from __future__ import annotations
@@ -78,7 +81,28 @@ def shard_model(
     common = {"reshard_after_forward": reshard_after_forward, "mp_policy": mp}
     with keeping_expert_marks(model):
         _shard_units(model, world_mesh, edp_mesh, common, param_dtype)
+    # what FSDP's reduce-scatter leaves to divide (1 where it averages): dense, expert
+    model._fsdp_grad_divisors = (  # type: ignore[assignment]
+        _reduce_scatter_divisor(world_mesh, device_type),
+        _reduce_scatter_divisor(edp_mesh, device_type),
+    )
     return model
+
+
+def _reduce_scatter_divisor(mesh, device_type: str) -> int:
+    """1 when FSDP averages gradients over `mesh` as documented, mesh.size() when it sums them
+    (torch 2.7 on gloo). Probed with FSDP itself on a one-column weight: each rank's gradient is
+    rank + 1, whose mean is (size + 1) / 2. Collective over `mesh`."""
+    fully_shard, MixedPrecisionPolicy, _ = _fsdp_api()
+    size, rank = mesh.size(), mesh.get_local_rank()
+    if size == 1:
+        return 1
+    device = torch.device(device_type)
+    probe = nn.Linear(1, size, bias=False, device=device)  # weight [size, 1]: a row per rank
+    fully_shard(probe, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
+    probe(torch.full((1, 1), float(rank + 1), device=device)).sum().backward()
+    got = float(local(probe.weight.grad).sum())  # this rank's row
+    return round(got / ((size + 1) / 2))
 
 
 def _shard_units(model, world_mesh, edp_mesh, common: dict, param_dtype) -> None:
@@ -115,10 +139,15 @@ def local(t: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def finish_expert_gradients(model: nn.Module, dims: ParallelDims) -> None:
-    """Expert gradients came out of FSDP as SUM over edp / edp: times 1/ep -> SUM over edp / world."""
-    if dims.ep == 1:
-        return
-    grads = [local(p.grad) for p in model.parameters() if is_expert_param(p) and p.grad is not None]
-    if grads:
-        torch._foreach_mul_(grads, 1.0 / dims.ep)
+def finish_gradients(model: nn.Module, dims: ParallelDims) -> None:
+    """Expert gradients came out of FSDP as SUM over edp / edp: times 1/ep -> SUM over edp / world.
+    Where FSDP summed instead of averaging (see the module docstring), divide by the mesh too."""
+    dense_div, expert_div = getattr(model, "_fsdp_grad_divisors", (1, 1))
+    dense, expert = [], []
+    for p in model.parameters():
+        if p.grad is not None:
+            (expert if is_expert_param(p) else dense).append(local(p.grad))
+    if expert and dims.ep * expert_div != 1:
+        torch._foreach_mul_(expert, 1.0 / (dims.ep * expert_div))
+    if dense and dense_div != 1:
+        torch._foreach_mul_(dense, 1.0 / dense_div)

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .dims import ParallelDims
 from .errors import guarded
-from .fsdp import finish_expert_gradients, is_sharded, local
+from .fsdp import finish_gradients, is_sharded, local
 from .groups import ProcessGroups
 from .placement import is_expert_param
 
@@ -40,7 +40,7 @@ def sync_gradients(model: nn.Module, dims: ParallelDims, groups: ProcessGroups) 
     if not dims.distributed:
         return
     if is_sharded(model):  # FSDP reduce-scattered during backward; experts need 1/ep more
-        finish_expert_gradients(model, dims)
+        finish_gradients(model, dims)
         return
     if isinstance(model, DDP):
         expert = [p.grad for _, p in unique_params(model) if is_expert_param(p)]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 from cli_runs import STEPS, run
 
+from moe_train.metrics import read_metrics
+
 pytestmark = pytest.mark.distributed
 
 FSDP = ["parallel.fsdp=true"]
@@ -47,3 +49,12 @@ def test_fsdp_on_four_ranks_reproduces_the_single_process_loss_curve(
     assert single[-1] < single[0]  # it trains
     for step, (a, b) in enumerate(zip(single, multi), start=1):
         assert b == pytest.approx(a, rel=1e-4), f"step {step}: 1 process {a}, 4 ranks {b}"
+    # Adam and Adafactor hardly see a constant factor on the gradients (and clipping hides a
+    # uniform one), the norm does: FSDP on torch 2.7's gloo summed where it should average
+    single_norms = _grad_norms(single_process_curve.run_dir(single_overrides))
+    for step, (a, b) in enumerate(zip(single_norms, _grad_norms(tmp_path / "multi")), start=1):
+        assert b == pytest.approx(a, rel=1e-3), f"step {step}: grad norm {a} vs {b} on 4 ranks"
+
+
+def _grad_norms(run_dir) -> list[float]:
+    return [r["grad_norm"] for r in read_metrics(run_dir) if "grad_norm" in r]
