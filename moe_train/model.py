@@ -197,8 +197,10 @@ class MoETransformer(nn.Module):
         cfg.validate()
         router.validate(router.num_experts_for(cfg.num_experts))
         self.cfg, self.router_cfg = cfg, router
-        # `_weight` skips nn.Embedding's normal_ init: init_parameters (or, on meta,
-        # moe_train.init.materialize) sets every value, and a first normal_ on meta costs ~2 s.
+        # `_weight` skips nn.Embedding's own normal_ init, which would be wasted: init_parameters
+        # (or, on meta, moe_train.init.materialize) sets every value. A first normal_ on meta
+        # imports torch's reference kernels (~1.5 s); the trainer's optimizer imports them anyway,
+        # so this saves start-up only where no optimizer is built (planner, generate, eval).
         self.tok_emb = nn.Embedding(
             cfg.vocab_size, cfg.d_model, _weight=torch.empty(cfg.vocab_size, cfg.d_model)
         )

@@ -39,7 +39,7 @@ def sync_gradients(model: nn.Module, dims: ParallelDims, groups: ProcessGroups) 
     """
     if not dims.distributed:
         return
-    if is_sharded(model):  # FSDP reduce-scattered during backward; experts need 1/ep more
+    if is_sharded(model):  # FSDP reduce-scattered in backward; experts need 1/ep (see fsdp.py)
         finish_gradients(model, dims)
         return
     if isinstance(model, DDP):

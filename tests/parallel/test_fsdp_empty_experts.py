@@ -28,8 +28,8 @@ def _force_routing(model: torch.nn.Module) -> None:
     """Add a large logit to expert 0 for ids < VOCAB/2 and to expert 3 for the others."""
     from moe_train.routing.base import Router
 
-    ids: list[torch.Tensor] = []
-    model.register_forward_pre_hook(lambda _m, args: ids.insert(0, args[0]))
+    ids: list[torch.Tensor] = []  # the token ids of the current forward
+    model.register_forward_pre_hook(lambda _m, args: ids.__setitem__(slice(None), [args[0]]))
     bias = torch.zeros(VOCAB, 4)
     bias[: VOCAB // 2, 0], bias[VOCAB // 2 :, 3] = 20.0, 20.0
     for router in (m for m in model.modules() if isinstance(m, Router)):
