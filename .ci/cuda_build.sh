@@ -94,19 +94,19 @@ export MOE_TRAIN_EXT_DIR="${MOE_TRAIN_CUDA_EXT_DIR:-$tmp/moe_train_cuda_ext}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
 echo "cuda_build: level 2: building the extension (archs $TORCH_CUDA_ARCH_LIST) in $MOE_TRAIN_EXT_DIR"
 t0=$(date +%s)
-(cd "$repo" && PYTHONPATH="$repo" "$py" -m moe_train.ops.build)
+(cd "$repo" && PYTHONPATH="$repo" "$py" -m moe_train.ops.extension)
 echo "cuda_build: level 2: build step took $(( $(date +%s) - t0 )) s"
 
 echo "cuda_build: level 2: loading the built library in a fresh process (no GPU, no build)"
 (cd "$repo" && PYTHONPATH="$repo" "$py" - <<'EOF'
 import torch
 
-from moe_train.ops import build
+from moe_train.ops import extension
 
 # As a run finds the kernels the image ships: prebuilt, loaded without building.
-build._build(verbose=False, build=False)
-assert build._state["prebuilt"] and build._state["cuda"], build._state
-lib = build._state["path"]
+extension._build(verbose=False, build=False)
+assert extension._state["prebuilt"] and extension._state["cuda"], extension._state
+lib = extension._state["path"]
 cpu_only = ("csr_by_row", "gate", "gate_backward")
 for op in ("dispatch", "dispatch_backward", "combine", "combine_backward", "jitter", *cpu_only):
     for key in ("CPU",) if op in cpu_only else ("CPU", "CUDA"):

@@ -76,7 +76,7 @@ fi
 else None)' 2>&1 | tee -a "$log"
 
 # 1. the extension: with CUDA kernels on the GPU machine; a failure is fatal (no silent fallback)
-if ! step build 300 "$py" -m moe_train.ops.build; then
+if ! step build 300 "$py" -m moe_train.ops.extension; then
   [ "$dry" = "1" ] || { say "the extension did not build: stopping"; exit 1; }
 fi
 

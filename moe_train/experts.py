@@ -6,8 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from .grouped import activate, grouped_ffn, loop_ffn, pick_backend
+from .ops.hashing import mix_seed
 from .parallel.placement import mark_expert
-from .routing.noise import mix_seed
 
 ACTIVATIONS = ("gelu", "swiglu")
 

@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from .experts import ExpertBank
+from .ops.hashing import mix_seed
 from .parallel.placement import is_expert_param, keeping_expert_marks
 from .routing.base import Router
-from .routing.noise import mix_seed
 
 
 def _generator(*parts: int) -> torch.Generator:

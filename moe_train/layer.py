@@ -7,9 +7,9 @@ from torch import Tensor, nn
 
 from .dispatch import Dispatcher
 from .experts import ExpertBank
+from .ops.hashing import mix_seed
 from .parallel import ExpertShard, ParallelDims, ProcessGroups
 from .routing import RouterConfig, build_router
-from .routing.noise import mix_seed
 
 
 class MoELayer(nn.Module):

@@ -7,7 +7,7 @@ masks in indexing, `masked_select`, `unique`, `repeat_interleave` without an out
 waits for anything, so the CPU tests count them instead; tests/gpu checks the same path with
 torch.cuda.set_sync_debug_mode("error").
 
-`bincount` is counted on non-CPU tensors only: moe_train.indexing.count_values uses it on CPU by
+`bincount` is counted on non-CPU tensors only: moe_train.ops.indexing.count_values uses it on CPU by
 design and a scatter-add on other devices (tests/test_host_syncs.py checks that branch on meta).
 """
 

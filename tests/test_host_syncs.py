@@ -13,7 +13,7 @@ from sync_counter import HostSyncCounter
 
 from moe_train import MoELayer, RouterConfig
 from moe_train.grouped import _grouped_mm_on_cpu
-from moe_train.indexing import count_values
+from moe_train.ops.indexing import count_values
 
 needs_cpu_grouped = pytest.mark.skipif(
     not _grouped_mm_on_cpu(torch.float32), reason="this torch has no CPU _grouped_mm"

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import ops
-from ..indexing import count_values
+from ..ops.indexing import count_values
 from ..parallel.dims import ParallelDims
 from ..parallel.groups import ProcessGroups
 from ..parallel.placement import ExpertShard

@@ -1,7 +1,7 @@
 """Python face of the row-moving ops: dispatch (gather rows) and combine (weighted row sums).
 
 The fused C++/CUDA kernels (kernels/, registered as ``torch.ops.moe_train.*``) are built on first
-use (or found prebuilt, see ``build``) and replace the plain-PyTorch references. If they cannot be
+use (or found prebuilt, see ``extension``) and replace the plain-PyTorch references. If they cannot be
 built, a machine with CUDA stops with the compiler's error; a CPU-only one runs the references
 after one warning. ``MOE_TRAIN_NO_EXT=1`` forces the references. Both paths support autograd.
 """
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..indexing import count_values
-from . import build as _build
+from . import extension as _extension
+from .indexing import count_values
 from .reference import combine_reference, dispatch_reference, jitter_reference
 
 # The fused dispatch on CPU also without a cast: its CSR backward beats index_add
@@ -25,8 +25,8 @@ FUSED_CPU_DISPATCH = os.environ.get("MOE_TRAIN_FUSED_CPU_DISPATCH", "1") != "0"
 
 def extension_available() -> bool:
     """True when the fused kernels are loaded (builds them on the first call; raises
-    ``build.ExtensionBuildError`` when that fails on a machine with CUDA)."""
-    return _build.load()
+    ``extension.ExtensionBuildError`` when that fails on a machine with CUDA)."""
+    return _extension.load()
 
 
 def _ext_for(device_type: str) -> bool:
@@ -35,12 +35,12 @@ def _ext_for(device_type: str) -> bool:
     Under torch.compile the answer is the eager one already made (a plain flag, so tracing
     never enters the build); no decorator here, which would import dynamo on every start."""
     if torch.compiler.is_compiling():
-        loaded = bool(_build._state["loaded"])
-        return loaded if device_type == "cpu" else loaded and bool(_build._state["cuda"])
+        loaded = bool(_extension._state["loaded"])
+        return loaded if device_type == "cpu" else loaded and bool(_extension._state["cuda"])
     if device_type == "cpu":
-        return _build.load()
+        return _extension.load()
     if device_type == "cuda":
-        return _build.load() and _build.has_cuda()
+        return _extension.load() and _extension.has_cuda()
     return False
 
 

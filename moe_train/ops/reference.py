@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..hashing import noise_uniform
+from .hashing import noise_uniform
 
 
 def dispatch_reference(x: Tensor, index: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:

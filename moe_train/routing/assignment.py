@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..indexing import count_values
+from ..ops.indexing import count_values
 
 
 @dataclass

@@ -19,9 +19,7 @@ from .capacity import expert_capacity, keep_within_capacity
 from .config import RouterConfig
 from .context import RouteContext
 from .losses import z_loss
-from .noise import mix_seed
-
-JITTER_STREAM = 1  # noise stream of the input jitter (random routing uses its own)
+from .noise import jitter_seed
 
 
 class Router(nn.Module):
@@ -177,8 +175,7 @@ class Router(nn.Module):
             ctx = RouteContext(T, gs, noise_seed, token_offset)
             eps = self.cfg.effective_jitter if self.training else 0.0
             # jitter keyed by (seed, global token, feature), fused into the gate (noise.py)
-            seed = mix_seed(noise_seed, JITTER_STREAM) & ((1 << 63) - 1)
-            return self.route(self.logits(x32, seed, token_offset, eps), ctx)
+            return self.route(self.logits(x32, jitter_seed(noise_seed), token_offset, eps), ctx)
 
     def logits(self, x32: Tensor, seed: int = 0, first_row: int = 0, eps: float = 0.0) -> Tensor:
         """Gate logits [T, units] in float32 (even if the module was cast to bf16) of the input

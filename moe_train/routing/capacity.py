@@ -7,7 +7,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from ..indexing import count_values
+from ..ops.indexing import count_values
 
 
 def exact_factor(factor: float) -> Fraction:

@@ -6,14 +6,14 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .noise import counter_uniform, mix_seed
+from ..ops.hashing import counter_uniform, mix_seed
 
 
 @dataclass(frozen=True)
 class RouteContext:
     """num_tokens: T rows of this call; group_size: tokens per routing group (divides T);
     noise_seed and token_offset key the layout-invariant noise: row t is global token
-    `token_offset + t` (see noise.py)."""
+    `token_offset + t` (see ops/hashing.py)."""
 
     num_tokens: int
     group_size: int

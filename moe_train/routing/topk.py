@@ -16,7 +16,7 @@ from .ranks import distinct_pick_ranks
 from .registry import register_router
 from .select import topk_lowest_index
 
-RANDOM_ROUTING_STREAM = 2  # noise stream of the random 2nd expert (noise.py)
+RANDOM_ROUTING_STREAM = 2  # noise stream of the random 2nd expert (RouteContext.uniform)
 
 
 @register_router("topk")

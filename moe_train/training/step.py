@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..data import TokenFile
 from ..engines import Engine
-from ..routing.noise import mix_seed
+from ..ops.hashing import mix_seed
 from .batches import BatchPlan
 from .optim import set_lr
 

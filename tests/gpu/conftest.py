@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
 def cuda_ext() -> None:
     """The fused kernels, built with their CUDA part (a build failure on a GPU is an error)."""
     from moe_train import ops
-    from moe_train.ops import build
+    from moe_train.ops import extension
 
-    assert ops.extension_available(), build._state["error"]
-    assert build.has_cuda(), "the extension was built without its CUDA kernels"
+    assert ops.extension_available(), extension._state["error"]
+    assert extension.has_cuda(), "the extension was built without its CUDA kernels"

@@ -73,7 +73,10 @@ def test_dockerfile_essentials():
     assert 'TORCH_CUDA_ARCH_LIST="7.0;8.0;9.0"' in text
     assert "--no-build-isolation" in text and ".[deepspeed,gpu]" in text
     assert "python docker/check_base.py pyproject.toml" in text
-    assert "python -m moe_train.ops.build \\\n    && python -m moe_train.ops.build --check" in text
+    assert (
+        "python -m moe_train.ops.extension \\\n    && python -m moe_train.ops.extension --check"
+        in text
+    )
     assert "TORCH_EXTENSIONS_DIR=/opt/moe-train/torch_extensions" in text
     assert 'ENTRYPOINT ["moe-train"]' in text
     ignored = (REPO / ".dockerignore").read_text().split()

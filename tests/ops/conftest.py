@@ -10,18 +10,18 @@ import shutil
 import pytest
 import torch
 
-from moe_train.ops import build
+from moe_train.ops import extension
 
 
 @pytest.fixture(scope="session")
 def ext() -> None:
     """Skip unless the fused kernels can be built; a failing build with a compiler is an error."""
-    if build.disabled():
+    if extension.disabled():
         pytest.skip("MOE_TRAIN_NO_EXT is set: the extension is disabled")
     if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler (install g++): the extension cannot be built")
-    if not build.load():
-        pytest.fail(f"the extension failed to build: {build._state['error']}")
+    if not extension.load():
+        pytest.fail(f"the extension failed to build: {extension._state['error']}")
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_train.ops import build
+from moe_train.ops import extension
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,11 +24,11 @@ def test_extension_dir_precedence(monkeypatch, tmp_path):
     monkeypatch.delenv("MOE_TRAIN_EXT_DIR", raising=False)
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert build.extension_dir() == tmp_path / "home" / ".cache" / "moe_train" / "extensions"
+    assert extension.extension_dir() == tmp_path / "home" / ".cache" / "moe_train" / "extensions"
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "te"))
-    assert build.extension_dir() == tmp_path / "te" / "moe_train"
+    assert extension.extension_dir() == tmp_path / "te" / "moe_train"
     monkeypatch.setenv("MOE_TRAIN_EXT_DIR", str(tmp_path / "mine"))
-    assert build.extension_dir() == tmp_path / "mine"
+    assert extension.extension_dir() == tmp_path / "mine"
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -44,18 +44,18 @@ _REPORT = textwrap.dedent(
     """
     import json, warnings
     import torch
-    from moe_train.ops import build
+    from moe_train.ops import extension
     from moe_train.ops.reference import combine_reference
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loaded = build.load()
+        loaded = extension.load()
     ok = None
     if loaded:
         buf, index = torch.randn(6, 4), torch.tensor([0, 2, 2, 1, 0, 2])
         from moe_train.ops._custom import combine
         ok = torch.allclose(combine(buf, None, index, 3), combine_reference(buf, None, index, 3))
-    print(json.dumps(dict(loaded=loaded, prebuilt=build.loaded_prebuilt(), ok=ok,
-                          path=str(build.library_path()), warnings=[str(c.message) for c in caught])))
+    print(json.dumps(dict(loaded=loaded, prebuilt=extension.loaded_prebuilt(), ok=ok,
+                          path=str(extension.library_path()), warnings=[str(c.message) for c in caught])))
     """
 )
 
@@ -72,7 +72,7 @@ def _report(env: dict[str, str], cwd: Path) -> dict:
 @pytest.fixture
 def shipped(ext, tmp_path) -> Path:
     """A TORCH_EXTENSIONS_DIR holding this session's built kernels, as the image ships them."""
-    built = build.library_path()
+    built = extension.library_path()
     assert built is not None
     root = tmp_path / "torch_extensions"
     shutil.copytree(built.parent, root / "moe_train" / built.parent.name)
@@ -96,7 +96,7 @@ def test_prebuilt_kernels_in_torch_extensions_dir_load_without_a_compiler(shippe
 
 def test_prebuilt_kernels_of_other_sources_are_not_used(shipped, tmp_path):
     kernels = tmp_path / "kernels"
-    shutil.copytree(build.kernels_dir(), kernels)
+    shutil.copytree(extension.kernels_dir(), kernels)
     with open(kernels / "moe_ops_index.h", "a") as f:
         f.write("\n// changed\n")
     env = _env(TORCH_EXTENSIONS_DIR=str(shipped), MOE_TRAIN_KERNELS_DIR=str(kernels))
@@ -110,7 +110,7 @@ _RANK = textwrap.dedent(
     import json, os, shutil, sys, time
     from pathlib import Path
     import torch
-    from moe_train.ops import build
+    from moe_train.ops import extension
 
     shipped, log, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 
@@ -122,12 +122,12 @@ _RANK = textwrap.dedent(
         shutil.copy2(shipped, p.library)
         torch.ops.load_library(str(p.library))
 
-    build._compile = fake_compile
+    extension._compile = fake_compile
     (log.parent / f"ready.{os.getpid()}").touch()
     while len(list(log.parent.glob("ready.*"))) < n:  # start together
         time.sleep(0.05)
-    p = build._build(verbose=False)
-    print(json.dumps(dict(prebuilt=build._state["prebuilt"], path=str(p.library))))
+    p = extension._build(verbose=False)
+    print(json.dumps(dict(prebuilt=extension._state["prebuilt"], path=str(p.library))))
     """
 )
 
@@ -136,7 +136,7 @@ _RANK = textwrap.dedent(
 def test_one_build_for_many_processes(ext, tmp_path):
     """Four processes on an empty shared folder: one compiles, the others wait on the lock and
     then load what it built."""
-    built = build.library_path()
+    built = extension.library_path()
     assert built is not None
     sync = tmp_path / "sync"
     sync.mkdir()

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from moe_train import ops
-from moe_train.ops import build
+from moe_train.ops import extension
 
 _CHECK = textwrap.dedent(
     """
@@ -66,7 +66,7 @@ def test_missing_compiler_warns_once_with_how_to_build(tmp_path):
     env = {"MOE_TRAIN_NO_EXT": "0", "CXX": "no-such-compiler", "PATH": str(tmp_path)}
     lines = _run(env, tmp_path / "ext")
     assert lines[0] == "1"
-    assert "g++" in lines[1] and "python -m moe_train.ops.build" in lines[1]
+    assert "g++" in lines[1] and "python -m moe_train.ops.extension" in lines[1]
 
 
 # --- a machine with CUDA: no silent fallback ---------------------------------------------------
@@ -78,15 +78,15 @@ PLANTED = "moe_train_planted_compile_error"
 def fresh_build(monkeypatch, tmp_path):
     """A fresh per-process build state, an empty build folder, and kernels that fail to compile."""
     kernels = tmp_path / "kernels"
-    shutil.copytree(build.kernels_dir(), kernels)
+    shutil.copytree(extension.kernels_dir(), kernels)
     (kernels / "moe_ops.cpp").write_text(f"#error {PLANTED}\n")
     monkeypatch.setenv("MOE_TRAIN_KERNELS_DIR", str(kernels))
     monkeypatch.setenv("MOE_TRAIN_EXT_DIR", str(tmp_path / "ext"))
     monkeypatch.delenv("MOE_TRAIN_NO_EXT", raising=False)
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
-    monkeypatch.setattr(build, "_state", {**build._state, "tried": False, "loaded": False,
+    monkeypatch.setattr(extension, "_state", {**extension._state, "tried": False, "loaded": False,
                                           "error": None, "path": None})  # fmt: skip
-    if build._cxx() is None:
+    if extension._cxx() is None:
         pytest.skip("no C++ compiler: the build cannot fail the way this test needs")
 
 
@@ -98,12 +98,14 @@ def with_cuda(monkeypatch) -> None:
 
 def test_failed_build_with_cuda_raises_the_compiler_error(fresh_build, monkeypatch):
     with_cuda(monkeypatch)
-    with pytest.raises(build.ExtensionBuildError) as err:
-        build.load()
+    with pytest.raises(extension.ExtensionBuildError) as err:
+        extension.load()
     message = str(err.value)
     assert PLANTED in message  # the compiler's own output
     assert "MOE_TRAIN_NO_EXT=1" in message
-    with pytest.raises(build.ExtensionBuildError, match=PLANTED):  # every call, not only the first
+    with pytest.raises(
+        extension.ExtensionBuildError, match=PLANTED
+    ):  # every call, not only the first
         ops.combine(torch.randn(3, 2), None, torch.tensor([0, 1, 1]), 2)
 
 
@@ -111,14 +113,14 @@ def test_cuda_without_a_toolkit_raises(fresh_build, monkeypatch, tmp_path):
     with_cuda(monkeypatch)
     monkeypatch.setattr(torch.version, "cuda", "12.6")
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "no-toolkit"))
-    with pytest.raises(build.ExtensionBuildError, match="no CUDA toolkit was found"):
-        build.load()
+    with pytest.raises(extension.ExtensionBuildError, match="no CUDA toolkit was found"):
+        extension.load()
 
 
 def test_no_ext_opt_out_with_cuda_uses_the_reference(fresh_build, monkeypatch):
     with_cuda(monkeypatch)
     monkeypatch.setenv("MOE_TRAIN_NO_EXT", "1")
-    assert build.load() is False
+    assert extension.load() is False
     y = ops.combine(torch.ones(3, 2), None, torch.tensor([0, 1, 1]), 2)
     assert torch.equal(y, torch.tensor([[1.0, 1.0], [2.0, 2.0]]))
 
@@ -126,5 +128,5 @@ def test_no_ext_opt_out_with_cuda_uses_the_reference(fresh_build, monkeypatch):
 def test_failed_build_on_cpu_warns_and_falls_back(fresh_build, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.warns(RuntimeWarning, match="using the PyTorch reference ops"):
-        assert build.load() is False
-    assert build.load() is False  # later calls: no error, no second warning needed
+        assert extension.load() is False
+    assert extension.load() is False  # later calls: no error, no second warning needed

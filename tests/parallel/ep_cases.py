@@ -16,9 +16,9 @@ from torch import Tensor
 
 from moe_train.layer import MoELayer
 from moe_train.model import ModelConfig, MoETransformer
+from moe_train.ops.hashing import mix_seed
 from moe_train.parallel import ParallelConfig, ParallelState, init_parallel, parallelize
 from moe_train.routing import RouterConfig
-from moe_train.routing.noise import mix_seed
 
 D, FF, SEQ = 16, 24, 8
 

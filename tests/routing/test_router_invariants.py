@@ -8,7 +8,7 @@ import pytest
 import torch
 from routing_helpers import make_router, per_token, sorted_slots, tokens
 
-from moe_train.routing.noise import counter_uniform, mix_seed
+from moe_train.ops.hashing import counter_uniform, mix_seed
 
 T = 64
 
@@ -67,7 +67,7 @@ def test_topk_random_routing_rule_is_2_g2_greater_than_u():
     torch.testing.assert_close(w[second], g[tok[second], 1])
     torch.testing.assert_close(w[~second], g[tok[~second], 0])
 
-    # exact rule with the counter-based noise of routing/noise.py (stream 2, index t*k + choice)
+    # exact rule with the counter-based noise of ops/hashing.py (stream 2, index t*k + choice)
     u = counter_uniform(mix_seed(seed, 2), (offset + torch.arange(T_big)) * 2 + 1)
     assert torch.equal(kept2, 2 * g[:, 1] > u)
     # statistically: P(keep 2nd) = min(1, 2 g2); both outcomes occur

@@ -15,7 +15,7 @@ per torch build, Python version, kind (cpu/cuda) and CUDA targets.
   ``index_add`` is not deterministic on CUDA; set ``MOE_TRAIN_NO_EXT=1`` to run the references
   anyway). On a CPU-only machine one warning says how to build, and the references run.
 
-Ahead of time (e.g. in a Docker image): ``python -m moe_train.ops.build [--verbose]``;
+Ahead of time (e.g. in a Docker image): ``python -m moe_train.ops.extension [--verbose]``;
 ``--check`` loads the prebuilt kernels without building (exit 1 when there are none).
 """
 
@@ -41,11 +41,11 @@ from pathlib import Path
 import torch
 
 _HOW_TO_BUILD = (
-    "install a C++ compiler (e.g. `apt-get install g++`) and run `python -m moe_train.ops.build` "
+    "install a C++ compiler (e.g. `apt-get install g++`) and run `python -m moe_train.ops.extension` "
     "to see the build output; set MOE_TRAIN_NO_EXT=1 to use the reference ops without this warning"
 )
 _HOW_TO_OPT_OUT = (
-    "Fix the build (`python -m moe_train.ops.build --verbose` shows the compiler commands), or set "
+    "Fix the build (`python -m moe_train.ops.extension --verbose` shows the compiler commands), or set "
     "MOE_TRAIN_NO_EXT=1 to run the PyTorch reference ops instead (slower; their combine uses "
     "index_add, which is not deterministic on CUDA)."
 )
@@ -134,7 +134,7 @@ def cpu_simd_flags() -> list[str]:
 
 
 @dataclass
-class BuildPlan:
+class ExtensionBuild:
     """Everything that decides the built library: sources, flags, targets, torch build."""
 
     kind: str  # "cpu" or "cuda"
@@ -188,7 +188,7 @@ class BuildPlan:
         }
 
 
-def plan() -> BuildPlan:
+def resolve_build() -> ExtensionBuild:
     """What to build here; raises when CUDA kernels are wanted but there is no toolkit."""
     src = kernels_dir()
     if not (src / "moe_ops.cpp").exists():
@@ -196,7 +196,7 @@ def plan() -> BuildPlan:
     # -ffp-contract=off: the jitter op matches torch's elementwise reference bit for bit
     cflags = ["-O3", "-fopenmp", "-ffp-contract=off", f"-I{src}", *cpu_simd_flags()]
     if not cuda_wanted():
-        return BuildPlan("cpu", [str(src / f) for f in CPU_SOURCES], cflags)
+        return ExtensionBuild("cpu", [str(src / f) for f in CPU_SOURCES], cflags)
     cuda_home = _cuda_home()
     if cuda_home is None:
         raise RuntimeError(
@@ -207,11 +207,11 @@ def plan() -> BuildPlan:
     sources = [str(src / f) for f in (*CPU_SOURCES, "moe_ops_cuda.cpp", "moe_ops_cuda.cu")]
     # Toolkit headers first; the wheel's fill in what a minimal toolkit lacks.
     cflags += [f"-idirafter{p}" for p in _wheel_cuda_includes()] + ["-DMOE_WITH_CUDA"]
-    return BuildPlan("cuda", sources, cflags, ["-O3", f"-I{src}"], _arch_list(), cuda_home)
+    return ExtensionBuild("cuda", sources, cflags, ["-O3", f"-I{src}"], _arch_list(), cuda_home)
 
 
-def _prebuilt(p: BuildPlan) -> bool:
-    """True when the folder holds a library built from exactly this plan."""
+def _prebuilt(p: ExtensionBuild) -> bool:
+    """True when the folder holds a library built from exactly this build."""
     try:
         stamp = json.loads((p.build_dir / _STAMP).read_text())
     except (OSError, ValueError):
@@ -279,7 +279,7 @@ def _environ(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _compile(p: BuildPlan, verbose: bool) -> None:
+def _compile(p: ExtensionBuild, verbose: bool) -> None:
     """Compile the library into its folder and load it (the caller holds the build lock)."""
     from torch.utils import cpp_extension
 
@@ -313,16 +313,16 @@ def _compile(p: BuildPlan, verbose: bool) -> None:
         )
 
 
-def _write_stamp(p: BuildPlan) -> None:
+def _write_stamp(p: ExtensionBuild) -> None:
     """Mark the folder's library as built from ``p`` (atomically: readers take no lock)."""
     tmp = p.build_dir / f"{_STAMP}.{os.getpid()}"
     tmp.write_text(json.dumps(p.stamp(), indent=1))
     tmp.replace(p.build_dir / _STAMP)
 
 
-def _build(verbose: bool, build: bool = True) -> BuildPlan:
-    """Load the prebuilt library of this plan, else (when ``build``) compile it under the lock."""
-    p = plan()
+def _build(verbose: bool, build: bool = True) -> ExtensionBuild:
+    """Load the prebuilt library of this build, else (when ``build``) compile it under the lock."""
+    p = resolve_build()
     prebuilt = _prebuilt(p)
     if not prebuilt and build:
         p.build_dir.mkdir(parents=True, exist_ok=True)
@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         bp = _build(verbose=args.verbose, build=not args.check)
     except Exception as e:  # noqa: BLE001
         print(
-            f"moe_train.ops.build: {'check' if args.check else 'build'} failed: {e}",
+            f"moe_train.ops.extension: {'check' if args.check else 'build'} failed: {e}",
             file=sys.stderr,
         )
         return 1

@@ -1,6 +1,8 @@
-"""Counter-based hashing behind the layout-invariant noise: SplitMix64 (Steele, Lea and Flood
-2014) on int64 tensors and Python ints, and the per-(row, column) noise of the jitter, whose bits
-the C++/CUDA kernels (kernels/moe_ops_index.h) compute too."""
+"""Counter-based hashing behind the layout-invariant noise and init: SplitMix64 (Steele, Lea and
+Flood 2014) on int64 tensors and Python ints, `mix_seed` (integers -> one seed: the init's
+generators, the step's and every layer's noise seeds), `counter_uniform` (a pure function of
+(seed, global index): GShard's random second expert) and the per-(row, column) noise of the
+jitter, whose bits the C++/CUDA kernels (kernels/moe_ops_index.h) compute too."""
 
 from __future__ import annotations
 
@@ -69,3 +71,16 @@ def mix_bits(seed: int, index: Tensor) -> Tensor:
 def top24_uniform(z: Tensor) -> Tensor:
     """The top 24 bits of int64 z as a U[0, 1) float32."""
     return _logical_shift(z, 40).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def mix_seed(*parts: int) -> int:
+    """Hash integers into one 63-bit seed (stable across processes and runs; host arithmetic)."""
+    z = 0
+    for p in parts:
+        z = splitmix_int(z ^ (int(p) & _MASK64))
+    return z & ((1 << 63) - 1)
+
+
+def counter_uniform(seed: int, index: Tensor) -> Tensor:
+    """Uniform [0, 1) float32 values, one per entry of `index` (int64), keyed by `seed`."""
+    return top24_uniform(mix_bits(seed, index))
