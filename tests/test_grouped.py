@@ -6,9 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_train import grouped
-from moe_train.experts import ExpertBank
-from moe_train.grouped import activate, activate_backward, grouped_ffn, loop_ffn, pick_backend
+from moe_train.experts import ExpertBank, grouped
+from moe_train.experts.grouped import (
+    activate,
+    activate_backward,
+    grouped_ffn,
+    loop_ffn,
+    pick_backend,
+)
 
 D, H = 16, 24
 COUNTS = [5, 0, 11, 3, 0, 7]  # empty experts, sizes that are not multiples of 8

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..ops.hashing import mix_seed
+from ..parallel.placement import mark_expert
 from .grouped import activate, grouped_ffn, loop_ffn, pick_backend
-from .ops.hashing import mix_seed
-from .parallel.placement import mark_expert
 
 ACTIVATIONS = ("gelu", "swiglu")
 
@@ -22,7 +22,7 @@ class ExpertBank(nn.Module):
     Expert `first_expert + i` is initialised from a generator seeded by (seed, layer_id, global id),
     so the same experts come out whatever the parallel layout.
     `backend`: "auto" (grouped GEMM where torch runs it natively, else the loop), "grouped" or
-    "loop" (moe_train.grouped); set it on an instance to force one.
+    "loop" (moe_train.experts.grouped); set it on an instance to force one.
     """
 
     backend: str = "auto"
