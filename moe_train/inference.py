@@ -15,8 +15,7 @@ from omegaconf import OmegaConf
 
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from .config import TrainConfig
-from .data.tokenizer import ByteTokenizer
-from .data.tokenizers import TOKENIZER_FILE, HFTokenizer, Tokenizer, load_tokenizer
+from .data.tokenizers import TOKENIZER_FILE, ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 from .data.tokens import sidecar_path
 from .model import MoETransformer
 

@@ -4,7 +4,7 @@ from .config import DataConfig, open_splits, resolve_data_dir
 from .default_corpus import default_cache_dir, default_corpus_dir
 from .prepare import prepare_corpus, prepare_documents
 from .sampler import get_batch, num_val_batches, rank_share, sample_offsets, val_batches
-from .tokenizer import ByteTokenizer, get_tokenizer
+from .tokenizers import ByteTokenizer
 from .tokens import DataError, TokenFile, TokenWriter, dtype_for_vocab, write_tokens
 
 __all__ = [
@@ -17,7 +17,6 @@ __all__ = [
     "default_corpus_dir",
     "dtype_for_vocab",
     "get_batch",
-    "get_tokenizer",
     "num_val_batches",
     "open_splits",
     "prepare_corpus",

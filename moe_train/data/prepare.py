@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .tokenizer import ByteTokenizer
-from .tokenizers import HFTokenizer, Tokenizer, train_bpe
+from .tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, train_bpe
 from .tokens import DataError, TokenWriter
 
 DEFAULT_VAL_FRACTION = 0.05

@@ -1,4 +1,5 @@
-"""Tokenizers beyond bytes: Hugging Face `tokenizers` files (trained here or brought along).
+"""Tokenizers: bytes (token id = UTF-8 byte value, vocab 256; id 0, NUL, ends a document) and
+Hugging Face `tokenizers` files (trained here or brought along).
 
 A data folder names its tokenizer in the token files' sidecars (`"tokenizer"`): `bytes` (the
 built-in ByteTokenizer) or the name of a `tokenizer.json` in the same folder. Every tokenizer has
@@ -22,7 +23,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .tokenizer import ByteTokenizer
 from .tokens import DataError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -31,6 +31,39 @@ BPE_EOT = "<|endoftext|>"
 EOT_NAMES = (BPE_EOT, "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]", "<|im_end|>")
 MIN_BPE_VOCAB = 257  # the 256 byte symbols and the end-of-document token
 _BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+class ByteTokenizer:
+    """Every byte is a token. `prepare` appends `eot_id` (byte 0, absent from text) after each
+    document and drops NUL bytes found inside documents, so 0 always means "end of document"."""
+
+    name = "bytes"
+    vocab_size = 256
+    eot_id = 0
+
+    def encode(self, text: str | bytes) -> np.ndarray:
+        """str (encoded as UTF-8) or bytes -> [n] uint16 token ids."""
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        return np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
+
+    def decode(self, ids: np.ndarray | list[int], skip_eot: bool = False) -> str:
+        """[n] token ids -> str; invalid UTF-8 becomes U+FFFD. `skip_eot` drops separators."""
+        arr = np.asarray(ids)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
+            raise ValueError(
+                f"byte tokenizer ids must be in [0, 256), got [{arr.min()}, {arr.max()}]"
+            )
+        arr = arr.astype(np.uint8)
+        if skip_eot:
+            arr = arr[arr != self.eot_id]
+        return arr.tobytes().decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> np.ndarray:
+        """[256] bytes per token: 1 each (the end-of-document token stands for its NUL byte)."""
+        return np.ones(self.vocab_size, dtype=np.int64)
+
+    def save(self, folder: str | Path) -> None:
+        """Nothing to write: the byte tokenizer is built in."""
 
 
 class Tokenizer(Protocol):
