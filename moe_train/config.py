@@ -24,7 +24,7 @@ OPTIM_IMPLS = ("torch", "apex")
 OPTIMIZERS = ("adamw", "adafactor")
 ENGINES = ("native", "deepspeed")
 ZERO_STAGES = (0, 1, 2)
-CHECKPOINTING = ("none", "moe", "full")  # moe_train.parallel.checkpointing.MODES
+CHECKPOINTING = ("none", "moe", "full")  # moe_train.parallel.recompute.MODES
 
 
 @dataclass

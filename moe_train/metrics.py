@@ -19,8 +19,8 @@ from .gpu_stats import gather_gpu_stats, gpu_stats
 if TYPE_CHECKING:
     from .engines import Engine
     from .training.cadence import Every
-    from .training.state import TrainState
     from .training.step import StepOutput
+    from .training.train_state import TrainState
 
 
 def moe_layer_metrics(layers) -> dict[str, float]:

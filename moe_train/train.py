@@ -30,8 +30,8 @@ from .training.divergence import check_skipped_steps
 from .training.evaluation import Evaluator, evaluate
 from .training.optim import build_optimizer, lr_at
 from .training.run_dir import RunFolder
-from .training.state import TrainState
 from .training.step import lm_loss, train_step
+from .training.train_state import TrainState
 
 __all__ = [
     "autocast_dtype", "build_model", "build_optimizer", "evaluate", "lm_loss", "lr_at", "main",

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from moe_train.grouped import _grouped_mm_on_cpu
 from sync_counter import HostSyncCounter
 
 from moe_train import MoELayer, RouterConfig
-from moe_train.grouped import _grouped_mm_on_cpu
 from moe_train.ops.indexing import count_values
 
 needs_cpu_grouped = pytest.mark.skipif(

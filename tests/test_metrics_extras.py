@@ -19,8 +19,8 @@ from moe_train.model import ModelConfig
 from moe_train.plan import ClusterConfig, PlanOptions, make_plan
 from moe_train.routing import RouterConfig
 from moe_train.training.cadence import Every
-from moe_train.training.state import TrainState
 from moe_train.training.step import train_step
+from moe_train.training.train_state import TrainState
 
 
 def test_known_gpu_peaks():

@@ -11,7 +11,7 @@ import torch
 
 from moe_train.engines import DeepSpeedEngine, Engine, NativeEngine
 from moe_train.parallel import ParallelConfig, ParallelState
-from moe_train.training.state import TrainState
+from moe_train.training.train_state import TrainState
 
 
 def linear_engine(*, grad_clip=0.0, grad_accum=1, amp_dtype=None, lr=1.0, adam=False):

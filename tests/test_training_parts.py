@@ -19,8 +19,8 @@ from moe_train.training.build import build_engine
 from moe_train.training.cadence import Every
 from moe_train.training.checkpointer import Checkpointer
 from moe_train.training.evaluation import Evaluator, evaluate
-from moe_train.training.state import TrainState
 from moe_train.training.step import train_step
+from moe_train.training.train_state import TrainState
 
 SEQ_LEN = 16
 

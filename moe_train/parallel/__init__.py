@@ -16,7 +16,7 @@ from .grads import clip_grad_norm_, sync_gradients
 from .groups import ProcessGroups, build_process_groups, teardown_process_group
 from .parallelize import UsesProcessGroups, parallelize, unwrap_model
 from .placement import ExpertShard, is_expert_param, mark_expert
-from .state import ParallelState, init_parallel
+from .runtime import ParallelState, init_parallel
 
 __all__ = [
     "CollectiveError",

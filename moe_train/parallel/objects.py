@@ -14,7 +14,7 @@ import torch.distributed as dist
 from .errors import guarded
 
 if TYPE_CHECKING:
-    from .state import ParallelState
+    from .runtime import ParallelState
 
 T = TypeVar("T")
 

@@ -23,7 +23,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .checkpointing import apply_activation_checkpointing
 from .config import ParallelConfig
 from .dims import ParallelDims
 from .errors import guarded
@@ -31,6 +30,7 @@ from .fsdp import shard_model
 from .grads import unique_params
 from .groups import ProcessGroups
 from .placement import is_expert_param
+from .recompute import apply_activation_checkpointing
 
 
 @runtime_checkable

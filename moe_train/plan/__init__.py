@@ -13,6 +13,7 @@ router registry.
     params.py      ParamCount, count_params (closed-form parameters)
     costs.py       memory, activations, all-to-all, gradient sync, FLOPs: estimate_step (formulas)
     meta_check.py  one rank's real model on the meta device, against the count
+    state_bytes.py one rank's real model sharded by the trainer's rule: its state bytes
     search.py      suggest (the cheapest layout that fits), compare_routers
     planner.py     make_plan: all of the above as one JSON-ready dict
     render.py      the console tables (format_count / format_bytes / format_seconds)

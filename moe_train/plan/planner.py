@@ -11,7 +11,7 @@ from .meta_check import meta_check
 from .params import ParamCount, count_params
 from .search import compare_routers, suggest
 from .search import options as trainer_options
-from .state import NOT_MODELLED, state_bytes_per_gpu
+from .state_bytes import NOT_MODELLED, state_bytes_per_gpu
 
 
 def _params_section(pc: ParamCount, k: float, ep: int) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The training loop's parts. `moe_train.train.train` puts them together:
 
-state.py        TrainState: step, best validation loss, skipped steps (checkpointed)
+train_state.py  TrainState: step, best validation loss, skipped steps (checkpointed)
 cadence.py      Every: "every n steps and at the last one"
 batches.py      BatchPlan: this rank's share of every global batch (train and validation)
 optim.py        AdamW parameter groups, the learning-rate schedule, precision

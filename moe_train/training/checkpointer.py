@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..engines import Engine
 from .cadence import Every
-from .state import TrainState
+from .train_state import TrainState
 
 
 class Checkpointer:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .state import TrainState
+from .train_state import TrainState
 
 
 class TrainingDiverged(RuntimeError):

@@ -12,8 +12,8 @@ from ..engines import Engine
 from ..metrics import MetricsWriter
 from .batches import BatchPlan
 from .cadence import Every
-from .state import TrainState
 from .step import lm_loss
+from .train_state import TrainState
 
 
 @torch.no_grad()
