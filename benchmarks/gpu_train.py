@@ -4,7 +4,7 @@ The model (default: d 1024, 12 layers, every FFN an MoE of 16 SwiGLU experts of 
 dropless, vocab 32768, sequences of 2048: 1.1B parameters, 0.22B active per token) trains on
 random tokens with fused AdamW under bf16 autocast (fp32 master weights), as the trainer does.
 Tokens/s are timed over the steps after the warm-up with CUDA events; model FLOPs per token come
-from moe_train.hardware (the planner's: 6 x active matmul parameters + attention), MFU is
+from moe_train.plan.costs (the planner's: 6 x active matmul parameters + attention), MFU is
 achieved FLOP/s over the GPU's dense bf16 peak (moe_train.hardware's datasheet table, as the
 trainer's metrics use; --peak-tflops overrides).
 
@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, write_json  # noqa: E402
 
 from moe_train import MoETransformer, RouterConfig  # noqa: E402
-from moe_train.hardware import model_flops_per_token, peak_tflops  # noqa: E402
+from moe_train.hardware import peak_tflops  # noqa: E402
 from moe_train.model import ModelConfig  # noqa: E402
+from moe_train.plan.costs import model_flops_per_token  # noqa: E402
 from moe_train.plan.params import count_params  # noqa: E402
 
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     counts = model.num_params()
     pc = count_params(cfg, router)
-    per_token = model_flops_per_token(cfg, router)  # the trainer's MFU numerator (hardware.py)
+    per_token = model_flops_per_token(cfg, router)  # the trainer's MFU numerator (plan/costs.py)
     gen = torch.Generator(device=dev).manual_seed(0)
     tokens = a.batch * a.seq_len
 

@@ -1,17 +1,15 @@
-"""Peak FLOP/s of known GPUs and the model FLOPs per token: what model FLOPs utilisation (MFU) is
-measured against, in training (metrics.jsonl, the progress bar) and in the planner's header.
+"""Peak FLOP/s of known GPUs: what model FLOPs utilisation (MFU) is measured against, in training
+(metrics.jsonl, the progress bar) and in the planner's header.
 
 MFU = tokens/s x model FLOPs per token / (GPUs x peak). Model FLOPs per token are the planner's
-(moe_train.plan.costs.flops): 6 x active matmul parameters + 12 x seq_len x d_model x layers for
-attention scores, forward and backward, whatever recomputation the run does.
+(moe_train.plan.costs.model_flops_per_token): 6 x active matmul parameters + 12 x seq_len x
+d_model x layers for attention scores, forward and backward, whatever recomputation the run does.
 
 Peaks are dense (no 2:4 sparsity) BF16 tensor-core FLOP/s (FP16 on V100, which has no BF16), from
 NVIDIA's datasheets: the H100/H200 datasheets list "with sparsity" figures, halved here.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
@@ -43,16 +41,3 @@ def device_peak_flops(device: torch.device) -> float | None:
         return None
     tflops = peak_tflops(torch.cuda.get_device_name(device))
     return None if tflops is None else tflops * 1e12
-
-
-def model_flops_per_token(model: Any, router: Any) -> float:
-    """Training FLOPs per token of MoETransformer(model, router) at model.seq_len: the planner's
-    `model_flops_per_token` (6 N_active + attention), no recomputation."""
-    from .plan.config import ClusterConfig
-    from .plan.costs import flops
-    from .plan.params import count_params
-
-    cluster = ClusterConfig(world_size=1, gpus_per_node=1, ep=1, seq_len=model.seq_len)
-    return float(
-        flops(count_params(model, router), model, router, cluster)["model_flops_per_token"]
-    )

@@ -18,9 +18,10 @@ from .config import CONFIG_DIR, TrainConfig, register_configs
 from .config_help import PLANNER_OVERRIDE_ERROR, compact_config, planner_override, render_help
 from .data.tokenizers import copy_tokenizer_files
 from .engines import Engine
-from .hardware import device_peak_flops, model_flops_per_token
+from .hardware import device_peak_flops
 from .metrics import TrainLogger, last_logged
 from .parallel import ParallelState, init_parallel
+from .plan.costs import model_flops_per_token
 from .precision import autocast_dtype
 from .training.batches import BatchPlan
 from .training.build import build_engine, build_model, open_training_data

@@ -13,10 +13,10 @@ import torch
 from test_training_parts import SEQ_LEN, engine_and_plan, small_cfg
 
 from moe_train.data import TokenFile, write_tokens
-from moe_train.hardware import model_flops_per_token, peak_tflops
+from moe_train.hardware import peak_tflops
 from moe_train.metrics import TrainLogger, read_metrics
 from moe_train.model import ModelConfig
-from moe_train.plan import ClusterConfig, PlanOptions, make_plan
+from moe_train.plan import ClusterConfig, PlanOptions, make_plan, model_flops_per_token
 from moe_train.routing import RouterConfig
 from moe_train.training.cadence import Every
 from moe_train.training.step import train_step

@@ -41,6 +41,7 @@ from .costs import (
     flops,
     grad_sync,
     memory,
+    model_flops_per_token,
     optimizer_bytes,
 )
 from .meta_check import build_one_rank, meta_check, meta_count
@@ -73,6 +74,7 @@ __all__ = [
     "main",
     "make_plan",
     "memory",
+    "model_flops_per_token",
     "meta_check",
     "meta_count",
     "optimizer_bytes",

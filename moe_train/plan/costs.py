@@ -45,7 +45,7 @@ from typing import Any
 
 from ..routing import router_class
 from .config import OPTIMIZERS, ClusterConfig, GiB
-from .params import ParamCount
+from .params import ParamCount, count_params
 
 META_BYTES_FWD, META_BYTES_BWD = 20, 4  # per remote slot: (row, expert) int64 + weight fp32; grad
 
@@ -219,6 +219,15 @@ def flops(pc: ParamCount, model: Any, router: Any, cluster: ClusterConfig) -> di
         "tokens_per_step": tokens * cluster.world_size,
         "seconds": hw_per_token * tokens / (cluster.tflops * 1e12),
     }
+
+
+def model_flops_per_token(model: Any, router: Any) -> float:
+    """Training FLOPs per token of MoETransformer(model, router) at model.seq_len: 6 N_active +
+    attention, no recomputation (what MFU is measured against, in training and in the plan)."""
+    cluster = ClusterConfig(world_size=1, gpus_per_node=1, ep=1, seq_len=model.seq_len)
+    return float(
+        flops(count_params(model, router), model, router, cluster)["model_flops_per_token"]
+    )
 
 
 def estimate_step(
