@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_train import checkpoint as ck
 from moe_train.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
+from moe_train.checkpoint import save as ck
 from moe_train.model import ModelConfig, MoETransformer
 from moe_train.routing import RouterConfig
 
@@ -95,7 +95,7 @@ def test_process_killed_mid_save_keeps_previous_checkpoint(tmp_path):
         import os, sys, torch
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_checkpoint import make
-        from moe_train import checkpoint as ck
+        from moe_train.checkpoint import save as ck
         model, opt = make()
         ck.save_checkpoint({str(tmp_path)!r}, 1, model, opt, {{"step": 1}})
         ck._publish = lambda tmp, final: os._exit(9)

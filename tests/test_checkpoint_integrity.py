@@ -15,7 +15,6 @@ import pytest
 import torch
 from test_checkpoint import make, step
 
-from moe_train import checkpoint as ck
 from moe_train.checkpoint import (
     CheckpointError,
     CorruptCheckpointError,
@@ -23,8 +22,10 @@ from moe_train.checkpoint import (
     load_checkpoint,
     load_latest_checkpoint,
     save_checkpoint,
+    verify_checkpoint,
 )
-from moe_train.checksums import CHECKSUM_FILE, read_checksums
+from moe_train.checkpoint import save as ck
+from moe_train.checkpoint.checksums import CHECKSUM_FILE, read_checksums
 
 SHARD = "__0_0.distcp"
 
@@ -74,7 +75,7 @@ def test_corrupted_shard_is_named_and_the_newest_good_checkpoint_loads(tmp_path)
     save_checkpoint(tmp_path, 2, model, opt, {"step": 2}, keep=2)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000001", "step_00000002"]
     for p in tmp_path.glob("step_*"):
-        ck.verify_checkpoint(p)
+        verify_checkpoint(p)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Small picklable values over the world, so that every rank takes the same decision: rank 0's
 verdict on the run folder, the files a rank hashed, the checkpoint a run falls back to.
 
-With no process group (one process, or `state` None) both are plain function calls.
+With no process group (one process, or `state` None) they are plain function calls.
 """
 
 from __future__ import annotations
@@ -19,14 +19,21 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def _distributed(state: ParallelState | None) -> bool:
+def is_distributed(state: ParallelState | None) -> bool:
+    """Is there a process group (more than a plain function call to make)?"""
     return state is not None and state.distributed
+
+
+def barrier(state: ParallelState | None) -> None:
+    """Wait for every rank; nothing with no process group."""
+    if is_distributed(state):
+        state.barrier()  # type: ignore[union-attr]
 
 
 def from_main(state: ParallelState | None, fn: Callable[[], T]) -> T:
     """`fn()` computed on rank 0 and broadcast: every rank returns rank 0's value. An exception
     in `fn` on rank 0 is re-raised on every rank (as the same type when it pickles)."""
-    if not _distributed(state):
+    if not is_distributed(state):
         return fn()
     box: list[Any] = [None]
     if state.is_main:  # type: ignore[union-attr]
@@ -43,7 +50,7 @@ def from_main(state: ParallelState | None, fn: Callable[[], T]) -> T:
 
 def gather_all(state: ParallelState | None, value: T) -> list[T]:
     """Every rank's `value`, by rank, on every rank."""
-    if not _distributed(state):
+    if not is_distributed(state):
         return [value]
     out: list[Any] = [None] * state.world_size  # type: ignore[union-attr]
     guarded("all_gather_object", lambda: dist.all_gather_object(out, value))

@@ -18,10 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .parallel.objects import from_main, gather_all
+from ..parallel.objects import from_main, gather_all
 
 if TYPE_CHECKING:
-    from .parallel import ParallelState
+    from ..parallel import ParallelState
 
 CHECKSUM_FILE = "checksums.json"
 ALGORITHM = "crc32"
