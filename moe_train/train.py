@@ -18,10 +18,8 @@ from .config import CONFIG_DIR, TrainConfig, register_configs
 from .config_help import PLANNER_OVERRIDE_ERROR, compact_config, planner_override, render_help
 from .data.tokenizers import copy_tokenizer_files
 from .engines import Engine
-from .hardware import device_peak_flops
-from .metrics import TrainLogger, last_logged
+from .metrics import last_logged
 from .parallel import ParallelState, init_parallel
-from .plan.costs import model_flops_per_token
 from .precision import autocast_dtype
 from .training.batches import BatchPlan
 from .training.build import build_engine, build_model, open_training_data
@@ -29,6 +27,7 @@ from .training.cadence import Every
 from .training.checkpointer import Checkpointer
 from .training.divergence import check_skipped_steps
 from .training.evaluation import Evaluator, evaluate
+from .training.logger import TrainLogger
 from .training.optim import build_optimizer, lr_at
 from .training.run_dir import RunFolder
 from .training.step import lm_loss, train_step
@@ -76,17 +75,7 @@ def _train(cfg: TrainConfig, parallel: ParallelState, run_folder: RunFolder) -> 
         return _nothing_to_do(train_state, parallel, run_dir, trainer.max_steps)
     if parallel.is_main:
         _announce(cfg, parallel, engine, plan, data_dir, train_tokens.tokenizer, train_state.step)
-    peak = device_peak_flops(parallel.device)
-    logger = TrainLogger(
-        run_dir, Every(trainer.log_every, trainer.max_steps), start=train_state.step,
-        tokens_per_step=trainer.global_batch_size * cfg.model.seq_len,
-        mean_over_ranks=parallel.all_reduce_mean, device=parallel.device,
-        is_main=parallel.is_main, tensorboard=trainer.tensorboard, progress=trainer.progress,
-        flops_per_token=model_flops_per_token(cfg.model, cfg.router),
-        peak_flops=peak * parallel.world_size if peak else None,
-        sinks=_sinks(cfg) if parallel.is_main else [],
-        max_over_ranks=parallel.all_reduce_max,
-    )  # fmt: skip
+    logger = TrainLogger(cfg, parallel, start=train_state.step)
     evaluator = Evaluator(
         val_tokens, plan, Every(trainer.eval_every, trainer.max_steps, bool(trainer.eval_batches)),
         max_batches=trainer.eval_batches, mean_over_ranks=parallel.all_reduce_mean,
@@ -118,17 +107,6 @@ def _train(cfg: TrainConfig, parallel: ParallelState, run_folder: RunFolder) -> 
 def _duration(seconds: float) -> str:
     minutes, s = divmod(round(seconds), 60)
     return f"{minutes} min {s} s" if minutes else f"{seconds:.1f} s"
-
-
-def _sinks(cfg: TrainConfig) -> list:
-    """Rank 0's extra metric sinks: Weights & Biases when trainer.wandb."""
-    if not cfg.trainer.wandb:
-        return []
-    from .wandb_sink import WandbSink
-
-    config = OmegaConf.to_container(OmegaConf.structured(cfg))
-    t = cfg.trainer
-    return [WandbSink(t.run_dir, t.wandb_project, t.wandb_run_name, config)]  # type: ignore[arg-type]
 
 
 def _nothing_to_do(

@@ -11,7 +11,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moe_train import gpu_stats as gs
+from moe_train.metrics import gpu as gs
 
 KEYS = {"gpu_mem_used_mib", "gpu_mem_total_mib", "gpu_util_pct", "gpu_temp_c", "gpu_power_w"}
 

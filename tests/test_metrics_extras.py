@@ -14,11 +14,13 @@ from test_training_parts import SEQ_LEN, engine_and_plan, small_cfg
 
 from moe_train.data import TokenFile, write_tokens
 from moe_train.hardware import peak_tflops
-from moe_train.metrics import TrainLogger, read_metrics
+from moe_train.metrics import read_metrics
 from moe_train.model import ModelConfig
+from moe_train.parallel import ParallelConfig, ParallelState
 from moe_train.plan import ClusterConfig, PlanOptions, make_plan, model_flops_per_token
 from moe_train.routing import RouterConfig
-from moe_train.training.cadence import Every
+from moe_train.training import logger as logger_mod
+from moe_train.training.logger import TrainLogger
 from moe_train.training.step import train_step
 from moe_train.training.train_state import TrainState
 
@@ -47,17 +49,24 @@ def test_model_flops_are_the_planners():
     assert planned == 6 * active + 12 * 64 * 64 * 2
 
 
-def test_logger_records_step_time_tokens_per_s_and_mfu(tmp_path, capsys):
+def logger_cfg(run_dir, log_every: int, max_steps: int):
+    """small_cfg with the logger's fields: 4 sequences of SEQ_LEN per step, no bar, no TB."""
     cfg = small_cfg()
+    t = cfg.trainer
+    t.run_dir, t.log_every, t.max_steps, t.global_batch_size = str(run_dir), log_every, max_steps, 4
+    t.tensorboard = t.progress = False
+    return cfg
+
+
+def test_logger_records_step_time_tokens_per_s_and_mfu(tmp_path, capsys, monkeypatch):
+    cfg = logger_cfg(tmp_path, log_every=1, max_steps=2)
     engine, plan = engine_and_plan(cfg)
     rng = torch.Generator().manual_seed(0)
     path = write_tokens(tmp_path / "t.bin", torch.randint(0, 256, (4000,), generator=rng), 256, "b")
     tokens = TokenFile(path)
-    logger = TrainLogger(
-        tmp_path, Every(1, 2), start=0, tokens_per_step=4 * SEQ_LEN,
-        mean_over_ranks=lambda t: t.clone(), device=torch.device("cpu"), is_main=True,
-        tensorboard=False, progress=False, flops_per_token=1e6, peak_flops=2e12,
-    )  # fmt: skip
+    monkeypatch.setattr(logger_mod, "device_peak_flops", lambda device: 2e12)  # a known GPU
+    logger = TrainLogger(cfg, ParallelState(ParallelConfig()), start=0)
+    assert logger.peak_flops == 2e12  # x 1 GPU
     state = TrainState()
     for step in range(2):
         out = train_step(engine, tokens, plan, step, 1e-3, rank=0)
@@ -68,20 +77,18 @@ def test_logger_records_step_time_tokens_per_s_and_mfu(tmp_path, capsys):
     r = read_metrics(tmp_path)[-1]
     assert r["step_ms"] > 0 and r["tokens_per_s"] > 0
     assert r["tokens_per_s"] == pytest.approx(4 * SEQ_LEN * 1e3 / r["step_ms"])
-    assert r["mfu"] == pytest.approx(r["tokens_per_s"] * 1e6 / 2e12)
+    flops = model_flops_per_token(cfg.model, cfg.router)  # the planner's
+    assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / 2e12)
     assert "step 2: train loss" in capsys.readouterr().out
     assert logger.elapsed() > 0
-    no_peak = TrainLogger(
-        tmp_path / "cpu", Every(1, 1), start=0, tokens_per_step=1,
-        mean_over_ranks=lambda t: t, device=torch.device("cpu"), is_main=True,
-        tensorboard=False, progress=False, flops_per_token=1e6,
-    )  # fmt: skip
+    monkeypatch.undo()
+    no_peak = TrainLogger(logger_cfg(tmp_path / "cpu", 1, 1), ParallelState(ParallelConfig()), 0)
     assert no_peak.peak_flops is None  # no MFU where the peak is unknown (CPUs)
 
 
 def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
-    from moe_train.wandb_sink import WandbSink
+    from moe_train.metrics.wandb_sink import WandbSink
 
     with pytest.raises(RuntimeError, match="pip install wandb") as e:
         WandbSink(tmp_path, "p", None, {})
@@ -91,7 +98,7 @@ def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch):
 WANDB_RUN = """
 import json, sys
 from moe_train.metrics import MetricsWriter
-from moe_train.wandb_sink import WandbSink
+from moe_train.metrics.wandb_sink import WandbSink
 run_dir = sys.argv[1]
 sink = WandbSink(run_dir, "moe-train-test", None, {"model": {"d_model": 8}})
 w = MetricsWriter(run_dir, enabled=True, tensorboard=False, sinks=[sink])

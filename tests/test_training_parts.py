@@ -11,7 +11,7 @@ import torch
 
 from moe_train.config import TrainConfig
 from moe_train.data import TokenFile, get_batch, write_tokens
-from moe_train.metrics import MetricsWriter, TrainLogger, read_metrics
+from moe_train.metrics import MetricsWriter, read_metrics
 from moe_train.model import ModelConfig
 from moe_train.parallel import ParallelConfig, ParallelState
 from moe_train.training.batches import BatchPlan
@@ -19,6 +19,7 @@ from moe_train.training.build import build_engine
 from moe_train.training.cadence import Every
 from moe_train.training.checkpointer import Checkpointer
 from moe_train.training.evaluation import Evaluator, evaluate
+from moe_train.training.logger import TrainLogger
 from moe_train.training.step import train_step
 from moe_train.training.train_state import TrainState
 
@@ -121,7 +122,8 @@ def test_evaluator_runs_on_its_cadence_and_keeps_the_best(tmp_path, tokens):
 
 
 def test_logger_writes_its_records_on_its_cadence_and_cuts_resumed_metrics(tmp_path, tokens):
-    engine, plan = engine_and_plan(small_cfg())
+    cfg = small_cfg()
+    engine, plan = engine_and_plan(cfg)
     old = MetricsWriter(tmp_path, enabled=True, tensorboard=False)
     for step in (1, 2, 3):  # an earlier run logged up to step 3, its checkpoint is at step 2
         old.log(step, {"loss": 9.0})
@@ -131,11 +133,12 @@ def test_logger_writes_its_records_on_its_cadence_and_cuts_resumed_metrics(tmp_p
         means.append(float(t))
         return t.clone()
 
-    logger = TrainLogger(
-        tmp_path, Every(2, 5), start=2, tokens_per_step=4 * SEQ_LEN,
-        mean_over_ranks=mean_over_ranks, device=torch.device("cpu"), is_main=True,
-        tensorboard=False, progress=False,
-    )  # fmt: skip
+    t = cfg.trainer
+    t.run_dir, t.log_every, t.max_steps, t.global_batch_size = str(tmp_path), 2, 5, 4
+    t.tensorboard = t.progress = False
+    parallel = ParallelState(ParallelConfig())
+    parallel.all_reduce_mean = mean_over_ranks  # type: ignore[method-assign]
+    logger = TrainLogger(cfg, parallel, start=2)
     train_state = TrainState(step=2)
     for step in range(2, 5):
         out = train_step(engine, tokens, plan, step, 1e-3, rank=0)

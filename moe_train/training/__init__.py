@@ -7,7 +7,8 @@ optim.py        AdamW parameter groups, the learning-rate schedule, precision
 step.py         lm_loss and train_step: one optimizer step through the Engine
 evaluation.py   evaluate and the Evaluator (validation cadence)
 checkpointer.py Checkpointer (checkpoint cadence, resume)
+logger.py       TrainLogger (log cadence: metrics, MFU, the progress bar)
 build.py        config -> data, model, engine
 
-The log cadence (TrainLogger) lives in moe_train.metrics, the engines in moe_train.engines.
+The metrics files and sinks live in moe_train.metrics, the engines in moe_train.engines.
 """
