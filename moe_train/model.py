@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +78,7 @@ class KVCache:
     """Keys and values of every layer for incremental decoding: `model(idx, cache=cache)` runs
     idx's T tokens at positions `cache.length`.., attends to everything cached before them, and
     advances `length` by T. Holds at most model.seq_len positions (moe_train.generate slides the
-    window when it is full)."""
+    window when it is full: moe_train/inference/generate.py)."""
 
     def __init__(self, cfg: ModelConfig):
         self.max_len = cfg.seq_len
@@ -264,28 +263,3 @@ class MoETransformer(nn.Module):
             else:
                 dense += p.numel()
         return {"dense": dense, "expert": expert, "total": dense + expert}
-
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: Tensor,
-        max_new_tokens: int,
-        temperature: float = 0.8,
-        top_k: int | None = 50,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """idx: [B, T0] prompt ids -> [B, T0 + max_new_tokens], sampled with a KV cache (see
-        moe_train.generate.generate for the options and how routing works while decoding)."""
-        from .generate import generate
-
-        return generate(self, idx, max_new_tokens, temperature, top_k, generator)
-
-    @classmethod
-    def from_pretrained(
-        cls, folder: str | os.PathLike[str], device: str | torch.device = "cpu"
-    ) -> MoETransformer:
-        """The model `moe-train-export` wrote into `folder` (config.json + model.safetensors),
-        on `device`, in eval mode. The tensor names are documented in moe_train.export."""
-        from .export import load_pretrained
-
-        return load_pretrained(folder, device)

@@ -12,7 +12,7 @@ import pytest
 from usage_helpers import cli, compose_cfg
 
 from moe_train.data import DataError, prepare_corpus, write_tokens
-from moe_train.inference import load_run_config
+from moe_train.inference.run import load_run_config
 from moe_train.metrics import read_metrics
 from moe_train.train import train
 
@@ -102,9 +102,17 @@ def test_a_bpe_run_trains_generates_and_evaluates(tmp_path, bpe_data):
     train(run_cfg(run_dir, bpe_data, *extra))
     curve = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
     assert curve[-1] < curve[0] - 0.5  # it learns (from about ln(512) = 6.2)
-    p = cli("generate", str(run_dir), "--prompt", "import ", "--max-new-tokens", "30", "--no-stop")
+    p = cli(
+        "inference.generate",
+        str(run_dir),
+        "--prompt",
+        "import ",
+        "--max-new-tokens",
+        "30",
+        "--no-stop",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.strip() and "\ufffd" not in p.stdout  # whole UTF-8 characters
-    r = json.loads(cli("evaluate_cli", str(run_dir), "--batches", "2", "--json").stdout)
+    r = json.loads(cli("inference.evaluate", str(run_dir), "--batches", "2", "--json").stdout)
     assert r["bytes"] > 1.5 * r["tokens"]  # a BPE token stands for several bytes
     assert r["bits_per_byte"] < r["bits_per_token"] / 1.5

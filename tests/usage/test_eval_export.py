@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from usage_helpers import cli, tiny_overrides
 
-from moe_train import MoETransformer
+from moe_train import MoETransformer, from_pretrained
 from moe_train.data import open_splits, val_batches
-from moe_train.evaluate_cli import score
-from moe_train.export import load_pretrained_tokenizer
-from moe_train.inference import load_run
+from moe_train.inference import load_pretrained_tokenizer
+from moe_train.inference.evaluate import score
+from moe_train.inference.run import load_run
 
 
 def test_score_is_the_mean_cross_entropy(tiny_run):
@@ -51,13 +51,23 @@ def _data_dir(run) -> Path:
 
 
 def test_eval_cli_prints_the_three_keys(tiny_run):
-    p = cli("evaluate_cli", str(tiny_run), "--batches", "2", "--json")
+    p = cli("inference.evaluate", str(tiny_run), "--batches", "2", "--json")
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(p.stdout)
     assert {"loss", "perplexity", "bits_per_byte"} <= set(r)
     assert 0 < r["loss"] < math.log(256) and r["step"] == 30
-    text = cli("evaluate_cli", str(tiny_run), "--batches", "2", "--split", "train")
+    text = cli("inference.evaluate", str(tiny_run), "--batches", "2", "--split", "train")
     assert text.returncode == 0 and "bits/byte" in text.stdout and "MoE layer 1" in text.stdout
+
+
+def test_the_tools_load_the_checkpoint_they_are_given(tiny_run):
+    p = cli("inference.evaluate", str(tiny_run), "--batches", "1", "--json", "--checkpoint",
+            str(tiny_run / "step_00000020"))  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout)["step"] == 20  # not the newest (30)
+    missing = tiny_run / "step_00000005"
+    p = cli("inference.generate", str(tiny_run), "--prompt", "x", "--checkpoint", str(missing))
+    assert p.returncode == 2 and str(missing) in p.stderr and "no such directory" in p.stderr
 
 
 def test_eval_cli_names_a_too_small_split(tiny_run, tmp_path):
@@ -65,15 +75,15 @@ def test_eval_cli_names_a_too_small_split(tiny_run, tmp_path):
 
     write_tokens(tmp_path / "train.bin", torch.arange(500) % 256, 256, "bytes")
     write_tokens(tmp_path / "val.bin", torch.arange(20) % 256, 256, "bytes")
-    p = cli("evaluate_cli", str(tiny_run), "--data", str(tmp_path))
+    p = cli("inference.evaluate", str(tiny_run), "--data", str(tmp_path))
     assert p.returncode == 2 and "val.bin" in p.stderr and "20 tokens" in p.stderr
 
 
 def export_and_compare(run_dir: Path, out: Path) -> MoETransformer:
-    p = cli("export", str(run_dir), "--out", str(out))
+    p = cli("inference.export", str(run_dir), "--out", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     run = load_run(run_dir)  # the checkpoint, through DCP
-    exported = MoETransformer.from_pretrained(out)  # the export, through safetensors
+    exported = from_pretrained(out)  # the export, through safetensors
     idx = torch.randint(0, 256, (2, run.cfg.model.seq_len))
     with torch.no_grad():
         assert torch.equal(exported(idx)[0], run.model(idx)[0])

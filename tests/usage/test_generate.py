@@ -8,7 +8,7 @@ import torch
 from usage_helpers import cli
 
 from moe_train import ModelConfig, MoETransformer, RouterConfig
-from moe_train.generate import generate, sample_next, uses_cache
+from moe_train.inference.generate import generate, sample_next, uses_cache
 from moe_train.model import KVCache
 
 CFG = ModelConfig(
@@ -106,15 +106,15 @@ def test_sampling_options():
 
 def test_generate_cli_prints_a_continuation(tiny_run):
     args = [str(tiny_run), "--prompt", "def ", "--max-new-tokens", "40", "--no-stop"]
-    p = cli("generate", *args)
+    p = cli("inference.generate", *args)
     assert p.returncode == 0, p.stderr[-3000:]
     assert len(p.stdout.strip()) > 0
     assert "step 30" in p.stderr and "40 tokens" in p.stderr and "KV cache" in p.stderr
-    assert cli("generate", *args).stdout == p.stdout  # same seed, same text
-    other = cli("generate", *args, "--seed", "1").stdout
+    assert cli("inference.generate", *args).stdout == p.stdout  # same seed, same text
+    other = cli("inference.generate", *args, "--seed", "1").stdout
     assert other != p.stdout
 
 
 def test_generate_cli_names_a_folder_without_a_run(tmp_path):
-    p = cli("generate", str(tmp_path), "--prompt", "x")
+    p = cli("inference.generate", str(tmp_path), "--prompt", "x")
     assert p.returncode == 2 and "config.yaml" in p.stderr

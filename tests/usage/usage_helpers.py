@@ -30,7 +30,8 @@ def tiny_overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:
 
 
 def cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m moe_train.<module> args` (what the console scripts run)."""
+    """`python -m moe_train.<module> args` (what the console scripts run), e.g. module
+    "inference.generate"."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", f"moe_train.{module}", *args],

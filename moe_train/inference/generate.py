@@ -22,8 +22,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .model import KVCache, MoETransformer
-from .routing import router_class
+from ..model import KVCache, MoETransformer
+from ..routing import router_class
+from .cli import fail, run_arguments
 
 
 def sample_next(
@@ -104,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample a continuation of --prompt from the newest checkpoint of a moe-train "
         "run (any ep x dp layout it was trained in; loaded on one process), with the run's "
         "tokenizer and a KV cache. Prints the continuation to stdout.",
+        parents=[run_arguments()],
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (trainer.run_dir)")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200, metavar="N")
     p.add_argument(
@@ -113,7 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely; 0 = all")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto (GPU when there is one) | cpu | cuda")
     p.add_argument(
         "--no-stop", action="store_true", help="do not stop at the end-of-document token"
     )
@@ -121,16 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .inference import RunError, autocast_for, load_run
+    from .run import RunError, autocast_for, load_run  # here: `import moe_train` stays light
 
     args = build_parser().parse_args(argv)
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
         build_parser().error("--max-new-tokens, --temperature and --top-k must be >= 0")
     try:
-        run = load_run(args.run_dir, args.device)
+        run = load_run(args.run_dir, args.device, args.checkpoint)
     except (RunError, ValueError) as e:
-        print(f"moe-train-generate: error: {e}", file=sys.stderr)
-        return 2
+        return fail("moe-train-generate", e)
     tok, device = run.tokenizer, next(run.model.parameters()).device
     prompt = torch.as_tensor(tok.encode(args.prompt), dtype=torch.long, device=device)[None]
     if prompt.shape[1] == 0:

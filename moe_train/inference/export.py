@@ -7,7 +7,7 @@
     DIR/tokenizer.json      the run's tokenizer (Hugging Face format); absent for the byte tokenizer
                             (config.json says {"type": "bytes", "vocab_size": 256, "eot_id": 0})
 
-`MoETransformer.from_pretrained(DIR)` loads it back (same logits as the checkpoint).
+`moe_train.from_pretrained(DIR)` loads it back (same logits as the checkpoint).
 
 Tensor names (float32, PyTorch's [out, in] layout for nn.Linear weights; V vocabulary, S seq_len,
 d d_model, f d_ff (expert_d_ff for experts; 2f for swiglu's input side: gate then up halves),
@@ -49,8 +49,9 @@ from typing import Any
 
 import torch
 
-from .model import ModelConfig, MoETransformer
-from .routing import RouterConfig
+from ..model import ModelConfig, MoETransformer
+from ..routing import RouterConfig
+from .cli import fail, run_arguments
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -108,8 +109,9 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     return config
 
 
-def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> MoETransformer:
-    """MoETransformer.from_pretrained: the exported model on `device`, in eval mode."""
+def from_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> MoETransformer:
+    """The model `moe-train-export` wrote into `folder` (config.json + model.safetensors), on
+    `device`, in eval mode (the tensor names: this module's docstring)."""
     from safetensors.torch import load_file
 
     config = read_config(folder)
@@ -127,7 +129,7 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> M
 
 def load_pretrained_tokenizer(folder: str | Path) -> Any:
     """The tokenizer an export folder holds (bytes, or its tokenizer.json)."""
-    from .data.tokenizers import load_tokenizer
+    from ..data.tokenizers import load_tokenizer
 
     return load_tokenizer(folder, read_config(folder)["tokenizer"]["type"])
 
@@ -137,23 +139,23 @@ def _size(n: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .inference import RunError, load_run
+    from .run import RunError, load_run  # here: `import moe_train` stays light
 
     p = argparse.ArgumentParser(
         prog="moe-train-export",
         description="Write a run's newest checkpoint as DIR/model.safetensors (one file, all "
         "experts in global order, from any ep x dp layout), DIR/config.json (model + router "
-        "config) and the tokenizer; load it with moe_train.MoETransformer.from_pretrained(DIR). "
-        "Tensor names: `python -c 'import moe_train.export as e; print(e.__doc__)'`.",
+        "config) and the tokenizer; load it with moe_train.from_pretrained(DIR). Tensor names: "
+        "`python -c 'import moe_train.inference.export as e; print(e.__doc__)'`.",
+        parents=[run_arguments()],
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (trainer.run_dir)")
+    p.set_defaults(device="cpu")  # the export is float32 on the CPU whatever loads it
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
     args = p.parse_args(argv)
     try:
-        run = load_run(args.run_dir, "cpu")
+        run = load_run(args.run_dir, args.device, args.checkpoint)
     except (RunError, ValueError) as e:
-        print(f"moe-train-export: error: {e}", file=sys.stderr)
-        return 2
+        return fail("moe-train-export", e)
     source = {"run_dir": str(args.run_dir), "checkpoint": str(run.checkpoint), "step": run.step}
     paths = export_model(run.model, args.out, run.tokenizer, source)
     params = run.model.num_params()

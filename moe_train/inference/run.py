@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from .config import TrainConfig
-from .data.tokenizers import TOKENIZER_FILE, ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
-from .data.tokens import sidecar_path
-from .model import MoETransformer
+from ..checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from ..config import TrainConfig
+from ..data.tokenizers import TOKENIZER_FILE, ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from ..data.tokens import sidecar_path
+from ..model import MoETransformer
 
 CONFIG_FILE = "config.yaml"
 

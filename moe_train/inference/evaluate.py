@@ -27,9 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import TokenFile, open_splits, resolve_data_dir, val_batches
-from .data.sampler import num_val_batches
-from .model import MoETransformer
+from ..data import TokenFile, open_splits, resolve_data_dir, val_batches
+from ..data.sampler import num_val_batches
+from ..model import MoETransformer
+from .cli import fail, run_arguments
 
 
 class LoadTally:
@@ -107,8 +108,8 @@ def score(
 def _split(run: Any, data: str | None, split: str) -> tuple[Path, TokenFile, Any]:
     """(data folder, the split's tokens, the tokenizer that made them), checked against the
     model's vocabulary."""
-    from .data.checks import check_token_ids
-    from .data.tokenizers import load_tokenizer
+    from ..data.checks import check_token_ids
+    from ..data.tokenizers import load_tokenizer
 
     vocab = run.cfg.model.vocab_size
     data_dir = Path(data) if data else resolve_data_dir(run.cfg.data)
@@ -141,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moe-train-eval",
         description="Loss, perplexity, bits per token and per byte, and expert load per MoE "
         "layer of a run's newest checkpoint on a token split (default: the run's validation data).",
+        parents=[run_arguments()],
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (trainer.run_dir)")
     p.add_argument("--data", metavar="DIR", help="a data folder (default: the run's data)")
     p.add_argument("--split", choices=("val", "train"), default="val")
     p.add_argument(
@@ -152,20 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=int, default=8, metavar="B", help="windows per batch (default 8)"
     )
-    p.add_argument("--device", default="auto", help="auto (GPU when there is one) | cpu | cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .data import DataError
-    from .inference import RunError, autocast_for, load_run
+    from ..data import DataError
+    from .run import RunError, autocast_for, load_run
 
     args = build_parser().parse_args(argv)
     if (args.batches is not None and args.batches < 1) or args.batch_size < 1:
         build_parser().error("--batches and --batch-size must be >= 1")
     try:
-        run = load_run(args.run_dir, args.device)
+        run = load_run(args.run_dir, args.device, args.checkpoint)
         data_dir, tokens, tok = _split(run, args.data, args.split)
         num_val_batches(tokens, run.cfg.model.seq_len, args.batch_size)  # enough for one batch
         device = next(run.model.parameters()).device
@@ -174,8 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lambda: autocast_for(device),
         )  # fmt: skip
     except (RunError, DataError, ValueError) as e:
-        print(f"moe-train-eval: error: {e}", file=sys.stderr)
-        return 2
+        return fail("moe-train-eval", e)
     result.update({"split": args.split, "data": str(data_dir), "step": run.step})
     if args.json:
         print(json.dumps(result))
