@@ -8,12 +8,13 @@ router is one file:
     class MyRouter(Router):
         def route(self, logits, ctx): ...
 
-and nothing outside moe_train/routing/ compares kind strings.
+and nothing outside moe_train/routing/ compares kind strings. The built-in kinds register when
+the package's __init__ imports their modules, which Python runs before any module of the package
+(this one included) can be used.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -44,13 +45,8 @@ def unregister_router(kind: str) -> None:
     _ROUTERS.pop(kind, None)
 
 
-def _load_builtins() -> None:
-    importlib.import_module(__package__ or "moe_train.routing")  # imports every built-in router
-
-
 def router_class(kind: str) -> type[Router]:
     """The Router class of `kind`; ValueError naming router.kind and the allowed kinds."""
-    _load_builtins()
     try:
         return _ROUTERS[kind]
     except KeyError:
@@ -61,5 +57,4 @@ def router_class(kind: str) -> type[Router]:
 
 def router_kinds() -> tuple[str, ...]:
     """The registered kinds, built-ins first, in registration order."""
-    _load_builtins()
     return tuple(_ROUTERS)
