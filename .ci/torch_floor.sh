@@ -22,8 +22,9 @@ tmp="${TMPDIR:-/tmp}"
 # average, which moe-train probes and corrects (parallel/fsdp.py); the losses alone hardly show
 # it. Not here, for time: test_checkpoint_layouts (DCP resharding runs here in test_ep_parity and
 # test_checkpoint) and the state-byte counts (the planner's arithmetic, torch-version-neutral).
-floor_tests=(tests/parallel tests/test_checkpoint.py tests/test_train.py tests/ops
-  tests/test_precision.py tests/test_grouped.py
+floor_tests=(tests/parallel tests/checkpoint/test_checkpoint.py tests/checkpoint/test_checkpoint_fallback.py
+  tests/training/test_cli_parity.py tests/engines/test_fp16_overflow.py tests/training/test_train.py
+  tests/ops tests/training/test_precision.py tests/experts/test_grouped.py
   -k "(not test_four_ranks_reproduce or switch-accum or topk-no-overlap or sam) and (not test_fsdp_on_four_ranks or sam or ckpt_full) and not deepspeed and not test_checkpoints_resume_across_layouts and not state_bytes")
 if [[ -n "${MOE_TRAIN_FLOOR_TESTS:-}" ]]; then
   read -r -a floor_tests <<<"$MOE_TRAIN_FLOOR_TESTS"

@@ -2,7 +2,7 @@
 
 Every field's one-line description comes from its dataclass, in this order: the comment on the
 field's line, the comment lines right above it, or its `name: text` entry in the class docstring
-(tests/test_config_help.py checks that every field of TrainConfig has one).
+(tests/config/test_config_help.py checks that every field of TrainConfig has one).
 """
 
 from __future__ import annotations

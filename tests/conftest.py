@@ -1,4 +1,5 @@
-"""Shared pytest setup: every test starts from the same global RNG state."""
+"""Shared pytest setup: every test starts from the same global RNG state; the session's cache of
+1-process loss curves (the reference of every multi-rank CLI parity test, in whichever folder)."""
 
 from __future__ import annotations
 
@@ -9,3 +10,11 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed_torch():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def single_process_curve(tmp_path_factory):
+    """curve(overrides) -> the 1-process per-step losses, computed once per session."""
+    from tests.helpers.cli_runs import SingleProcessCurves
+
+    return SingleProcessCurves(tmp_path_factory.mktemp("single_process"))

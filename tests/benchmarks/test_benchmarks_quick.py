@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -69,9 +70,17 @@ def test_scaling_quick(tmp_path):
     assert res[1]["a2a_calls"] > 0 and all(r["tokens_per_s"] > 0 for r in res)
 
 
+def _common():
+    """benchmarks/_common.py as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("bench_common", BENCH / "_common.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
 def test_quick_runs_do_not_overwrite_the_committed_results():
-    sys.path.insert(0, str(BENCH))
-    from _common import QUICK_DIR, RESULTS_DIR, results_dir
+    common = _common()
+    QUICK_DIR, RESULTS_DIR, results_dir = common.QUICK_DIR, common.RESULTS_DIR, common.results_dir
 
     assert results_dir(None, quick=True) == QUICK_DIR != RESULTS_DIR
     assert results_dir(None, quick=False) == RESULTS_DIR

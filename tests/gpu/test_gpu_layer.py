@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_train import MoELayer, MoETransformer, RouterConfig
-from moe_train.grouped import grouped_mm_supported, pick_backend
+from moe_train.experts.grouped import grouped_mm_supported, pick_backend
 from moe_train.model import ModelConfig
 
 pytestmark = pytest.mark.usefixtures("cuda_ext")

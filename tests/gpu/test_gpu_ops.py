@@ -20,7 +20,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def index_cases(gen: torch.Generator) -> dict[str, tuple[torch.Tensor, int]]:
-    """name -> (index [S] on the GPU, rows): the edge cases of tests/ops/ops_cases.py."""
+    """name -> (index [S] on the GPU, rows): the edge cases of tests/helpers/ops_cases.py."""
     cases = {
         "random": (torch.randint(0, 300, (600,), generator=gen), 300),
         "rows_without_slots": (3 * torch.randint(0, 30, (150,), generator=gen), 90),

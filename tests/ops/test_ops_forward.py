@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ops_cases import CASES, DTYPES, layouts, make_index, randn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_train import ops
 from moe_train.ops.reference import combine_reference, dispatch_reference
+from tests.helpers.ops_cases import CASES, DTYPES, layouts, make_index, randn
 
 pytestmark = pytest.mark.usefixtures("ext")
 

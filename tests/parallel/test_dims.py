@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 
 import pytest
-from distributed_utils import forbid_torch_distributed
 
 from moe_train.parallel import ExpertShard, ParallelConfig, ParallelDims
 from moe_train.routing import RouterConfig
+from tests.helpers.distributed import forbid_torch_distributed
 
 
 @pytest.fixture

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed_utils import run_ranks
-from ep_cases import (
+
+from tests.helpers.distributed import run_ranks
+from tests.helpers.ep_cases import (
     CKPT_ROUTER,
     SEQ,
     STEP_ROUTERS,

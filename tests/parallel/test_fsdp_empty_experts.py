@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed_utils import run_ranks
+
+from tests.helpers.distributed import run_ranks
 
 pytestmark = pytest.mark.distributed
 

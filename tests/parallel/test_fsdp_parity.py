@@ -7,9 +7,9 @@ router cases so that each runs once. The 1-process references are shared with te
 from __future__ import annotations
 
 import pytest
-from cli_runs import STEPS, run
 
 from moe_train.metrics import read_metrics
+from tests.helpers.cli_runs import STEPS, run
 
 pytestmark = pytest.mark.distributed
 

@@ -10,11 +10,11 @@ import warnings
 
 import pytest
 import torch
-from distributed_utils import run_ranks
 from torch import nn
 
 from moe_train.parallel import ParallelDims, ProcessGroups, clip_grad_norm_, mark_expert
 from moe_train.parallel import grads as grads_mod
+from tests.helpers.distributed import run_ranks
 
 
 class Toy(nn.Module):
@@ -59,7 +59,7 @@ def expected(world: int, ep: int, rank: int) -> dict[str, torch.Tensor]:
 
 
 def _case(ep: int, rank: int, world: int) -> dict:
-    from ep_cases import make_state
+    from tests.helpers.ep_cases import make_state
 
     state = make_state(ep, num_experts=4)
     grads_mod.BUCKET_ELEMS = 5  # several buckets per dtype
@@ -88,9 +88,8 @@ def _case(ep: int, rank: int, world: int) -> dict:
 
 
 def two_rank_main(rank: int, world: int) -> dict:
-    from ep_cases import make_state
-
     from moe_train.parallel.parallelize import wrap_data_parallel
+    from tests.helpers.ep_cases import make_state
 
     out = {f"ep{ep}": _case(ep, rank, world) for ep in (1, 2)}
     state = make_state(1, num_experts=4)

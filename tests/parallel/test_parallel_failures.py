@@ -8,10 +8,10 @@ import time
 
 import pytest
 import torch
-from distributed_utils import run_ranks
 
 from moe_train.parallel import ParallelConfig, init_parallel
 from moe_train.routing import RouterConfig
+from tests.helpers.distributed import run_ranks
 
 SWITCH = RouterConfig(kind="switch")
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-from plan_helpers import FAST, ROOT, SMALL
 
 from moe_train.plan import (
     ClusterConfig,
@@ -21,6 +20,7 @@ from moe_train.plan import (
     render,
 )
 from moe_train.routing import RouterConfig
+from tests.helpers.plan import FAST, ROOT, SMALL
 
 
 def test_bad_cluster_field_is_named() -> None:

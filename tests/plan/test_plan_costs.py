@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from plan_helpers import SMALL
 
 from moe_train.plan import (
     ClusterConfig,
@@ -17,6 +16,7 @@ from moe_train.plan import (
     memory,
 )
 from moe_train.routing import RouterConfig
+from tests.helpers.plan import SMALL
 
 
 def test_memory_terms_by_hand() -> None:

@@ -6,12 +6,11 @@ import json
 import subprocess
 import sys
 
-from plan_helpers import SMALL
-
 from moe_train.plan import ClusterConfig, PlanOptions, make_plan
 from moe_train.plan.cli import _jsonable
 from moe_train.plan.render import render
 from moe_train.routing import RouterConfig
+from tests.helpers.plan import SMALL
 
 FAST = PlanOptions(meta_check=False, compare_routers=False, suggest=False)
 

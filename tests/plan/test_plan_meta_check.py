@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from plan_helpers import SMALL, model_cfg
 
 from moe_train.model import MoETransformer
 from moe_train.parallel import ExpertShard
 from moe_train.plan import build_one_rank, count_params, meta_check, meta_count
 from moe_train.routing import RouterConfig
+from tests.helpers.plan import SMALL, model_cfg
 
 
 def test_one_rank_build_holds_its_share_of_experts() -> None:

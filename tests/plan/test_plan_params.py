@@ -6,11 +6,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-from plan_helpers import SMALL, model_cfg
 
 from moe_train.model import ModelConfig, MoETransformer
 from moe_train.plan import EncDecConfig, count_params
 from moe_train.routing import RouterConfig
+from tests.helpers.plan import SMALL, model_cfg
 
 ROUTERS = [
     RouterConfig(kind="switch"),

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from plan_helpers import FAST, SMALL, model_cfg
-
 from moe_train.plan import ClusterConfig, compare_routers, count_params, make_plan
 from moe_train.routing import RouterConfig
+from tests.helpers.plan import FAST, SMALL, model_cfg
 
 
 def test_impossible_config_says_what_fits() -> None:

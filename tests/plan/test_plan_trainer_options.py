@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from plan_helpers import model_cfg
 
 from moe_train.config import CONFIG_DIR, TrainConfig, register_configs
 from moe_train.plan import ClusterConfig, PlanOptions, make_plan
 from moe_train.routing import RouterConfig
+from tests.helpers.plan import model_cfg
 
 V100 = {"gpu_memory_gb": 32, "gpus_per_node": 8, "intra_node_gbps": 50, "inter_node_gbps": 1.5,
         "tflops": 50}  # fmt: skip

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from routing_helpers import (
+
+from tests.helpers.routing import (
     KINDS,
     TOKEN_CHOICE,
     capacity_of,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from routing_helpers import KINDS, make_router, tokens
 
 from moe_train.routing import RouterConfig, build_router
+from tests.helpers.routing import KINDS, make_router, tokens
 
 
 @pytest.mark.parametrize(

@@ -8,12 +8,12 @@ from fractions import Fraction
 
 import pytest
 import torch
-from routing_helpers import D_MODEL, KINDS, make_router, per_token, tokens
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_train.routing import RouteContext, RouterConfig, build_router
 from moe_train.routing.capacity import expert_capacity
 from moe_train.routing.select import topk_lowest_index
+from tests.helpers.routing import D_MODEL, KINDS, make_router, per_token, tokens
 
 # ---- zero tokens ------------------------------------------------------------------------------
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from routing_helpers import KINDS, make_router, same_assignment, tokens
 
 from moe_train.routing import Assignment
+from tests.helpers.routing import KINDS, make_router, same_assignment, tokens
 
 T, GS = 64, 32
 

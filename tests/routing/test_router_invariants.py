@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from routing_helpers import make_router, per_token, sorted_slots, tokens
 
 from moe_train.ops.hashing import counter_uniform, mix_seed
+from tests.helpers.routing import make_router, per_token, sorted_slots, tokens
 
 T = 64
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from routing_helpers import KINDS, make_router, tokens
+
+from tests.helpers.routing import KINDS, make_router, tokens
 
 T, GS = 48, 16
 G = T // GS

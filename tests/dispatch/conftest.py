@@ -1,8 +1,0 @@
-"""Make tests/distributed_utils.py importable (here and in spawned ranks)."""
-
-import sys
-from pathlib import Path
-
-_TESTS = str(Path(__file__).resolve().parents[1])
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
