@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_train import ModelConfig, MoETransformer, RouterConfig
-from moe_train.inference.generate import generate, sample_next, uses_cache
+from moe_train import ModelConfig, MoETransformer, RouterConfig, generate
+from moe_train.inference.generate import sample_next, uses_cache
 from moe_train.model import KVCache
 from tests.helpers.runs import cli
 
