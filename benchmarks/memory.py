@@ -55,6 +55,7 @@ def _rank(rank: int, world: int, model: str, fsdp: bool, optim: str, steps: int)
     import torch.nn.functional as F
 
     from moe_train.parallel import init_parallel
+    from moe_train.routing import RouteKey
     from moe_train.training.build import build_engine
 
     torch.set_num_threads(1)
@@ -66,7 +67,7 @@ def _rank(rank: int, world: int, model: str, fsdp: bool, optim: str, steps: int)
     for step in range(steps):
         x = torch.randint(0, V, (1, T + 1), generator=torch.Generator().manual_seed(step + rank))
         with engine.micro_batch(last=True):
-            logits, aux = engine.model(x[:, :-1], noise_seed=step)
+            logits, aux = engine.model(x[:, :-1], RouteKey(step))
             engine.backward(F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()) + aux)
         engine.step()
     out = {

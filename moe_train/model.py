@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import ACTIVATIONS, activate
-from .init import init_parameters
+from .init import deferred_init
 from .layer import MoELayer
 from .parallel import ExpertShard, is_expert_param
-from .routing import RouterConfig
+from .routing import RouteKey, RouterConfig
 from .validation import above, at_least, check_finite, in_range, one_of
 
 
@@ -34,6 +34,12 @@ class ModelConfig:
     dropout: float = 0.0  # dropout on attention and residual branches (0 = off)
     init_std: float = 0.02  # std of the normal init (output projections: / sqrt(2 n_layers))
     tie_embeddings: bool = True  # the LM head reuses the token embedding matrix
+
+    @property
+    def output_init_std(self) -> float:
+        """std of the output projections (attention, FFN and experts' w_out): GPT-2's
+        init_std / sqrt(2 n_layers), one per residual branch."""
+        return self.init_std / math.sqrt(2 * self.n_layers)
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe_every > 0 and i % self.moe_every == self.moe_every - 1
@@ -86,12 +92,67 @@ class KVCache:
         self.length = 0
 
 
+# ---- the body's parameter holders: each owns its init rule (moe_train.init) -----------------
+@torch.no_grad()
+def _reset_by_rule(module: nn.Module) -> None:
+    """A module's own parameters by its `init_value`, from the global RNG; nothing on meta (inside
+    a model: moe_train.init draws every value once, from its layout-invariant key)."""
+    for name, p in module.named_parameters(recurse=False):
+        if not p.is_meta:
+            p.copy_(module.init_value(name, p.shape))
+
+
+class Linear(nn.Linear):
+    """A bias-free nn.Linear whose weight starts normal(0, init_std); the module that holds it
+    chooses init_std (output projections: ModelConfig.output_init_std)."""
+
+    def __init__(self, d_in: int, d_out: int, init_std: float):
+        self.init_std = init_std  # set first: nn.Linear.__init__ calls reset_parameters
+        super().__init__(d_in, d_out, bias=False)
+
+    def init_value(
+        self, name: str, shape: torch.Size, generator: torch.Generator | None = None
+    ) -> Tensor:
+        return torch.randn(shape, generator=generator) * self.init_std
+
+    def reset_parameters(self) -> None:
+        _reset_by_rule(self)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding whose table starts normal(0, init_std) (not torch's normal(0, 1))."""
+
+    def __init__(self, num: int, dim: int, init_std: float):
+        self.init_std = init_std  # set first: nn.Embedding.__init__ calls reset_parameters
+        super().__init__(num, dim)
+
+    def init_value(
+        self, name: str, shape: torch.Size, generator: torch.Generator | None = None
+    ) -> Tensor:
+        return torch.randn(shape, generator=generator) * self.init_std
+
+    def reset_parameters(self) -> None:
+        _reset_by_rule(self)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm: weight 1, bias 0 (its rule, as an init_value)."""
+
+    def init_value(
+        self, name: str, shape: torch.Size, generator: torch.Generator | None = None
+    ) -> Tensor:
+        return torch.ones(shape) if name == "weight" else torch.zeros(shape)
+
+    def reset_parameters(self) -> None:
+        _reset_by_rule(self)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.qkv = Linear(cfg.d_model, 3 * cfg.d_model, cfg.init_std)
+        self.proj = Linear(cfg.d_model, cfg.d_model, cfg.output_init_std)  # output projection
 
     def forward(self, x: Tensor, kv: LayerKV | None = None, pos: int = 0) -> Tensor:
         """x: [B, T, d] -> [B, T, d]; with `kv`, x holds positions pos..pos+T-1 of a sequence whose
@@ -113,12 +174,12 @@ class Attention(nn.Module):
 
 
 class DenseFFN(nn.Module):
-    def __init__(self, d_model: int, d_ff: int, activation: str):
+    def __init__(self, d_model: int, d_ff: int, activation: str, init_std: float, out_std: float):
         super().__init__()
         self.activation = activation
         width = 2 * d_ff if activation == "swiglu" else d_ff
-        self.w_in = nn.Linear(d_model, width, bias=False)
-        self.w_out = nn.Linear(d_ff, d_model, bias=False)
+        self.w_in = Linear(d_model, width, init_std)
+        self.w_out = Linear(d_ff, d_model, out_std)  # output projection
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w_out(activate(self.w_in(x), self.activation))
@@ -135,11 +196,10 @@ class Block(nn.Module):
         shard: ExpertShard | None,
     ):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.ln1 = LayerNorm(cfg.d_model)
         self.attn = Attention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ln2 = LayerNorm(cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         if moe:
             self.ffn: nn.Module = MoELayer(
                 cfg.d_model,
@@ -151,23 +211,20 @@ class Block(nn.Module):
                 layer_id=layer_id,
                 seed=seed,
                 init_std=cfg.init_std,
-                out_std=out_std,
+                out_std=cfg.output_init_std,
             )
         else:
-            self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation)
+            self.ffn = DenseFFN(
+                cfg.d_model, cfg.d_ff, cfg.activation, cfg.init_std, cfg.output_init_std
+            )
 
     def forward(
-        self,
-        x: Tensor,
-        noise_seed: int | None,
-        token_offset: int,
-        kv: LayerKV | None = None,
-        pos: int = 0,
+        self, x: Tensor, route_key: RouteKey | None, kv: LayerKV | None = None, pos: int = 0
     ) -> tuple[Tensor, dict[str, Tensor]]:
         x = x + self.drop(self.attn(self.ln1(x), kv, pos))
         h = self.ln2(x)
         if isinstance(self.ffn, MoELayer):
-            out, losses = self.ffn(h, noise_seed=noise_seed, token_offset=token_offset)
+            out, losses = self.ffn(h, route_key)
         else:
             out, losses = self.ffn(h), {}
         return x + self.drop(out), losses
@@ -181,7 +238,8 @@ class MoETransformer(nn.Module):
     `torch.device("meta")` included (then nothing is initialised). Under torch.distributed,
     `moe_train.parallel.parallelize` connects the groups afterwards.
     `last_aux` holds the aux losses by name (summed over layers) of the last call.
-    Every parameter is initialised from (seed, its name) and experts from their global ids
+    Every parameter is initialised once, by its module's rule, from a generator keyed by (seed,
+    its name; in an MoE layer, the layer id and its name there) and experts by their global ids
     (moe_train.init), so the model is the same whatever the parallel layout.
     """
 
@@ -196,40 +254,29 @@ class MoETransformer(nn.Module):
         cfg.validate()
         router.validate(router.num_experts_for(cfg.num_experts))
         self.cfg, self.router_cfg = cfg, router
-        # `_weight` skips nn.Embedding's own normal_ init, which would be wasted: init_parameters
-        # (or, on meta, moe_train.init.materialize) sets every value. A first normal_ on meta
-        # imports torch's reference kernels (~1.5 s); the trainer's optimizer imports them anyway,
-        # so this saves start-up only where no optimizer is built (planner, generate, eval).
-        self.tok_emb = nn.Embedding(
-            cfg.vocab_size, cfg.d_model, _weight=torch.empty(cfg.vocab_size, cfg.d_model)
-        )
-        self.pos_emb = nn.Embedding(
-            cfg.seq_len, cfg.d_model, _weight=torch.empty(cfg.seq_len, cfg.d_model)
-        )
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(
-            Block(cfg, router, i, cfg.is_moe_layer(i), seed, shard) for i in range(cfg.n_layers)
-        )
-        self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.head.weight = self.tok_emb.weight
+        with deferred_init(self, seed):  # on meta; then, on a real device, each value drawn once
+            self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model, cfg.init_std)
+            self.pos_emb = Embedding(cfg.seq_len, cfg.d_model, cfg.init_std)
+            self.drop = nn.Dropout(cfg.dropout)
+            self.blocks = nn.ModuleList(
+                Block(cfg, router, i, cfg.is_moe_layer(i), seed, shard) for i in range(cfg.n_layers)
+            )
+            self.ln_f = LayerNorm(cfg.d_model)
+            self.head = Linear(cfg.d_model, cfg.vocab_size, cfg.init_std)
+            if cfg.tie_embeddings:
+                self.head.weight = self.tok_emb.weight
         self.last_aux: dict[str, Tensor] = {}
-        if not self.head.weight.is_meta:  # on meta: moe_train.init.materialize after parallelize
-            init_parameters(self, seed)
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
 
     def forward(
-        self,
-        idx: Tensor,
-        noise_seed: int | None = None,
-        token_offset: int = 0,
-        cache: KVCache | None = None,
+        self, idx: Tensor, route_key: RouteKey | None = None, cache: KVCache | None = None
     ) -> tuple[Tensor, Tensor]:
-        """idx: [B, T]; token_offset: global index of idx[0, 0] (keys layout-invariant noise).
-        With `cache` (inference), idx continues the cached sequence: positions cache.length.."""
+        """idx: [B, T]; route_key: the router noise's key (the train step's seed, and the global
+        index of idx[0, 0]), passed to every MoE layer unchanged; None: fresh training noise, none
+        in eval. With `cache` (inference), idx continues the cached sequence: positions
+        cache.length.."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.seq_len:
@@ -241,7 +288,7 @@ class MoETransformer(nn.Module):
         aux: dict[str, Tensor] = {}
         for i, block in enumerate(self.blocks):
             kv = cache.layers[i] if cache is not None else None
-            x, losses = block(x, noise_seed, token_offset, kv, start)
+            x, losses = block(x, route_key, kv, start)
             for k, v in losses.items():
                 aux[k] = aux[k] + v if k in aux else v
         if cache is not None:

@@ -18,7 +18,7 @@ from moe_train.layer import MoELayer
 from moe_train.model import ModelConfig, MoETransformer
 from moe_train.ops.hashing import mix_seed
 from moe_train.parallel import ParallelConfig, ParallelState, init_parallel, parallelize
-from moe_train.routing import RouterConfig
+from moe_train.routing import RouteKey, RouterConfig
 
 D, FF, SEQ = 16, 24, 8
 
@@ -94,14 +94,14 @@ def check_layer(
     assert parallelize(lay, state.dims, state.groups, flat) is lay
 
     Xr = X.clone().requires_grad_()
-    y_ref, aux_ref = ref(Xr, noise_seed=seed)
+    y_ref, aux_ref = ref(Xr, RouteKey(seed))
     loss_ref = (y_ref * C).sum() / (batch * SEQ) + sum(aux_ref.values())
     loss_ref.backward()
 
     per = batch // world
     lo = rank * per
     x = X[lo : lo + per].clone().requires_grad_()
-    y, aux = lay(x, noise_seed=seed, token_offset=lo * SEQ)
+    y, aux = lay(x, RouteKey(seed, lo * SEQ))
     loss = (y * C[lo : lo + per]).sum() / (per * SEQ) + sum(aux.values())
     loss.backward()
     state.sync_gradients(lay)
@@ -140,7 +140,7 @@ def expected_rows(
     per = 8 // state.world_size
     lo = state.rank * per
     x = X[lo : lo + per].reshape(-1, D)
-    a = ref.router(x, noise_seed=mix_seed(seed, 3), token_offset=lo * SEQ, group_size=SEQ)
+    a = ref.router(x, RouteKey(mix_seed(seed, 3), lo * SEQ), group_size=SEQ)
     per_rank = num_experts // state.ep
     dest = a.expert // per_rank
     me = state.ep_rank
@@ -203,7 +203,7 @@ def train_steps(
     losses, norms = [], []
     for step in steps:
         x, y, offset = batch_slice(state, step, seed=seed)
-        logits, aux = model(x, noise_seed=mix_seed(seed, step, 7), token_offset=offset)
+        logits, aux = model(x, RouteKey(mix_seed(seed, step, 7), offset))
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
         )
@@ -227,7 +227,7 @@ def eval_logits(state: ParallelState | None, model: MoETransformer, step: int = 
     """This rank's logits on the batch of `step` (eval mode, no noise)."""
     model.eval()
     x, _, offset = batch_slice(state, step)
-    logits, _ = model(x, noise_seed=5, token_offset=offset)
+    logits, _ = model(x, RouteKey(5, offset))
     model.train()
     return logits
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_train import MoELayer, RouterConfig
+from moe_train import MoELayer, RouteKey, RouterConfig
 from moe_train.experts.grouped import _grouped_mm_on_cpu
 from moe_train.ops.indexing import count_values
 from tests.helpers.sync_counter import HostSyncCounter
@@ -33,9 +33,9 @@ def syncs_of_a_training_step(
     layer = MoELayer(32, 48, 8, router=cfg, activation=activation)
     layer.experts.backend = backend  # grouped: the GPU's backend
     x = torch.randn(4, 16, 32, requires_grad=True)
-    layer(x, noise_seed=1)  # warm-up (one-time probes)
+    layer(x, RouteKey(1))  # warm-up (one-time probes)
     with HostSyncCounter() as counter:
-        y, losses = layer(x, noise_seed=2)
+        y, losses = layer(x, RouteKey(2))
         (y.square().sum() + sum(losses.values())).backward()
     assert x.grad is not None and layer.experts.w_in.grad.abs().sum() > 0
     return counter
