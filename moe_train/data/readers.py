@@ -284,19 +284,17 @@ class _ZstdReader(io.RawIOBase):
                         "or corrupt; download or compress it again"
                     )
                 return 0
+            out, data = [], chunk
             try:
-                out = [self.dobj.decompress(chunk)]
-                while self.dobj.eof:
-                    rest = self.dobj.unused_data
-                    self.dobj = self.dctx.decompressobj()
-                    if not rest:
-                        break
-                    out.append(self.dobj.decompress(rest))
+                while data:
+                    out.append(self.dobj.decompress(data))
+                    if self.dobj.eof:  # a frame ended: what follows starts the next one
+                        data, self.in_frame = self.dobj.unused_data, False
+                        self.dobj = self.dctx.decompressobj()
+                    else:
+                        data, self.in_frame = b"", True
             except self.zstd.ZstdError as e:
                 raise DataError(f"{self.path}: not a valid zstd stream ({e})") from None
-            self.in_frame = not self.dobj.eof and bool(chunk)
-            if self.dobj.eof:
-                self.in_frame = False
             self.pending = b"".join(out)
         n = min(len(b), len(self.pending))
         b[:n] = self.pending[:n]

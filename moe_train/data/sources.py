@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -29,6 +30,9 @@ from .streams import Segment, TokenStream
 from .tokenizer import ByteTokenizer
 from .tokenizers import TOKENIZER_FILE, HFTokenizer
 from .tokens import DataError, TokenFile
+
+
+_SHARD = re.compile(r"^(train|val)-\d{5,}\.idx$")  # moe-train-prepare's shard names
 
 
 @dataclass
@@ -90,6 +94,11 @@ def source_kind(path: str | Path, label: str = "data path") -> tuple[str, list[P
         return "flat", []
     if is_indexed_prefix(p):
         return "megatron", [p]
+    if p.is_dir() and ((p / ".prepare").exists() or any(_SHARD.match(q.name) for q in p.iterdir())):
+        raise DataError(
+            f"{label}={str(path)!r}: an unfinished moe-train-prepare output (no {MANIFEST}); run "
+            "the same moe-train-prepare command again: it keeps the finished shards and ends it"
+        )
     if p.is_dir():
         prefixes = sorted(
             q.with_suffix("") for q in p.glob("*.idx") if q.with_suffix(".bin").is_file()
