@@ -12,8 +12,7 @@ import pytest
 from corpora import records, write_jsonl, write_parquet
 from data_helpers import folder_bytes, manifest, split_tokens
 
-from moe_train.data import DataError, IndexedTokens, open_source, prepare_corpus
-from moe_train.data import pipeline
+from moe_train.data import DataError, IndexedTokens, open_source, pipeline, prepare_corpus
 
 SHARD = 3000  # input bytes per shard: the corpus below makes several
 
