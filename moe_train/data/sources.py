@@ -31,7 +31,6 @@ from .tokenizer import ByteTokenizer
 from .tokenizers import TOKENIZER_FILE, HFTokenizer
 from .tokens import DataError, TokenFile
 
-
 _SHARD = re.compile(r"^(train|val)-\d{5,}\.idx$")  # moe-train-prepare's shard names
 
 
