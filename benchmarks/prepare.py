@@ -9,7 +9,9 @@ loader's time per step against the training step.
    `moe-train-prepare --workers 1` and `--workers N` (reading, splitting, writing shards: end to
    end). The ratio to the 1-thread encoder is the figure: at N workers it should approach N.
    Checked in the same run: both prepare outputs are byte-identical, and their token count is
-   the encoder's plus one end-of-document token per document.
+   the encoder's plus one end-of-document token per document. CPU seconds (all processes) are
+   measured too: on a shared machine "cores it got" (CPU s / wall s) says how much of N workers
+   the run could have, and tokens per CPU second stays comparable when wall time does not.
 3. Loader vs step: the two prepared folders (workers 1 and N) as a 2-source mixture with epoch
    sampling (windows read across shards); the time to build one step's micro-batches (BatchPlan) against one training step
    (forward, backward, optimizer) at the default model size and at model=base (--quick: tiny).
@@ -24,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import sysconfig
@@ -124,6 +127,12 @@ def reference_worker(corpus: Path, tokenizer: Path) -> None:
     )
 
 
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) of every finished child process so far, theirs included."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run_reference(corpus: Path, tokenizer: Path, threads: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env["TOKENIZERS_PARALLELISM"] = "false" if threads == "1" else "true"
@@ -131,7 +140,8 @@ def run_reference(corpus: Path, tokenizer: Path, threads: str) -> dict:
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if p.returncode:
         raise RuntimeError(p.stderr[-3000:])
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    return out
 
 
 def run_prepare(corpus: Path, tokenizer: Path, out: Path, workers: int, shard_mb: int) -> dict:
@@ -140,15 +150,15 @@ def run_prepare(corpus: Path, tokenizer: Path, out: Path, workers: int, shard_mb
     cmd = [sys.executable, "-m", "moe_train.data.prepare", str(corpus / "jsonl"),
            str(corpus / "parquet"), "--out", str(out), "--tokenizer", str(tokenizer),
            "--workers", str(workers), "--shard-mb", str(shard_mb), "--quiet"]  # fmt: skip
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), children_cpu_s()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, children_cpu_s() - c0
     if p.returncode:
         raise RuntimeError(p.stderr[-3000:])
     meta = json.loads((out / "manifest.json").read_text())
     tokens = sum(meta["splits"][s]["tokens"] for s in ("train", "val"))
     docs = sum(meta["splits"][s]["documents"] for s in ("train", "val"))
-    return {"seconds": seconds, "tokens": tokens, "documents": docs,
+    return {"seconds": seconds, "cpu_s": cpu, "tokens": tokens, "documents": docs,
             "shards": len(meta["splits"]["train"]["shards"])}  # fmt: skip
 
 
@@ -211,7 +221,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--files", type=int, default=8, help="JSONL files, and as many Parquet files")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="the N of --workers N")
     p.add_argument("--shard-mb", type=int, default=16, help="moe-train-prepare --shard-mb")
-    p.add_argument("--models", nargs="+", default=["small", "base"])
+    p.add_argument(
+        "--models", nargs="*", default=["small", "base"], help="loader vs step (none: skip)"
+    )
     p.add_argument("--steps", type=int, default=3, help="timed training steps per model")
     p.add_argument("--out", type=Path, default=None, help="folder for prepare.json")
     p.add_argument(
@@ -255,11 +267,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         for label, r in runs.items():
             rate = r["tokens"] / r["seconds"]
             ratio = rate / (ref["tokens"] / ref["seconds"])
+            per_cpu = r["tokens"] / r["cpu_s"]
             rows.append([label, f"{r['tokens']:,}", f"{r['seconds']:.1f}", f"{rate:,.0f}",
-                         f"{ratio:.2f}", f"{corpus['text_bytes'] / r['seconds'] / 2**20:.1f}"])  # fmt: skip
-            tokenize.append({"run": label, **r, "tokens_per_s": rate, "vs_encode_1_thread": ratio})
+                         f"{ratio:.2f}", f"{r['cpu_s'] / r['seconds']:.2f}", f"{per_cpu:,.0f}"])  # fmt: skip
+            tokenize.append({"run": label, **r, "tokens_per_s": rate, "vs_encode_1_thread": ratio,
+                             "cores_used": r["cpu_s"] / r["seconds"], "tokens_per_cpu_s": per_cpu})  # fmt: skip
         print_table(["run", "tokens", "seconds", "tokens/s", "vs encode_batch 1 thread",
-                     "MiB/s"], rows)  # fmt: skip
+                     "cores it got", "tokens per CPU s"], rows)  # fmt: skip
         print(f"\nprepare is timed end to end, its process's start-up ({startup:.1f} s: Python and "
               f"torch imports) included; workers 1 and {a.workers} wrote identical files: "
               f"{identical}; prepare's tokens = encode_batch's + 1 per document: {counts_match}")  # fmt: skip

@@ -34,8 +34,10 @@ class DataConfig:
         with .json sidecars; nanoGPT's raw files with model.vocab_size), a Megatron-LM dataset
         prefix (path/NAME of NAME.bin + NAME.idx) or a folder of them; None = the embedded
         default corpus (the Python standard library's source, built once).
-    mix: sources with weights, e.g. [{path: data/web, weight: 3}, {path: data/code, weight: 1}];
-        every step takes each source's share of the global batch (largest remainder); replaces dir.
+    mix: sources, each {path (as dir), weight (> 0; normalised), name (in metrics:
+        val_loss/<name>; default its folder name)}, e.g. [{path: data/web, weight: 3},
+        {path: data/code, weight: 1}]; every step takes each source's share of the global batch
+        (largest remainder); replaces dir.
     sampling: windows (random window starts, with replacement) | epoch (every non-overlapping
         window once per epoch, in a new shuffled order each epoch).
     holdout: share of a Megatron source's documents (its last ones) held out for validation;

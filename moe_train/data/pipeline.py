@@ -443,7 +443,7 @@ def build_shard(job: ShardJob) -> dict[str, Any]:
                 _write_plain(w, unit, ctx, stats)
                 continue
             for index, text in _records(unit, field_, reporter):
-                if not text.strip():
+                if not text or text.isspace():
                     stats.empty += 1
                 else:
                     w.add_text(_val_of(unit, index, ctx.settings.val_fraction), text)
@@ -574,14 +574,17 @@ def execute(
     ctx: WorkerContext,
     workers: int,
     on_progress: Callable[[int, int, int], None],
+    on_resumed: Callable[[int], None] | None = None,
 ) -> RunResult:
-    """Keep the shards an earlier run finished with this plan, build the others."""
+    """Keep the shards an earlier run finished with this plan (their input bytes go to
+    on_resumed), build the others (progress to on_progress(documents, tokens, bytes))."""
     out = ctx.out
     (out / WORK_DIR).mkdir(parents=True, exist_ok=True)
     remove_temporaries(out)
     done = {j.index: r for j in the_plan.jobs if (r := _finished(out, j)) is not None}
     todo = [j for j in the_plan.jobs if j.index not in done]
-    on_progress(0, 0, sum(u.nbytes for j in the_plan.jobs if j.index in done for u in j.units))
+    if on_resumed is not None:
+        on_resumed(sum(u.nbytes for j in the_plan.jobs if j.index in done for u in j.units))
     try:
         built = run_jobs(todo, ctx, workers, on_progress)
     except BaseException:

@@ -129,7 +129,7 @@ def train_texts(units: Sequence[Unit], settings: Settings) -> Iterator[str]:
         else:
             records = readers.csv_records(f, field_)
         for index, text in records:
-            if text.strip() and not _is_val(f.key, index, settings):
+            if text and not text.isspace() and not _is_val(f.key, index, settings):
                 yield text.replace("\0", "")
 
 
@@ -163,9 +163,9 @@ def _choose_tokenizer(
 class _Progress:
     """The progress bar: input bytes (with ETA), documents/s and tokens/s."""
 
-    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+    def __init__(self, total: int, enabled: bool) -> None:
         self.bar = tqdm(
-            total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
+            total=total, unit="B", unit_scale=True, unit_divisor=1024,
             desc="tokenizing", disable=not enabled, smoothing=0.1,
         )  # fmt: skip
         self.docs = self.tokens = 0
@@ -179,6 +179,11 @@ class _Progress:
         self.bar.set_postfix_str(
             f"{self.docs / dt:,.0f} docs/s, {self.tokens / dt:,.0f} tok/s", refresh=False
         )
+
+    def resumed(self, nbytes: int) -> None:
+        """Input bytes of shards kept from an interrupted run: done, but not part of the rate."""
+        self.bar.initial = self.bar.n = nbytes
+        self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()
@@ -219,9 +224,9 @@ def prepare_corpus(
         (out / TOKENIZER_FILE).unlink(missing_ok=True)  # a stale BPE of an earlier run
     ctx = WorkerContext(out, settings, None if sha is None else tok.tok.to_str(),  # type: ignore[attr-defined]
                         int(tok.vocab_size), int(tok.eot_id))  # fmt: skip
-    bar = _Progress(the_plan.total_bytes, 0, progress)
+    bar = _Progress(the_plan.total_bytes, progress)
     try:
-        run = execute(the_plan, ctx, workers, bar)
+        run = execute(the_plan, ctx, workers, bar, bar.resumed)
     finally:
         bar.close()
     meta = write_manifest(out, run, tok, sha, settings)

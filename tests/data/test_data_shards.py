@@ -52,7 +52,6 @@ def test_the_manifest_lists_every_shard_with_counts_and_checksums(corpus, tmp_pa
     assert not (tmp_path / "out" / pipeline.WORK_DIR).exists()
 
 
-@pytest.mark.slow
 def test_two_workers_write_the_same_bytes_as_one(corpus, tmp_path):
     prepare(corpus, tmp_path / "one", workers=1)
     prepare(corpus, tmp_path / "two", workers=2)
