@@ -17,6 +17,7 @@ import numpy as np
 from ..hashing import splitmix_int
 
 ROUNDS = 6
+SMALL = 64  # fewer indices than this: Python ints (numpy's per-call cost dominates tiny arrays)
 _M64 = (1 << 64) - 1
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -43,10 +44,11 @@ class FeistelPermutation:
         self.half = (bits + 1) // 2
         self.mask = np.uint64((1 << self.half) - 1)
         k = key & _M64
-        self.keys = []
+        self.int_keys = []
         for r in range(ROUNDS):
             k = splitmix_int(k ^ (r + 1))
-            self.keys.append(np.uint64(k))
+            self.int_keys.append(k)
+        self.keys = [np.uint64(k) for k in self.int_keys]
 
     def _encrypt(self, x: np.ndarray) -> np.ndarray:
         h = np.uint64(self.half)
@@ -55,10 +57,26 @@ class FeistelPermutation:
             left, right = right, left ^ (_splitmix(right ^ k) & self.mask)
         return (left << h) | right
 
+    def _encrypt_int(self, x: int) -> int:
+        """_encrypt of one value, with Python ints (the same bits)."""
+        h, mask = self.half, (1 << self.half) - 1
+        left, right = x >> h, x & mask
+        for k in self.int_keys:
+            left, right = right, left ^ (splitmix_int(right ^ k) & mask)
+        return (left << h) | right
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.int64)
         if x.size and (x.min() < 0 or x.max() >= self.n):
             raise ValueError(f"indices must be in [0, {self.n})")
+        if x.size < SMALL:
+            out = []
+            for v in x.tolist():
+                v = self._encrypt_int(v)
+                while v >= self.n:
+                    v = self._encrypt_int(v)
+                out.append(v)
+            return np.array(out, dtype=np.int64)
         y = self._encrypt(x.astype(np.uint64))
         out_of_range = y >= np.uint64(self.n)
         while out_of_range.any():  # cycle-walking: stays inside [0, n), still a bijection

@@ -97,6 +97,7 @@ class BatchSampler:
         self.global_batch, self.sampling = global_batch, sampling
         self.mixture = Mixture(weights, global_batch, seed)
         self.n_windows = [(len(s) - 1) // seq_len for s in self.streams]  # epoch sampling
+        self._last: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None  # every micro-batch
 
     def epoch_steps(self, source: int = 0) -> float:
         """Steps per epoch of a source (its windows over its sequences per step)."""
@@ -108,6 +109,8 @@ class BatchSampler:
         """(source [B], window start [B]) int64 of step `step`'s global batch."""
         if step < 0:
             raise ValueError(f"step must be non-negative, got {step}")
+        if self._last is not None and self._last[0] == step:
+            return self._last[1]
         counts = self.mixture.counts(step)
         first = self.mixture.cumulative(step) if self.sampling == "epoch" else None
         sources, starts = [], []
@@ -127,6 +130,8 @@ class BatchSampler:
         if len(self.streams) > 1:
             order = np.random.default_rng([self.seed, step, _ORDER_STREAM]).permutation(len(src))
             src, off = src[order], off[order]
+        src.flags.writeable = off.flags.writeable = False  # shared by the step's micro-batches
+        self._last = (step, (src, off))
         return src, off
 
     def batch(

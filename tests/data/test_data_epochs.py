@@ -19,6 +19,15 @@ def test_the_permutation_is_a_bijection_for_any_size(n):
     assert n < 4 or not np.array_equal(FeistelPermutation(n, 1)(np.arange(n)), np.arange(n))
 
 
+@pytest.mark.parametrize("n", [3, 100, 5000, 2**40 + 7])
+def test_small_batches_take_the_same_permutation_in_python_ints(n):
+    from moe_train.data.epochs import SMALL
+
+    p = FeistelPermutation(n, 99)
+    x = np.arange(min(n, 3 * SMALL)) * max(1, n // (3 * SMALL))
+    assert np.array_equal(np.concatenate([p(x[i : i + 5]) for i in range(0, len(x), 5)]), p(x))
+
+
 def test_a_huge_corpus_needs_no_index():
     n = 250_000_000  # 1T tokens / 4096
     p = FeistelPermutation(n, 3)
