@@ -166,3 +166,24 @@ def test_a_gzip_that_is_not_gzip_is_named(tmp_path):
     (tmp_path / "y.txt.gz").write_bytes(gzip.compress(b"compressed plain text\n"))
     prepare_corpus([str(tmp_path / "y.txt.gz")], tmp_path / "o2", progress=False)
     assert documents(tmp_path / "o2") == ["compressed plain text\n"]
+
+
+def test_a_missing_optional_library_says_how_to_install_it(tmp_path, monkeypatch):
+    path = write_parquet(tmp_path / "p.parquet", [{"text": "x"}], row_group_size=1)
+    for name in ("pyarrow", "pyarrow.parquet"):
+        monkeypatch.setitem(__import__("sys").modules, name, None)  # import fails
+    with pytest.raises(DataError, match=r'needs `pyarrow`: pip install "moe-train\[data\]"'):
+        prepare_corpus([str(path)], tmp_path / "out", progress=False)
+
+
+def test_zstd_files_of_several_frames_read_whole(tmp_path):
+    import zstandard
+
+    a, b = records(20, "f1"), records(20, "f2")
+    frames = b"".join(
+        zstandard.ZstdCompressor().compress("".join(json.dumps(r) + "\n" for r in rows).encode())
+        for rows in (a, b)
+    )  # what `cat a.zst b.zst` makes
+    (tmp_path / "two.jsonl.zst").write_bytes(frames)
+    prepare_corpus([str(tmp_path / "two.jsonl.zst")], tmp_path / "out", progress=False)
+    assert sorted(documents(tmp_path / "out")) == sorted(r["text"] for r in a + b)
