@@ -14,7 +14,7 @@ from .sources import Source, check_same_tokenizer, open_source, source_kind
 from .streams import TokenStream
 from .tokenizer import ByteTokenizer
 from .tokenizers import Tokenizer, load_tokenizer
-from .tokens import DataError, TokenFile
+from .tokens import DataError
 
 
 @dataclass
@@ -182,16 +182,3 @@ def data_tokenizer(cfg: DataConfig, vocab_size: int | None = None) -> Tokenizer:
     if source.tokenizer == ByteTokenizer.name:
         return ByteTokenizer()
     return load_tokenizer(source.tokenizer_folder, source.tokenizer)
-
-
-def open_splits(data_dir: str | Path, vocab_size: int | None = None) -> tuple[TokenFile, TokenFile]:
-    """(train, val) token files of a flat data folder, validated and with matching vocabularies.
-    `vocab_size` opens a nanoGPT folder (raw uint16 files without sidecars)."""
-    d = Path(data_dir)
-    train, val = TokenFile(d / "train.bin", vocab_size), TokenFile(d / "val.bin", vocab_size)
-    if (train.vocab_size, train.tokenizer) != (val.vocab_size, val.tokenizer):
-        raise DataError(
-            f"{d}: train.bin (vocab {train.vocab_size}, {train.tokenizer}) and val.bin "
-            f"(vocab {val.vocab_size}, {val.tokenizer}) disagree; re-run moe-train-prepare"
-        )
-    return train, val

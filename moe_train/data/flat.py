@@ -20,11 +20,27 @@ from tqdm import tqdm
 from .pipeline import split_documents
 from .readers import BINARY_SNIFF
 from .tokenizer import ByteTokenizer
-from .tokenizers import Tokenizer
+from .tokenizers import HFTokenizer, Tokenizer, train_bpe
 from .tokens import DataError, TokenWriter
 
 CHUNK_BYTES = 16 << 20
+DEFAULT_BPE_VOCAB = 4096
 _ENCODE_PIECE = 1 << 20  # characters per piece handed to a BPE tokenizer's parallel encode
+
+
+def make_tokenizer(
+    spec: str | Tokenizer, vocab_size: int | None, texts: Callable[[], Iterable[str]]
+) -> Tokenizer:
+    """`bytes`, `bpe` (trained on texts(), vocab_size entries) or a tokenizer.json path/folder."""
+    if not isinstance(spec, str):
+        return spec
+    if vocab_size is not None and spec != "bpe":
+        raise DataError(f"--vocab-size applies to --tokenizer bpe, not {spec!r}")
+    if spec == "bytes":
+        return ByteTokenizer()
+    if spec == "bpe":
+        return train_bpe(texts(), vocab_size or DEFAULT_BPE_VOCAB)
+    return HFTokenizer.from_file(spec)
 
 
 @dataclass(frozen=True)
@@ -150,11 +166,9 @@ def prepare_documents(
     """Tokenize `docs` (in the given order) into `out_dir/{train,val}.{bin,json}`.
 
     The split is `split_documents` of the keys unless `is_val` (one flag per doc) is given.
-    `tokenizer`: as `moe_train.data.prepare.make_tokenizer` takes it. Empty files are ignored;
+    `tokenizer`: as `make_tokenizer` takes it. Empty files are ignored;
     binary files are skipped and listed.
     """
-    from .prepare import make_tokenizer
-
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     out = Path(out_dir)

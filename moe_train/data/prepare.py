@@ -26,14 +26,14 @@ import os
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from . import readers
-from .flat import Document, prepare_documents  # noqa: F401 - the default corpus's writer
+from .flat import DEFAULT_BPE_VOCAB, Document, make_tokenizer, prepare_documents  # noqa: F401
 from .pipeline import (
     DEFAULT_SHARD_MB,
     WORK_DIR,
@@ -52,12 +52,11 @@ from .pipeline import (
 from .readers import ReadStats, TextField
 from .shards import MANIFEST, write_json_atomic
 from .tokenizer import ByteTokenizer
-from .tokenizers import TOKENIZER_FILE, HFTokenizer, Tokenizer, train_bpe
+from .tokenizers import TOKENIZER_FILE, HFTokenizer, Tokenizer
 from .tokens import DataError
 
 DEFAULT_VAL_FRACTION = 0.05
 CHUNK_BYTES = 16 << 20
-DEFAULT_BPE_VOCAB = 4096
 BPE_RECORD = "bpe.json"  # in the work folder: which corpus the saved BPE was trained on
 _FLAT_FILES = ("train.bin", "val.bin", "train.json", "val.json")
 
@@ -80,21 +79,6 @@ class PrepareResult:
     shards: int = 0
     resumed: int = 0  # shards an earlier, interrupted run had finished
     stats: ReadStats = field(default_factory=ReadStats)
-
-
-def make_tokenizer(
-    spec: str | Tokenizer, vocab_size: int | None, texts: Callable[[], Iterable[str]]
-) -> Tokenizer:
-    """`bytes`, `bpe` (trained on texts(), vocab_size entries) or a tokenizer.json path/folder."""
-    if not isinstance(spec, str):
-        return spec
-    if vocab_size is not None and spec != "bpe":
-        raise DataError(f"--vocab-size applies to --tokenizer bpe, not {spec!r}")
-    if spec == "bytes":
-        return ByteTokenizer()
-    if spec == "bpe":
-        return train_bpe(texts(), vocab_size or DEFAULT_BPE_VOCAB)
-    return HFTokenizer.from_file(spec)
 
 
 def tokenizer_sha256(tok: Tokenizer) -> str | None:

@@ -152,8 +152,6 @@ def _sharded(folder: Path, name: str, checksums: bool) -> Source:
 
 
 def _flat(folder: Path, name: str, vocab_size: int | None) -> Source:
-    from .config import open_splits
-
     if not (folder / "val.bin").is_file():
         raise DataError(
             f"{folder}: train.bin without val.bin; the folder must hold both (moe-train-prepare "
@@ -245,3 +243,16 @@ def check_same_tokenizer(sources: list[Source]) -> None:
                 f"data.mix: sources {what(first)} and {what(other)} use different tokenizers or "
                 f"vocabularies{hint}; prepare every source with the same --tokenizer"
             )
+
+
+def open_splits(data_dir: str | Path, vocab_size: int | None = None) -> tuple[TokenFile, TokenFile]:
+    """(train, val) token files of a flat data folder, validated and with matching vocabularies.
+    `vocab_size` opens a nanoGPT folder (raw uint16 files without sidecars)."""
+    d = Path(data_dir)
+    train, val = TokenFile(d / "train.bin", vocab_size), TokenFile(d / "val.bin", vocab_size)
+    if (train.vocab_size, train.tokenizer) != (val.vocab_size, val.tokenizer):
+        raise DataError(
+            f"{d}: train.bin (vocab {train.vocab_size}, {train.tokenizer}) and val.bin "
+            f"(vocab {val.vocab_size}, {val.tokenizer}) disagree; re-run moe-train-prepare"
+        )
+    return train, val

@@ -166,8 +166,8 @@ def test_a_bpe_interrupted_run_reuses_its_tokenizer(corpus, tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         prepare(corpus, tmp_path / "re", tokenizer="bpe", vocab_size=300)
     monkeypatch.setattr(pipeline, "build_shard", real)
-    import moe_train.data.prepare as prep
+    import moe_train.data.flat as flat
 
-    monkeypatch.setattr(prep, "train_bpe", lambda *a, **k: pytest.fail("the BPE was retrained"))
+    monkeypatch.setattr(flat, "train_bpe", lambda *a, **k: pytest.fail("the BPE was retrained"))
     r = prepare(corpus, tmp_path / "re", tokenizer="bpe", vocab_size=300)
     assert r.resumed == 2 and folder_bytes(tmp_path / "re") == folder_bytes(tmp_path / "full")
