@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import CONFIG_DIR, TrainConfig, register_configs
 from .config_help import PLANNER_OVERRIDE_ERROR, compact_config, planner_override, render_help
+from .data import TrainingData
 from .data.tokenizers import copy_tokenizer_files
 from .engines import Engine
 from .metrics import last_logged
@@ -59,7 +60,7 @@ def _train(cfg: TrainConfig, parallel: ParallelState, run_folder: RunFolder) -> 
     if trainer.threads:
         torch.set_num_threads(trainer.threads)
     micro, accum = trainer.batch_split(parallel.data_world)
-    data_dir, train_tokens, val_tokens = open_training_data(cfg)
+    data = open_training_data(cfg)
     engine = build_engine(cfg, parallel, micro, accum)
     plan = BatchPlan(
         cfg.seed, trainer.global_batch_size, cfg.model.seq_len, micro, accum,
@@ -74,17 +75,17 @@ def _train(cfg: TrainConfig, parallel: ParallelState, run_folder: RunFolder) -> 
     if train_state.step >= trainer.max_steps:
         return _nothing_to_do(train_state, parallel, run_dir, trainer.max_steps)
     if parallel.is_main:
-        _announce(cfg, parallel, engine, plan, data_dir, train_tokens.tokenizer, train_state.step)
+        _announce(cfg, parallel, engine, plan, data, train_state.step)
     logger = TrainLogger(cfg, parallel, start=train_state.step)
     evaluator = Evaluator(
-        val_tokens, plan, Every(trainer.eval_every, trainer.max_steps, bool(trainer.eval_batches)),
+        data, plan, Every(trainer.eval_every, trainer.max_steps, bool(trainer.eval_batches)),
         max_batches=trainer.eval_batches, mean_over_ranks=parallel.all_reduce_mean,
         writer=logger.writer, report=logger.report_val,
     )  # fmt: skip
 
     for step in range(train_state.step, trainer.max_steps):
         lr = lr_at(step, cfg.optim, trainer.max_steps)
-        out = train_step(engine, train_tokens, plan, step, lr, rank=parallel.rank)
+        out = train_step(engine, data, plan, step, lr, rank=parallel.rank)
         train_state.finish_step(out.applied)
         logger.after_step(train_state, out, engine)
         check_skipped_steps(train_state, trainer.max_skipped_steps, lr)
@@ -131,8 +132,7 @@ def _announce(
     parallel: ParallelState,
     engine: Engine,
     plan: BatchPlan,
-    data_dir: Path,
-    tokenizer: str,
+    data: TrainingData,
     start: int,
 ) -> None:
     """Rank 0: save the composed config (and the data's tokenizer file) into the run folder and
@@ -140,7 +140,7 @@ def _announce(
     run_dir = Path(cfg.trainer.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
-    copy_tokenizer_files(data_dir, tokenizer, run_dir)
+    copy_tokenizer_files(data.first.tokenizer_folder, data.first.tokenizer, run_dir)
     if cfg.trainer.print_config:
         print(compact_config(cfg))
     params = engine.module.num_params()
@@ -148,7 +148,8 @@ def _announce(
         f"moe-train: {cfg.router.kind} router, {params['total'] / 1e6:.2f}M params on this rank "
         f"({params['expert'] / 1e6:.2f}M expert), world {parallel.world_size} (ep {parallel.ep} x "
         f"dp {parallel.dp}), {plan.micro}x{plan.grad_accum} sequences per rank per step, device "
-        f"{parallel.device}, data {data_dir}" + (f", resumed at step {start}" if start else "")
+        f"{parallel.device}, {data.describe(plan.global_batch, plan.seq_len)}"
+        + (f", resumed at step {start}" if start else "")
     )
 
 

@@ -7,12 +7,10 @@ the native engine.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from ..config import TrainConfig
-from ..data import TokenFile, open_splits, resolve_data_dir
+from ..data import TrainingData, open_data
 from ..data.checks import check_split_sizes, check_token_ids, resolve_vocab_size
 from ..engines import DeepSpeedEngine, Engine, NativeEngine, deepspeed_initialize
 from ..init import materialize
@@ -22,17 +20,28 @@ from ..precision import autocast_dtype
 from .optim import build_optimizer
 
 
-def open_training_data(cfg: TrainConfig) -> tuple[Path, TokenFile, TokenFile]:
-    """(data folder, train tokens, val tokens), checked before any step: sets cfg.model.vocab_size
-    when null (the data's, rounded up to a multiple of 64), and fails naming the file when a
-    token id is outside it or a split is too small for one window (val: one batch)."""
-    data_dir = resolve_data_dir(cfg.data)
-    train_tokens, val_tokens = open_splits(data_dir, cfg.model.vocab_size)
-    cfg.model.vocab_size = resolve_vocab_size(cfg.model.vocab_size, train_tokens)
-    check_token_ids([train_tokens, val_tokens], cfg.model.vocab_size)
-    evaluated = val_tokens if cfg.trainer.eval_batches else None
-    check_split_sizes(train_tokens, evaluated, cfg.model.seq_len, cfg.trainer.global_batch_size)
-    return data_dir, train_tokens, val_tokens
+def open_training_data(cfg: TrainConfig) -> TrainingData:
+    """The sources of cfg.data (one, or a mixture), checked before any step: sets
+    cfg.model.vocab_size when null (the data's, rounded up to a multiple of 64), and fails
+    naming the file when a token id is outside it or a split is too small for one window (val,
+    when evaluated: one batch)."""
+    data = open_data(cfg.data, cfg.model.vocab_size)
+    cfg.model.vocab_size = resolve_vocab_size(cfg.model.vocab_size, data.first)
+    check_token_ids(data.sources, cfg.model.vocab_size)
+    for s in data.sources:
+        evaluated = s.val if cfg.trainer.eval_batches else None
+        name = s.name if data.is_mixture else ""
+        check_split_sizes(
+            s.train, evaluated, cfg.model.seq_len, cfg.trainer.global_batch_size, name
+        )
+    if cfg.trainer.eval_batches and not data.validation():
+        from ..data import DataError
+
+        raise DataError(
+            f"no validation data in {', '.join(str(s.path) for s in data.sources)} (data.holdout=0?); "
+            "set data.holdout > 0 or trainer.eval_batches=0 to train without validation"
+        )
+    return data
 
 
 def build_meta_model(cfg: TrainConfig, parallel: ParallelState) -> MoETransformer:

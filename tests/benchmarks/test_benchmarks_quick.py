@@ -85,7 +85,9 @@ def test_quick_runs_do_not_overwrite_the_committed_results():
     assert results_dir(None, quick=True) == QUICK_DIR != RESULTS_DIR
     assert results_dir(None, quick=False) == RESULTS_DIR
     assert results_dir("elsewhere", quick=True) == Path("elsewhere")
-    for script in ("comm_volume", "dispatch_combine", "moe_layer", "quality", "scaling", "memory"):
+    for script in (
+        "comm_volume", "dispatch_combine", "moe_layer", "quality", "scaling", "memory", "prepare",
+    ):  # fmt: skip
         source = (BENCH / f"{script}.py").read_text()
         assert "results_dir(" in source and "default=RESULTS_DIR" not in source, script
 
@@ -99,6 +101,17 @@ def test_memory_quick(tmp_path):
     for r in rows.values():
         assert r["state_bytes_max"] == pytest.approx(r["state_bytes_planner"], rel=0.05)
     assert rows[(2, True)]["state_bytes_max"] < rows[(2, False)]["state_bytes_max"]
+
+
+@pytest.mark.slow
+def test_prepare_quick(tmp_path):
+    out = run("prepare", tmp_path)
+    assert out["identical_outputs"] and out["token_counts_match"]
+    runs = {r["run"]: r for r in out["tokenize"]}
+    assert runs["encode_batch, 1 thread"]["vs_encode_1_thread"] == 1.0
+    assert len(runs) == 4 and all(r["tokens_per_s"] > 0 for r in runs.values())
+    assert {r["model"] for r in out["loader"]} == {"tiny"}
+    assert all(0 < r["loader_ms"] and 0 < r["step_ms"] for r in out["loader"])
 
 
 @pytest.mark.slow

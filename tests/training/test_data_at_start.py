@@ -86,7 +86,7 @@ def bpe_data(tmp_path_factory) -> Path:
 
 
 def test_the_vocabulary_comes_from_the_data(tmp_path, bpe_data):
-    data_vocab = json.loads((bpe_data / "train.json").read_text())["vocab_size"]
+    data_vocab = json.loads((bpe_data / "manifest.json").read_text())["vocab_size"]
     train(run_cfg(tmp_path / "run", bpe_data, "trainer.max_steps=1"))
     saved = load_run_config(tmp_path / "run").model.vocab_size
     assert saved == -(-data_vocab // 64) * 64 and saved >= data_vocab
