@@ -179,7 +179,7 @@ class RunFolder:
         """Rank 0 takes the lock and checks the configuration; every rank raises rank 0's
         RunFolderError (collective), so no rank trains when rank 0 may not."""
         run_dir = Path(cfg.trainer.run_dir)
-        lock = RunFolderLock(run_dir) if parallel.is_main else None
+        lock = RunFolderLock(run_dir) if parallel.dims.is_main else None
 
         def claim() -> None:
             assert lock is not None
