@@ -16,7 +16,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import CONFIG_DIR, TrainConfig, register_configs
 from .config_help import PLANNER_OVERRIDE_ERROR, compact_config, planner_override, render_help
-from .data.tokenizers import copy_tokenizer_files
 from .engines import Engine
 from .metrics import last_logged
 from .parallel import ParallelState, init_parallel
@@ -70,12 +69,13 @@ def _train(cfg: TrainConfig, parallel: ParallelState, run_folder: RunFolder) -> 
     train_state = TrainState()
     ckpt_cadence = Every(trainer.ckpt_every, trainer.max_steps)
     checkpointer = Checkpointer(run_dir, ckpt_cadence, keep=trainer.keep_checkpoints)
-    if not (trainer.resume and checkpointer.restore(train_state, engine)) and dims.is_main:
-        run_folder.start_fresh(trainer.resume)  # an earlier run's files go aside, said so
+    if not (trainer.resume and checkpointer.restore(train_state, engine)):
+        run_folder.start_fresh(trainer.resume)  # rank 0: an earlier run's files go aside, said so
     if train_state.step >= trainer.max_steps:
         return _nothing_to_do(train_state, parallel, run_dir, trainer.max_steps)
+    run_folder.record(cfg, data_dir, train_tokens.tokenizer)  # rank 0: config.yaml, tokenizer
     if dims.is_main:
-        _announce(cfg, parallel, engine, plan, data_dir, train_tokens.tokenizer, train_state.step)
+        _announce(cfg, parallel, engine, plan, data_dir, train_state.step)
     logger = TrainLogger(cfg, parallel, start=train_state.step)
     evaluator = Evaluator(
         val_tokens, plan, Every(trainer.eval_every, trainer.max_steps, bool(trainer.eval_batches)),
@@ -134,15 +134,9 @@ def _announce(
     engine: Engine,
     plan: BatchPlan,
     data_dir: Path,
-    tokenizer: str,
     start: int,
 ) -> None:
-    """Rank 0: save the composed config (and the data's tokenizer file) into the run folder and
-    print what is about to run."""
-    run_dir = Path(cfg.trainer.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
-    copy_tokenizer_files(data_dir, tokenizer, run_dir)
+    """Rank 0: print what is about to run (the composed config too with trainer.print_config)."""
     if cfg.trainer.print_config:
         print(compact_config(cfg))
     params, dims = engine.module.num_params(), parallel.dims
