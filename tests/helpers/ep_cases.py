@@ -232,7 +232,7 @@ def train_steps(
             losses.append(float(state.all_reduce_mean(loss.detach())))
         else:  # torch's own clipping as the reference
             norm = torch.nn.utils.clip_grad_norm_(sync.module.parameters(), 1.0)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         norms.append(float(norm))
         opt.step()
     return {"losses": losses, "norms": norms}
