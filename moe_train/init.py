@@ -6,10 +6,10 @@ one expert's slice) is drawn at a time on the CPU from its own generator and thi
 it is copied in. So the model is the same on 1 process and on any ep x dp x fsdp layout, and no
 rank ever holds more than one parameter (one expert) in full.
 
-build on meta -> parallelize -> `materialize(model, device, seed)`:
+build on meta -> parallelize, which calls `materialize(model, device, seed)` at the right point
+(before replicating when replicated; after sharding with FSDP: only the local shards):
     with torch.device("meta"): model = MoETransformer(cfg, router, seed=seed, shard=shard)
-    model = parallelize(model, dims, groups, cfg)          # FSDP shards on meta
-    materialize(model, device, seed)                        # allocate + init local shards only
+    sync = parallelize(model, dims, groups, cfg, materialize=lambda m: materialize(m, device, seed))
 
 Rules (the model's, kept from before the meta path): LayerNorm weight 1, bias 0; the routers'
 gates by their router's rule (truncated normal, std sqrt(init_scale / d_model), bias 0); other

@@ -12,7 +12,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..parallel import ParallelState, unwrap_model
+from ..parallel import ParallelState
 from ..parallel.objects import barrier, from_main, is_distributed
 from .checksums import verify_checksums
 from .errors import CheckpointError, CorruptCheckpointError, describe, one_line, short_cause
@@ -30,7 +30,7 @@ def load_latest_checkpoint(
     none does. A damaged one is reported (a RuntimeWarning naming the file), moved aside as
     `.corrupt_step_*` and the next older one tried. Every rank calls this and all load the same."""
     run_dir = Path(run_dir)
-    main = state is None or state.is_main
+    main = state is None or state.dims.is_main
     for path in from_main(state, lambda: checkpoint_candidates(run_dir)):
         try:
             return path, load_checkpoint(path, model, optimizer, state)
@@ -140,8 +140,8 @@ def load_checkpoint(
     *,
     verify: bool = True,
 ) -> dict:
-    """Load into `model` (and `optimizer`) in place, at any parallel.ep, FSDP or not; returns the
-    saved extra. DCP reads straight into the live tensors (DTensor shards, per-expert views): no
+    """Load into `model` (the bare model: a GradSync's `.module`) and `optimizer` in place, at any
+    parallel.ep, FSDP or not; returns the saved extra. DCP reads straight into the live tensors (DTensor shards, per-expert views): no
     second copy of the model or its optimizer state is allocated.
 
     Every rank calls this. Raises CheckpointError naming the path when the checkpoint is missing
@@ -149,7 +149,6 @@ def load_checkpoint(
     it is incomplete or damaged (checked first: verify_checkpoint; verify=False skips the
     checksums), so a damaged file is found before anything is read into the live tensors.
     """
-    model = unwrap_model(model)  # keys are the bare model's names
     path = Path(path)
     meta = verify_checkpoint(path, state) if verify else _read_meta(path)
     _check_fit(path, meta["params"], model)

@@ -51,7 +51,7 @@ def deepspeed_initialize(
         raise RuntimeError(
             "trainer.engine=deepspeed needs DeepSpeed: pip install -e '.[deepspeed]'"
         ) from e
-    ep = parallel.ep
+    ep = parallel.dims.ep
     if zero_stage > 0 and type(optimizer).__name__ == "Adafactor":
         raise ValueError(
             "optim.name=adafactor with trainer.engine=deepspeed and trainer.zero_stage>0: ZeRO "
@@ -68,7 +68,7 @@ def deepspeed_initialize(
     ensure_single_process_env()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     wrapped: nn.Module = model
-    if parallel.distributed:
+    if parallel.dims.distributed:
         connect_process_groups(model, parallel.dims, parallel.groups)  # the all-to-all's groups
         tag_expert_params(model, ep)
         name_expert_groups(optimizer, ep)
@@ -85,7 +85,7 @@ def deepspeed_initialize(
         "wall_clock_breakdown": False,
     }
     engine, *_ = deepspeed.initialize(model=wrapped, optimizer=optimizer, config=config)
-    if parallel.distributed:
+    if parallel.dims.distributed:
         check_engine_groups(engine, parallel)
     return engine
 

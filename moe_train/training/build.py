@@ -1,8 +1,8 @@
 """From config to the things the loop runs on: the token files, the model and its engine.
 
-The only places that build the model (`build_meta_model`, `build_model`) and wrap it for its engine (`build_engine`:
-DDP for the native engine, deepspeed.initialize for DeepSpeed); gradient sync and clipping live in
-the native engine.
+The only places that build the model (`build_meta_model`, `build_model`) and wrap it for its
+engine (`build_engine`: moe_train.parallel.parallelize for the native engine, which chooses the
+gradient strategy and when to materialise; deepspeed.initialize for DeepSpeed).
 """
 
 from __future__ import annotations
@@ -63,10 +63,9 @@ def build_engine(
 ) -> Engine:
     """The model, its optimizer and the engine of trainer.engine around them."""
     module = build_meta_model(cfg, parallel)
-    if not cfg.parallel.fsdp:  # replicated: allocate and initialise the whole local model now
-        materialize(module, parallel.device, cfg.seed)
     amp_dtype = autocast_dtype(cfg.trainer.precision, parallel.device)
     if cfg.trainer.engine == "deepspeed":  # DeepSpeed broadcasts, reduces and steps itself
+        materialize(module, parallel.device, cfg.seed)  # replicated (no parallel.fsdp here)
         optimizer = build_optimizer(module, cfg.optim, parallel.device)
         wrapped = deepspeed_initialize(
             module, optimizer, parallel, num_experts=cfg.model.num_experts,
@@ -74,17 +73,17 @@ def build_engine(
             grad_clip=cfg.optim.grad_clip, amp_dtype=amp_dtype,
         )  # fmt: skip
         return DeepSpeedEngine(wrapped, module, optimizer, parallel)
-    # groups into the MoE layers, recomputation, then FSDP shards (or DDP reduces dense grads)
-    model = parallelize(
+    # groups into the MoE layers, recomputation, then materialise + DDP (or FSDP shards on meta,
+    # then materialise the local shards): parallelize knows the order and returns the strategy
+    grad_sync = parallelize(
         module, parallel.dims, parallel.groups, cfg.parallel,
         activation_checkpointing=cfg.trainer.activation_checkpointing,
         param_dtype=amp_dtype, device_type=parallel.device.type,
+        materialize=lambda m: materialize(m, parallel.device, cfg.seed),
     )  # fmt: skip
-    if cfg.parallel.fsdp:  # sharded on meta: allocate and initialise this rank's shards only
-        materialize(module, parallel.device, cfg.seed)
-    optimizer = build_optimizer(module, cfg.optim, parallel.device)  # over the sharded parameters
+    optimizer = build_optimizer(module, cfg.optim, parallel.device)  # over the local parameters
     return NativeEngine(
-        model, module, optimizer, parallel,
+        grad_sync, optimizer, parallel,
         grad_accum=grad_accum, grad_clip=cfg.optim.grad_clip, amp_dtype=amp_dtype,
         async_checkpoint=cfg.trainer.async_checkpoint,
     )  # fmt: skip

@@ -51,8 +51,9 @@ def rank_batches(rank: int, world: int, big: str, small: str, steps: int) -> lis
 
     state = init_parallel(ParallelConfig(backend="gloo"), 4, RouterConfig())
     data = open_data(DataConfig(mix=[MixSource(big, 2.0), MixSource(small, 1.0)], sampling="epoch"))
-    share = BATCH // state.data_world
-    plan = BatchPlan(SEED, BATCH, SEQ, share // 2, 2, state.data_rank, state.data_world,
+    dims = state.dims
+    share = BATCH // dims.world_size
+    plan = BatchPlan(SEED, BATCH, SEQ, share // 2, 2, dims.rank, dims.world_size,
                      torch.device("cpu"))  # fmt: skip
     out = [torch.cat([x for x, _, _ in plan.micro_batches(data, s)]).numpy() for s in range(steps)]
     teardown(state)
