@@ -62,7 +62,9 @@ def sample_offsets(
     return rng.integers(0, num_tokens - seq_len, size=global_batch, dtype=np.int64)
 
 
-def _windows(data: np.ndarray, offsets: np.ndarray, seq_len: int) -> tuple[torch.Tensor, ...]:
+def _windows(
+    data: np.ndarray, offsets: np.ndarray, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """offsets [B] -> x, y: int64 [B, seq_len] (contiguous); y is x shifted left by one."""
     buf = np.empty((len(offsets), seq_len + 1), dtype=np.int64)  # [B, seq_len + 1]
     for i, o in enumerate(offsets):

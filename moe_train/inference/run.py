@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from ..config import TrainConfig
@@ -69,7 +69,8 @@ def run_tokenizer(run_dir: str | Path, cfg: TrainConfig) -> Tokenizer:
     side = sidecar_path(data_dir / "train.bin")
     if not side.is_file():
         return load_tokenizer(data_dir, "unknown")
-    name = OmegaConf.load(side).get("tokenizer", "unknown")
+    meta = OmegaConf.load(side)
+    name = meta.get("tokenizer", "unknown") if isinstance(meta, DictConfig) else "unknown"
     return load_tokenizer(data_dir, str(name))
 
 
