@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +18,9 @@ from ..checkpoint import (
 from ..parallel import ParallelState
 from ..parallel.grads import agree_on_overflow
 from ..parallel.memory import state_bytes
+
+if TYPE_CHECKING:
+    from ..model import MoETransformer
 
 
 class NativeEngine:
@@ -34,7 +37,7 @@ class NativeEngine:
     def __init__(
         self,
         model: nn.Module,
-        module: nn.Module,
+        module: MoETransformer,
         optimizer: torch.optim.Optimizer,
         parallel: ParallelState,
         *,

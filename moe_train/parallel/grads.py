@@ -10,6 +10,8 @@ divided by the world size:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -80,7 +82,7 @@ def reduce_sum_scaled(
     for tensors in by_dtype.values():
         for bucket in buckets(tensors, BUCKET_ELEMS):
             flat = torch.cat([b.reshape(-1) for b in bucket])
-            guarded(f"all_reduce({what})", lambda flat=flat: dist.all_reduce(flat, group=group))
+            guarded(f"all_reduce({what})", functools.partial(dist.all_reduce, flat, group=group))
             flat.div_(divisor)
             offset = 0
             for b in bucket:
@@ -110,8 +112,9 @@ def clip_grad_norm_(
     params = [p for _, p in unique_params(model) if p.grad is not None]
     if is_sharded(model):
         return _clip_sharded(params, max_norm)
-    dense = [p.grad for p in params if not is_expert_param(p)]
-    expert = [p.grad for p in params if is_expert_param(p)]
+    grads = [p.grad for p in params if p.grad is not None]  # all of params (for the checker)
+    dense = [g for p, g in zip(params, grads) if not is_expert_param(p)]
+    expert = [g for p, g in zip(params, grads) if is_expert_param(p)]
     held = params or [p for _, p in unique_params(model)]
     dev = held[0].device if held else torch.device("cpu")
     exp_sq = _sum_of_squares(expert, dev)
@@ -122,7 +125,7 @@ def clip_grad_norm_(
             "the ep group",
         )
     norm = (_sum_of_squares(dense, dev) + exp_sq).sqrt()
-    _scale_to(norm, [p.grad for p in params], max_norm)
+    _scale_to(norm, grads, max_norm)
     return norm
 
 
@@ -130,7 +133,7 @@ def _clip_sharded(params: list[nn.Parameter], max_norm: float) -> Tensor:
     """FSDP: every gradient element lives on exactly one rank (dense sharded over the world,
     experts sharded over edp and distinct over ep), so the squared norm is the SUM over the world
     of each rank's local-shard squares: one all-reduce."""
-    grads = [local(p.grad) for p in params]
+    grads = [local(p.grad) for p in params if p.grad is not None]  # all: params have grads
     dev = grads[0].device if grads else torch.device("cpu")
     sq = _sum_of_squares(grads, dev)
     guarded("all_reduce(grad norm)", lambda: dist.all_reduce(sq))
