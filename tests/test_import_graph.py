@@ -59,7 +59,7 @@ def _imported(name: str, path: Path, node: ast.AST, modules: dict[str, Path]) ->
     if isinstance(node, ast.Call):  # importlib.import_module("literal")
         arg = node.args[0] if node.args else None
         ok = isinstance(arg, ast.Constant) and isinstance(arg.value, str)
-        return [arg.value] if ok and arg.value.split(".")[0] == top else []  # type: ignore[union-attr]
+        return [arg.value] if ok and arg.value.split(".")[0] == top else []
     assert isinstance(node, ast.ImportFrom)
     if node.level:
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]

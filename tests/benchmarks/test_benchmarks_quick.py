@@ -74,8 +74,8 @@ def test_scaling_quick(tmp_path):
 def _common():
     """benchmarks/_common.py as a module (the benchmarks are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location("bench_common", BENCH / "_common.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 
