@@ -1,6 +1,6 @@
 """The package's import graph, read from the source with `ast`: no cycle between modules, and the
-arrows of the house plan (DESIGN.md: train -> training/engines -> model -> layer -> {routing,
-dispatch, experts} -> ops) point down.
+arrows of the house plan (CONTRIBUTING.md: train -> training/engines -> model -> layer ->
+{routing, dispatch, experts} -> ops) point down.
 
 Every import counts, inside functions too (a lazy import is still a dependency; `import moe_train`
 must be able to run any of them), except those under `if TYPE_CHECKING:` (annotations only).
@@ -209,7 +209,7 @@ def test_no_import_cycle():
     assert not cycles, "\n".join(map(_describe, cycles))
 
 
-# DESIGN.md's arrows, for the areas where they are cheap to check: what an area may import from
+# The house plan's arrows, for the areas where they are cheap to check: what an area may import from
 # the rest of moe_train (ONLY), or may never import (NEVER). An area is a top-level module or
 # package of moe_train.
 ONLY = {
