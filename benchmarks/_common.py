@@ -38,6 +38,16 @@ def parse_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
     return a
 
 
+def gpu_missing(device: str) -> bool:
+    """True, and says the run is skipped, when --device cuda is asked for but no GPU is visible."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        print("skipped: --device cuda but no GPU is visible")
+        return True
+    return False
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

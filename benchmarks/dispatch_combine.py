@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 from _common import (  # benchmarks/ is on sys.path when run as a script
     add_output_args,
+    gpu_missing,
     machine,
     machine_line,
     parse_args,
@@ -185,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (3 if args.quick else (20 if args.device == "cuda" else 5))
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("skipped: --device cuda but no GPU is visible")
+    if gpu_missing(args.device):
         return 0
     clock = "cuda" if args.device == "cuda" else args.clock
     if clock is None:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_output_args, machine, machine_line, parse_args, publish  # noqa: E402
+from _common import add_output_args, gpu_missing, machine, machine_line, parse_args, publish  # noqa: E402
 
 from moe_train import MoETransformer, RouterConfig  # noqa: E402
 from moe_train.hardware import peak_tflops  # noqa: E402
@@ -80,8 +80,7 @@ def build(
 def main(argv: list[str] | None = None) -> dict:
     a = parse(argv)
     dev = torch.device(a.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        print("skipped: no GPU is visible")
+    if gpu_missing(dev.type):
         return {}
     model, cfg, router = build(a, dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")

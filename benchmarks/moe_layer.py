@@ -38,6 +38,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     add_output_args,
+    gpu_missing,
     machine,
     machine_line,
     median,
@@ -315,8 +316,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     a = parse(argv)
     dev = torch.device(a.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        print("skipped: --device cuda but no GPU is visible")
+    if gpu_missing(dev.type):
         return {}
     torch.set_num_threads(a.threads)
     peers: dict[str, str | None] = {}
