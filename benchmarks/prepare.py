@@ -35,7 +35,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, machine_line, median, print_table, publish, results_dir  # noqa: E402
+from _common import (  # noqa: E402
+    add_output_args,
+    machine,
+    machine_line,
+    median,
+    parse_args,
+    print_table,
+    publish,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BPE_VOCAB = 8192
@@ -215,7 +223,7 @@ def loader_vs_step(data_dirs: list[Path], model: str, steps: int, batch: int) ->
 
 def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="2 MB corpus, tiny model (CI)")
+    add_output_args(p, "2 MB corpus, tiny model (CI)")
     p.add_argument("--mb", type=int, default=256, help="corpus size in MB of text")
     p.add_argument("--files", type=int, default=8, help="JSONL files, and as many Parquet files")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="the N of --workers N")
@@ -224,17 +232,15 @@ def main(argv: list[str] | None = None) -> dict | None:
         "--models", nargs="*", default=["small", "base"], help="loader vs step (none: skip)"
     )
     p.add_argument("--steps", type=int, default=3, help="timed training steps per model")
-    p.add_argument("--out", type=Path, default=None, help="folder for prepare.json")
     p.add_argument(
         "--reference-worker", nargs=2, metavar=("CORPUS", "TOKENIZER"), help=argparse.SUPPRESS
     )
-    a = p.parse_args(argv)
+    a = parse_args(p, argv)
     if a.reference_worker:
         reference_worker(Path(a.reference_worker[0]), Path(a.reference_worker[1]))
         return None
     if a.quick:
         a.mb, a.files, a.shard_mb, a.models, a.steps = 2, 2, 1, ["tiny"], 2
-    a.out = results_dir(a.out, a.quick)
     mach = machine()
     print(machine_line(mach))
     with tempfile.TemporaryDirectory(prefix="moe_prepare_bench_") as tmp_name:

@@ -114,22 +114,23 @@ def _check_fit(path: Path, saved: dict[str, dict], model: nn.Module) -> None:
             f"checkpoint {path} does not match the model: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]} (different model.n_layers / moe_every / router?)"
         )
-    # Expert counts before shapes: a different model.num_experts changes the router's gate shape
-    # too, and the count is the message that says what to fix.
+    counts, sizes = [], []  # the first mismatch of each kind, in the model's order
     for fqn, want in now.items():
         got = saved[fqn]
         if want.get("expert") and got.get("num_experts") != want["num_experts"]:
-            raise CheckpointError(
+            counts.append(
                 f"checkpoint {path}: {fqn} has {got.get('num_experts')} experts, the model has "
                 f"{want['num_experts']} (model.num_experts must match; parallel.ep may differ)"
             )
-    for fqn, want in now.items():
-        got = saved[fqn]
         if want["shape"] != got["shape"] or want["expert"] != got["expert"]:
-            raise CheckpointError(
+            sizes.append(
                 f"checkpoint {path}: {fqn} has shape {got['shape']}, the model expects "
                 f"{want['shape']} (model config differs from the checkpoint's)"
             )
+    # An expert count wins over a shape: a different model.num_experts changes the router's gate
+    # shape too, and the count is the message that says what to fix.
+    if counts or sizes:
+        raise CheckpointError((counts or sizes)[0])
 
 
 def load_checkpoint(

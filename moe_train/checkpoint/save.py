@@ -119,9 +119,10 @@ def save_checkpoint_async(
 
 def _staged(t: Tensor) -> Tensor:
     """A compact CPU copy of `t` (a DTensor keeps its mesh, placements and global shape)."""
-    if not hasattr(t, "to_local"):
-        return t.detach().to("cpu", copy=True)
     from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return t.detach().to("cpu", copy=True)
 
     local = t.to_local().detach().to("cpu", copy=True)
     return DTensor.from_local(

@@ -363,11 +363,13 @@ class TextField:
         value = record
         for depth, key in enumerate(self.path):
             if not isinstance(value, dict) or key not in value:
-                return self._bad(where, self._missing(value, depth))
+                self._bad(where, self._missing(value, depth))
+                return None
             value = value[key]
         if not isinstance(value, str):
             kind = "null" if value is None else type(value).__name__
-            return self._bad(where, f"its field {self.spec!r} is {kind}, not a string")
+            self._bad(where, f"its field {self.spec!r} is {kind}, not a string")
+            return None
         return value
 
     def _missing(self, value: Any, depth: int) -> str:

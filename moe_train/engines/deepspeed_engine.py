@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,9 @@ from .deepspeed_moe import (
     tag_expert_params,
 )
 from .deepspeed_state import WholeState, whole_master_weights, zero_state_bytes
+
+if TYPE_CHECKING:
+    from ..model import MoETransformer
 
 
 def deepspeed_initialize(
@@ -98,8 +101,8 @@ class DeepSpeedEngine:
 
     def __init__(
         self,
-        wrapped: nn.Module,
-        module: nn.Module,
+        wrapped: Any,  # a deepspeed.DeepSpeedEngine (DeepSpeed ships no type information)
+        module: MoETransformer,
         optimizer: torch.optim.Optimizer,
         parallel: ParallelState,
     ):
@@ -179,7 +182,8 @@ class DeepSpeedEngine:
         view = WholeState(zero, self.parallel)
         view.gather()
         with whole_master_weights(zero, self.parallel, load=False):
-            save_checkpoint(run_dir, step, self.module, view, extra, self.parallel, keep)
+            # WholeState is optimizer-shaped (param_groups, state), all that a checkpoint reads
+            save_checkpoint(run_dir, step, self.module, view, extra, self.parallel, keep)  # type: ignore[arg-type]
 
     def finish_checkpoint(self) -> None:
         pass  # saved synchronously
@@ -195,6 +199,6 @@ class DeepSpeedEngine:
         view = WholeState(zero, self.parallel)
         view.allocate()
         with whole_master_weights(zero, self.parallel, load=True):
-            found = load_latest_checkpoint(run_dir, self.module, view, self.parallel)
+            found = load_latest_checkpoint(run_dir, self.module, view, self.parallel)  # type: ignore[arg-type]  # as in save
         view.scatter()
         return None if found is None else found[1]

@@ -62,8 +62,9 @@ def tag_expert_params(module: nn.Module, ep: int) -> int:
     count = 0
     for p in module.parameters():
         if is_expert_param(p):
-            p.allreduce = False
-            p.group_name = expert_group_name(ep)
+            # the marks DeepSpeed's MoE code reads off a parameter (not attributes torch declares)
+            p.allreduce = False  # type: ignore[attr-defined]
+            p.group_name = expert_group_name(ep)  # type: ignore[attr-defined]
             count += 1
     return count
 

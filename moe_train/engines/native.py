@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +18,9 @@ from ..checkpoint import (
 from ..parallel import GradSync, ParallelState
 from ..parallel.grads import agree_on_overflow
 from ..parallel.memory import state_bytes
+
+if TYPE_CHECKING:
+    from ..model import MoETransformer
 
 
 class NativeEngine:
@@ -46,7 +49,8 @@ class NativeEngine:
     ):
         self.grad_sync, self.optimizer, self.parallel = grad_sync, optimizer, parallel
         self.model: nn.Module = grad_sync.model  # the forward pass (the DDP wrapper with DDP)
-        self.module: nn.Module = grad_sync.module  # the bare model: optimizer, checkpoints
+        # the bare model (parallelize was given an MoETransformer): optimizer, checkpoints
+        self.module = cast("MoETransformer", grad_sync.module)
         self.grad_accum, self.grad_clip, self.amp_dtype = grad_accum, grad_clip, amp_dtype
         device_type = parallel.device.type
         self.scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)

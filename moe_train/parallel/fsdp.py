@@ -111,7 +111,9 @@ def _reduce_scatter_divisor(mesh, device_type: str) -> int:
     probe = nn.Linear(1, size, bias=False, device=device)  # weight [size, 1]: a row per rank
     fully_shard(probe, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
     probe(torch.full((1, 1), float(rank + 1), device=device)).sum().backward()
-    got = float(local(probe.weight.grad).sum())  # this rank's row
+    grad = probe.weight.grad
+    assert grad is not None  # the backward above made it
+    got = float(local(grad).sum())  # this rank's row
     return round(got / ((size + 1) / 2))
 
 
@@ -147,7 +149,8 @@ def finish_gradients(model: nn.Module, dims: ParallelDims, divisors: GradDivisor
     """Expert gradients came out of FSDP as SUM over edp / edp: times 1/ep -> SUM over edp / world.
     Where FSDP summed instead of averaging (see the module docstring), divide by the mesh too."""
     dense_div, expert_div = divisors.dense, divisors.expert
-    dense, expert = [], []
+    dense: list[Tensor] = []
+    expert: list[Tensor] = []
     for p in model.parameters():
         if p.grad is not None:
             (expert if is_expert_param(p) else dense).append(local(p.grad))

@@ -12,6 +12,8 @@ GradSync it returns (grad_sync.py). Every function here takes the bare model.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -77,7 +79,7 @@ def reduce_sum_scaled(
     for tensors in by_dtype.values():
         for bucket in buckets(tensors, BUCKET_ELEMS):
             flat = torch.cat([b.reshape(-1) for b in bucket])
-            guarded(f"all_reduce({what})", lambda flat=flat: dist.all_reduce(flat, group=group))
+            guarded(f"all_reduce({what})", functools.partial(dist.all_reduce, flat, group=group))
             flat.div_(divisor)
             offset = 0
             for b in bucket:
@@ -105,8 +107,9 @@ def clip_replicated_(
     grads are the same on every rank after sync; expert grads are summed over the ep group.
     Scales the grads by min(1, max_norm / (norm + 1e-6)) when max_norm > 0. Call after sync."""
     params = [p for _, p in unique_params(model) if p.grad is not None]
-    dense = [p.grad for p in params if not is_expert_param(p)]
-    expert = [p.grad for p in params if is_expert_param(p)]
+    grads = [p.grad for p in params if p.grad is not None]  # all of params (for the checker)
+    dense = [g for p, g in zip(params, grads) if not is_expert_param(p)]
+    expert = [g for p, g in zip(params, grads) if is_expert_param(p)]
     held = params or [p for _, p in unique_params(model)]
     dev = held[0].device if held else torch.device("cpu")
     exp_sq = _sum_of_squares(expert, dev)
@@ -117,7 +120,7 @@ def clip_replicated_(
             "the ep group",
         )
     norm = (_sum_of_squares(dense, dev) + exp_sq).sqrt()
-    _scale_to(norm, [p.grad for p in params], max_norm)
+    _scale_to(norm, grads, max_norm)
     return norm
 
 

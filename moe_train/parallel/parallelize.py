@@ -20,9 +20,10 @@ initialisation comes in as the `materialize` callback (moe_train.init.materializ
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -124,15 +125,15 @@ def replicate(model: nn.Module, dims: ParallelDims, groups: ProcessGroups) -> No
     (the layout-invariant init already agrees; this guards against any rank-local drift)."""
     for name, p in unique_params(model):
         if not is_expert_param(p):
-            guarded(f"broadcast({name})", lambda p=p: dist.broadcast(p.data, src=0))
+            guarded(f"broadcast({name})", functools.partial(dist.broadcast, p.data, src=0))
         elif dims.dp > 1:
             guarded(
                 f"broadcast({name})",
-                lambda p=p: dist.broadcast(p.data, group=groups.dp, group_src=0),
+                functools.partial(dist.broadcast, p.data, group=groups.dp, group_src=0),
                 "the dp group",
             )
     for name, b in model.named_buffers():
-        guarded(f"broadcast({name})", lambda b=b: dist.broadcast(b.data, src=0))
+        guarded(f"broadcast({name})", functools.partial(dist.broadcast, b.data, src=0))
 
 
 def wrap_data_parallel(model: nn.Module, group: dist.ProcessGroup) -> DDP:
@@ -149,7 +150,7 @@ def wrap_data_parallel(model: nn.Module, group: dist.ProcessGroup) -> DDP:
     )
 
 
-def _no_sync_at_init() -> dict[str, bool]:
+def _no_sync_at_init() -> dict[str, Any]:
     """DDP options for replicas already made identical by `replicate`: no init broadcast, no
     buffer broadcast per forward. torch >= 2.13 spells the latter forward_sync_buffers
     (broadcast_buffers warns there); torch 2.7 only knows broadcast_buffers."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -90,7 +91,7 @@ def init_parallel(cfg: ParallelConfig, num_experts: int, router: RouterConfig) -
     if world == 1:
         return state
     if not dist.is_initialized():
-        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
         timeout = timedelta(seconds=cfg.timeout_s)
         dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world, **kwargs)
     state.groups = build_process_groups(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -73,8 +74,8 @@ def test_scaling_quick(tmp_path):
 def _common():
     """benchmarks/_common.py as a module (the benchmarks are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location("bench_common", BENCH / "_common.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 
@@ -85,11 +86,17 @@ def test_quick_runs_do_not_overwrite_the_committed_results():
     assert results_dir(None, quick=True) == QUICK_DIR != RESULTS_DIR
     assert results_dir(None, quick=False) == RESULTS_DIR
     assert results_dir("elsewhere", quick=True) == Path("elsewhere")
-    for script in (
-        "comm_volume", "dispatch_combine", "moe_layer", "quality", "scaling", "memory", "prepare",
-    ):  # fmt: skip
-        source = (BENCH / f"{script}.py").read_text()
-        assert "results_dir(" in source and "default=RESULTS_DIR" not in source, script
+    p = argparse.ArgumentParser()
+    common.add_output_args(p, "CI-sized")
+    assert common.parse_args(p, ["--quick"]).out == QUICK_DIR
+    assert common.parse_args(p, []).out == RESULTS_DIR
+    assert common.parse_args(p, ["--quick", "--out", "x"]).out == Path("x")
+    scripts = sorted(BENCH.glob("[!_]*.py"))
+    assert len(scripts) == 8, scripts
+    for script in scripts:  # each takes --quick/--out from the one helper, none its own
+        source = script.read_text()
+        assert "add_output_args(" in source and " = parse_args(" in source, script.name
+        assert '"--out"' not in source and '"--quick"' not in source, script.name
 
 
 @pytest.mark.slow
@@ -101,17 +108,6 @@ def test_memory_quick(tmp_path):
     for r in rows.values():
         assert r["state_bytes_max"] == pytest.approx(r["state_bytes_planner"], rel=0.05)
     assert rows[(2, True)]["state_bytes_max"] < rows[(2, False)]["state_bytes_max"]
-
-
-@pytest.mark.slow
-def test_prepare_quick(tmp_path):
-    out = run("prepare", tmp_path)
-    assert out["identical_outputs"] and out["token_counts_match"]
-    runs = {r["run"]: r for r in out["tokenize"]}
-    assert runs["encode_batch, 1 thread"]["vs_encode_1_thread"] == 1.0
-    assert len(runs) == 4 and all(r["tokens_per_s"] > 0 for r in runs.values())
-    assert {r["model"] for r in out["loader"]} == {"tiny"}
-    assert all(0 < r["loader_ms"] and 0 < r["step_ms"] for r in out["loader"])
 
 
 @pytest.mark.slow

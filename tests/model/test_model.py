@@ -8,8 +8,7 @@ import torch.nn.functional as F
 
 from moe_train import ModelConfig, MoELayer, MoETransformer, RouterConfig
 from tests.helpers.distributed import forbid_torch_distributed
-
-KINDS = ("switch", "topk", "prototype", "sam", "expert_choice", "tree")
+from tests.helpers.routing import KINDS
 
 
 def tiny(moe_every=1, **kw):

@@ -107,7 +107,7 @@ def stall_main(rank: int, world: int, mode: str) -> dict | None:
     return _forward_until_error(state)
 
 
-stall_main.skip_teardown = True  # type: ignore[attr-defined]
+stall_main.skip_teardown = True
 
 
 @pytest.mark.distributed

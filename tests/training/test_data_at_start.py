@@ -96,6 +96,7 @@ def test_the_vocabulary_comes_from_the_data(tmp_path, bpe_data):
     assert "model.vocab_size=256" in str(e.value) and f"({data_vocab}," in str(e.value)
 
 
+@pytest.mark.slow
 def test_a_bpe_run_trains_generates_and_evaluates(tmp_path, bpe_data):
     run_dir = tmp_path / "run"
     extra = ("trainer.max_steps=30", "trainer.ckpt_every=30", "trainer.global_batch_size=8")
