@@ -17,10 +17,10 @@ Slice (owned here): one full tensor (one parameter, or one expert's slice) is dr
 this rank's shard of it is copied in, so the model is the same on 1 process and on any
 ep x dp x fsdp layout and no rank holds more than one parameter (one expert) in full.
 
-build on meta -> parallelize -> `materialize(model, device, seed)`:
+build on meta -> parallelize, which calls `materialize(model, device, seed)` at the right point
+(before replicating when replicated; after sharding with FSDP: only the local shards):
     with torch.device("meta"): model = MoETransformer(cfg, router, seed=seed, shard=shard)
-    model = parallelize(model, dims, groups, cfg)          # FSDP shards on meta
-    materialize(model, device, seed)                        # allocate + init local shards only
+    sync = parallelize(model, dims, groups, cfg, materialize=lambda m: materialize(m, device, seed))
 A model (or layer) built on a real device takes the same path by itself (`deferred_init`), so
 every parameter is drawn exactly once.
 """
@@ -30,12 +30,32 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from .ops.hashing import mix_seed
 from .parallel.placement import is_expert_param, keeping_expert_marks
+
+M = TypeVar("M", bound=nn.Module)
+
+
+@runtime_checkable
+class InitRule(Protocol):
+    """A module that owns the initial values of its parameters (see the module docstring)."""
+
+    def init_value(
+        self, name: str, shape: torch.Size, generator: torch.Generator | None = None
+    ) -> Tensor: ...
+
+
+@runtime_checkable
+class ExpertInitRule(InitRule, Protocol):
+    """The owner of stacked expert parameters [E_local, ...]: init_value gives one expert's slice;
+    local slice i is global expert first_expert + i."""
+
+    first_expert: int
 
 
 def _generator(*parts: int) -> torch.Generator:
@@ -66,11 +86,11 @@ def parameter_key(model: nn.Module, fqn: str) -> tuple[int, ...]:
     return (_name_key(fqn),)
 
 
-def rule_owner(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
+def rule_owner(model: nn.Module, fqn: str) -> tuple[InitRule, str]:
     """The nearest module on parameter `fqn`'s path with an `init_value` rule, and the name it
     knows the parameter by."""
     for module, name in _path(model, fqn):
-        if hasattr(module, "init_value"):
+        if isinstance(module, InitRule):
             return module, name
     raise TypeError(
         f"parameter {fqn!r}: no module on its path has an init_value(name, shape, generator) "
@@ -79,7 +99,7 @@ def rule_owner(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
     )
 
 
-def _draw(owner: nn.Module, name: str, shape: torch.Size, key: tuple[int, ...]) -> Tensor:
+def _draw(owner: InitRule, name: str, shape: torch.Size, key: tuple[int, ...]) -> Tensor:
     """owner's rule for `name`, drawn on the CPU from the generator of `key`."""
     with torch.device("cpu"):
         value = owner.init_value(name, shape, _generator(*key))
@@ -94,12 +114,14 @@ def _draw(owner: nn.Module, name: str, shape: torch.Size, key: tuple[int, ...]) 
 def _local_slice(full: Tensor, param: Tensor) -> Tensor:
     """This rank's part of `full` for `param` (a DTensor on a 1-D mesh, Shard(d) or Replicate,
     torch.chunk semantics as FSDP2 uses; a plain tensor takes all of it)."""
-    if not hasattr(param, "to_local"):
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(param, DTensor):
         return full
     out = full
     mesh, placements = param.device_mesh, param.placements
     for dim, placement in enumerate(placements):
-        if placement.is_shard():
+        if isinstance(placement, Shard):
             chunks = out.chunk(mesh.size(dim), placement.dim)
             coord = mesh.get_local_rank(dim)
             if coord < len(chunks):
@@ -120,6 +142,11 @@ def init_parameters(model: nn.Module, seed: int) -> None:
         owner, name = rule_owner(model, fqn)
         key = (seed, *parameter_key(model, fqn))
         if is_expert_param(p):  # [E_local, ...]: one draw per global expert
+            if not isinstance(owner, ExpertInitRule):
+                raise TypeError(
+                    f"expert parameter {fqn!r}: its rule's owner {type(owner).__name__} has no "
+                    "first_expert (the global id of its local expert 0); give it one"
+                )
             for i in range(p.shape[0]):
                 full = _draw(owner, name, p.shape[1:], (*key, owner.first_expert + i))
                 target[i].copy_(_local_slice(full.unsqueeze(0), p)[0])
@@ -127,7 +154,7 @@ def init_parameters(model: nn.Module, seed: int) -> None:
             target.copy_(_local_slice(_draw(owner, name, p.shape, key), p))
 
 
-def materialize(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
+def materialize(model: M, device: torch.device, seed: int) -> M:
     """Allocate a model built on `meta` (sharded or not) on `device` and initialise it. Tied
     parameters stay tied (`to_empty` alone would give each module its own new tensor)."""
     users: dict[int, list[tuple[nn.Module, str]]] = {}  # id(param) -> the modules that hold it

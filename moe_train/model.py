@@ -94,7 +94,7 @@ class KVCache:
 
 # ---- the body's parameter holders: each owns its init rule (moe_train.init) -----------------
 @torch.no_grad()
-def _reset_by_rule(module: nn.Module) -> None:
+def _reset_by_rule(module: Linear | Embedding | LayerNorm) -> None:
     """A module's own parameters by its `init_value`, from the global RNG; nothing on meta (inside
     a model: moe_train.init draws every value once, from its layout-invariant key)."""
     for name, p in module.named_parameters(recurse=False):
