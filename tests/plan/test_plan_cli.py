@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -20,30 +21,39 @@ from moe_train.plan import (
     render,
 )
 from moe_train.routing import RouterConfig
-from tests.helpers.plan import FAST, ROOT, SMALL
+from tests.helpers.plan import FAST, ROOT, SMALL, train_cfg
 
 
-def test_bad_cluster_field_is_named() -> None:
-    with pytest.raises(ValueError, match="cluster.ep"):
-        make_plan(SMALL, RouterConfig(), ClusterConfig(world_size=8, ep=3), FAST)
+def test_bad_ep_is_named() -> None:
+    with pytest.raises(ValueError, match="parallel.ep"):
+        make_plan(train_cfg(parallel={"ep": 3}), ClusterConfig(world_size=8), FAST)
 
 
 @pytest.mark.parametrize(
-    "router,cluster,key",
+    "cfg,cluster,key",
     [
-        (RouterConfig(capacity_factor=math.nan), ClusterConfig(), "router.capacity_factor"),
-        (RouterConfig(z_loss_coef=math.nan), ClusterConfig(), "router.z_loss_coef"),
-        (RouterConfig(), ClusterConfig(tflops=math.inf), "cluster.tflops"),
-        (RouterConfig(), ClusterConfig(reserved_gb=math.nan), "cluster.reserved_gb"),
-        (RouterConfig(), ClusterConfig(reserved_gb=-1.0), "cluster.reserved_gb"),
-        (RouterConfig(), ClusterConfig(optimizer="sgd"), "optim.name"),
-        (RouterConfig(), ClusterConfig(activation_checkpointing="yes"), "trainer.activation_"),
-        (RouterConfig(), ClusterConfig(seq_len=0), "cluster.seq_len"),
+        (
+            train_cfg(router=RouterConfig(capacity_factor=math.nan)),
+            ClusterConfig(),
+            "router.capacity_f",
+        ),
+        (
+            train_cfg(router=RouterConfig(z_loss_coef=math.nan)),
+            ClusterConfig(),
+            "router.z_loss_coef",
+        ),
+        (train_cfg(), ClusterConfig(tflops=math.inf), "cluster.tflops"),
+        (train_cfg(), ClusterConfig(reserved_gb=math.nan), "cluster.reserved_gb"),
+        (train_cfg(), ClusterConfig(reserved_gb=-1.0), "cluster.reserved_gb"),
+        (train_cfg(optim={"name": "sgd"}), ClusterConfig(), "optim.name"),
+        (train_cfg(trainer={"activation_checkpointing": "yes"}), ClusterConfig(), "trainer.act"),
+        (train_cfg(model=replace(SMALL, seq_len=0)), ClusterConfig(), "model.seq_len"),
+        (train_cfg(trainer={"global_batch_size": 12}), ClusterConfig(), "global_batch_size"),
     ],
 )
-def test_non_finite_and_out_of_range_fields_are_named(router, cluster, key) -> None:
+def test_non_finite_and_out_of_range_fields_are_named(cfg, cluster, key) -> None:
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        make_plan(SMALL, router, cluster, FAST)
+        make_plan(cfg, cluster, FAST)
 
 
 def test_formatters() -> None:
@@ -54,8 +64,9 @@ def test_formatters() -> None:
 
 def test_render_shows_every_section_and_the_fix() -> None:
     memory = 95_000 / GiB  # 104 KB needed as configured; checkpointing brings it under
-    cluster = ClusterConfig(world_size=8, ep=1, gpu_memory_gb=memory, reserved_gb=0, seq_len=16)
-    plan = make_plan(SMALL, RouterConfig(kind="topk"), cluster, PlanOptions(meta_check=False))
+    cluster = ClusterConfig(world_size=8, gpu_memory_gb=memory, reserved_gb=0)
+    cfg = train_cfg(router=RouterConfig(kind="topk"), trainer={"global_batch_size": 8})
+    plan = make_plan(cfg, cluster, PlanOptions(meta_check=False))
     text = render(plan, {"model": "small", "router": "topk"})
     for title in ("Parameters", "Memory per GPU", "Per optimizer step", "Routers on this layout"):
         assert title in text
@@ -79,7 +90,7 @@ def test_cli_json() -> None:
         "router=sam",
         "router.num_groups=2",
         "cluster.world_size=4",
-        "cluster.ep=2",
+        "parallel.ep=2",
         "plan.json=true",
     )
     assert done.returncode == 0, done.stderr
@@ -97,8 +108,8 @@ def test_cli_json() -> None:
     assert plan["a2a"]["distinct_ranks_per_token"] == 1  # SAM: one copy per token
     assert plan["memory_per_gpu_bytes"] < 80 * GiB
 
-    bad = plan_cli("model=tiny", "cluster.ep=3")
-    assert bad.returncode != 0 and "cluster.ep" in bad.stderr
+    bad = plan_cli("model=tiny", "parallel.ep=3")
+    assert bad.returncode != 0 and "parallel.ep" in bad.stderr
 
 
 @pytest.mark.parametrize("key", ["router.capacity_factor", "router.z_loss_coef"])

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from moe_train.config import CONFIG_DIR, TrainConfig, register_configs
-from moe_train.plan import ClusterConfig, PlanOptions, make_plan
+from moe_train.plan import ClusterConfig, PlanOptions, largest_ep, make_plan
 from moe_train.routing import RouterConfig
 from tests.helpers.plan import model_cfg
 
@@ -20,7 +20,10 @@ def _m6t_plan() -> dict:
     cluster = ClusterConfig(world_size=480, **V100)
     router = RouterConfig(kind="prototype", top_k=2)
     options = PlanOptions(meta_check=False, compare_routers=False)
-    return make_plan(model_cfg("m6t_1t"), router, cluster, options)
+    cfg = TrainConfig(model=model_cfg("m6t_1t"), router=router)
+    cfg.trainer.global_batch_size = 480  # one sequence per GPU
+    cfg.parallel.ep = largest_ep(cfg, 480)  # no parallel.ep given
+    return make_plan(cfg, cluster, options)
 
 
 def test_m6t_on_480_v100_fits_with_adafactor_not_adamw() -> None:
