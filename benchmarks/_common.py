@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -19,6 +20,34 @@ def results_dir(out: str | Path | None, quick: bool) -> Path:
     return Path(out) if out else (QUICK_DIR if quick else RESULTS_DIR)
 
 
+def add_output_args(p: argparse.ArgumentParser, quick_help: str) -> None:
+    """--quick (a CI-sized run) and --out (the JSON's folder), the same in every script."""
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for the JSON (default benchmarks/results/; with --quick results/quick/)",
+    )
+
+
+def parse_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """p.parse_args(argv) with `out` resolved by results_dir (never None afterwards)."""
+    a = p.parse_args(argv)
+    a.out = results_dir(a.out, a.quick)
+    return a
+
+
+def gpu_missing(device: str) -> bool:
+    """True, and says the run is skipped, when --device cuda is asked for but no GPU is visible."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        print("skipped: --device cuda but no GPU is visible")
+        return True
+    return False
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -29,11 +58,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine() -> dict:
-    """What the numbers were measured on."""
+def machine(device: str = "cpu") -> dict:
+    """What the numbers were measured on (with device "cuda": also the GPU and its capability)."""
     import torch
 
-    return {
+    out = {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
@@ -42,12 +71,17 @@ def machine() -> dict:
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "loadavg_1m": os.getloadavg()[0],  # the machine may be shared: > cores means contention
     }
+    if device == "cuda":
+        out["gpu"] = torch.cuda.get_device_name()
+        out["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+    return out
 
 
 def machine_line(m: dict | None = None) -> str:
     m = m or machine()
+    gpu = f", {m['gpu']} (sm {m['capability']})" if m.get("gpu") else ""
     return (
-        f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
+        f"machine: {m['cpu']}, {m['cores']} cores{gpu}, torch {m['torch']} "
         f"({m['torch_threads']} threads), python {m['python']}, {m['date']}, "
         f"load average {m['loadavg_1m']:.1f}"
     )

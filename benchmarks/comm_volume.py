@@ -22,7 +22,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, machine_line, print_table, publish, results_dir  # noqa: E402
+from _common import add_output_args, machine, machine_line, parse_args, print_table, publish  # noqa: E402
 
 from moe_train.parallel.launch_env import free_port, torchrun_env  # noqa: E402
 from moe_train.routing import RouterConfig, router_class  # noqa: E402
@@ -102,7 +102,6 @@ def _rank(rank: int, world: int, port: int, args: dict, queue) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small shapes (CI)")
     p.add_argument("--ranks", type=int, default=4, help="gloo processes = ep")
     p.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
     p.add_argument("--d-model", type=int, default=512)
@@ -115,14 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="token-choice capacity factor; default dropless, so volume reflects the "
         "routing rule rather than drops (expert choice always uses c = 2)",
     )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="folder for comm_volume.json (default benchmarks/results/; with --quick results/quick/)",
-    )
-    a = p.parse_args(argv)
-    a.out = results_dir(a.out, a.quick)
+    add_output_args(p, "small shapes (CI)")
+    a = parse_args(p, argv)
     if a.quick:
         a.tokens, a.d_model, a.d_ff = 256, 32, 32
     args = {

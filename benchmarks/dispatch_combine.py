@@ -21,20 +21,19 @@ Writes dispatch_combine.json to --out (default benchmarks/results/).
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from _common import (
-    cpu_model,
-    results_dir,
-    write_json,
-)  # benchmarks/ is on sys.path when run as a script
+from _common import (  # benchmarks/ is on sys.path when run as a script
+    add_output_args,
+    gpu_missing,
+    machine,
+    machine_line,
+    parse_args,
+    publish,
+)
 
 from moe_train import ops
 from moe_train.ops.reference import combine_reference, dispatch_reference
@@ -171,7 +170,6 @@ def fmt_row(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="CI-sized run")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (median)")
     p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")
@@ -182,20 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=["cpu", "wall"],
         help="CPU device: process CPU time (default with --threads 1) or wall time",
     )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="folder for dispatch_combine.json (default benchmarks/results/; with --quick results/quick/)",
-    )
-    args = p.parse_args(argv)
-    args.out = results_dir(args.out, args.quick)
+    add_output_args(p, "CI-sized run")
+    args = parse_args(p, argv)
     dtype = getattr(torch, args.dtype)
     reps = args.reps or (3 if args.quick else (20 if args.device == "cuda" else 5))
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("skipped: --device cuda but no GPU is visible")
+    if gpu_missing(args.device):
         return 0
     clock = "cuda" if args.device == "cuda" else args.clock
     if clock is None:
@@ -203,24 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     if not ops.extension_available():
         print("skipped: the extension is not available, nothing to compare (see the warning above)")
         return 0
-    machine = {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "loadavg_1m": os.getloadavg()[0],
-    }
-    if args.device == "cuda":
-        machine["gpu"] = torch.cuda.get_device_name()
-        machine["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
-    where = machine.get("gpu") or f"{machine['cpu']}, {machine['cores']} cores"
-    print(
-        f"machine: {where}, torch {machine['torch']} ({machine['torch_threads']} threads), "
-        f"load average {machine['loadavg_1m']:.1f}; dtype {args.dtype}; median of {reps}; "
-        f"clock {clock}"
-    )
+    mach = machine(args.device)
+    print(f"{machine_line(mach)}; dtype {args.dtype}; median of {reps}; clock {clock}")
     print(HEADER)
     if args.device == "cuda":
         grid = QUICK_CUDA if args.quick else FULL_CUDA
@@ -228,12 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         grid = QUICK if args.quick else FULL
     rows = run(grid, dtype, reps, args.device, clock)
     name = "dispatch_combine" if args.device == "cpu" else "dispatch_combine_cuda"
-    path = write_json(
-        name,
-        {"machine": machine, "dtype": args.dtype, "reps": reps, "clock": clock, "rows": rows},
-        args.out,
-    )
-    print(f"wrote {path}")
+    publish(name, mach, {"dtype": args.dtype, "reps": reps, "clock": clock, "rows": rows}, args.out)
     return 0
 
 

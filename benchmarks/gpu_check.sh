@@ -109,7 +109,7 @@ train = out / "gpu_train.json"
 if train.exists():
     t = json.loads(train.read_text())
     summary["train"] = {k: t.get(k) for k in ("tokens_per_s", "mfu", "step_ms", "params_total")}
-    summary["device"] = t["machine"]["gpu"]
+    summary["device"] = t["machine"].get("gpu", "cpu")
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 print("summary:", json.dumps(summary))
 EOF

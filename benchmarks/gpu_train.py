@@ -15,7 +15,6 @@ trainer's metrics use; --peak-tflops overrides).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, write_json  # noqa: E402
+from _common import add_output_args, gpu_missing, machine, machine_line, parse_args, publish  # noqa: E402
 
 from moe_train import MoETransformer, RouterConfig  # noqa: E402
 from moe_train.hardware import peak_tflops  # noqa: E402
@@ -36,7 +35,6 @@ from moe_train.plan.params import count_params  # noqa: E402
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a small model, a few steps")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--warmup", type=int, default=10, help="steps not timed")
     p.add_argument("--d-model", type=int, default=1024)
@@ -53,8 +51,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backend", default="auto", choices=["auto", "grouped", "loop"])
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR)
-    a = p.parse_args(argv)
+    add_output_args(p, "a small model, a few steps")
+    a = parse_args(p, argv)
     if a.quick:
         a.steps, a.warmup, a.d_model, a.layers, a.heads = 4, 1, 256, 2, 4
         a.expert_d_ff, a.vocab, a.seq_len, a.batch = 512, 1024, 256, 2
@@ -82,8 +80,7 @@ def build(
 def main(argv: list[str] | None = None) -> dict:
     a = parse(argv)
     dev = torch.device(a.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        print("skipped: no GPU is visible")
+    if gpu_missing(dev.type):
         return {}
     model, cfg, router = build(a, dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
@@ -123,17 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     peak = a.peak_tflops or peak_tflops(name)
     mfu = per_token * tok_s / (peak * 1e12) if peak else None
+    mach = machine(dev.type)
     result = {
-        "benchmark": "gpu_train",
-        "machine": {
-            "gpu": name,
-            "capability": ".".join(map(str, torch.cuda.get_device_capability(dev)))
-            if dev.type == "cuda"
-            else None,
-            "torch": torch.__version__,
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        },  # fmt: skip
-        "command": " ".join(["python", *sys.argv]),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
         "params_total": counts["dense"] + counts["expert"],
         "params_active_matmul": pc.active(router.experts_per_token()) - pc.lookup_only,
@@ -150,13 +138,13 @@ def main(argv: list[str] | None = None) -> dict:
         "loss_first_last": [float(losses[0]), float(losses[-1])],
         "wall_s": time.perf_counter() - t_start,
     }
+    print(machine_line(mach))
     print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=1))
-    path = write_json("gpu_train", result, a.out)
+    result = publish("gpu_train", mach, result, a.out)
     mfu_text = f"{mfu:.1%}" if mfu is not None else "n/a (unknown peak: --peak-tflops)"
     print(
         f"\n{name}: {result['params_total'] / 1e9:.2f}B params, {tok_s:,.0f} tokens/s, "
         f"{result['step_ms']:.1f} ms/step, {result['achieved_tflops']:.0f} TFLOP/s, MFU {mfu_text}"
-        f"\nwrote {path}"
     )
     return result
 

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, machine_line, print_table, publish, results_dir  # noqa: E402
+from _common import add_output_args, machine, machine_line, parse_args, print_table, publish  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -117,19 +117,14 @@ def predicted(world: int, model: str, fsdp: bool, optim: str) -> int:
     return make_plan(cfg, ClusterConfig(world_size=world), options)["state_bytes_per_gpu"]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny model, 1 and 2 ranks (CI)")
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_output_args(ap, "tiny model, 1 and 2 ranks (CI)")
     ap.add_argument("--model", choices=sorted(MODELS), default="medium")
     ap.add_argument("--optim", choices=["adamw", "adafactor"], default="adamw")
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument(
-        "--out",
-        default=None,
-        help="folder for memory.json (default results/, --quick: results/quick/)",
-    )
-    a = ap.parse_args()
+    a = parse_args(ap, argv)
     if a.quick:
         a.model, a.worlds, a.steps = "tiny", [1, 2], 2
     mach = machine()
@@ -156,12 +151,7 @@ def main() -> None:
     headers = ["ranks", "ep x dp", "fsdp", "state MiB/rank (max)", "planner MiB", "diff",
                "peak RSS MiB (max)", "RSS growth MiB (max)"]  # fmt: skip
     print_table(headers, rows)
-    publish(
-        "memory",
-        mach,
-        {"model": a.model, "optim": a.optim, "results": results},
-        out_dir=results_dir(a.out, a.quick),
-    )
+    return publish("memory", mach, {"model": a.model, "optim": a.optim, "results": results}, a.out)
 
 
 if __name__ == "__main__":

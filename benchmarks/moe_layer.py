@@ -37,12 +37,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    add_output_args,
+    gpu_missing,
     machine,
     machine_line,
     median,
+    parse_args,
     print_table,
     publish,
-    results_dir,
 )
 
 from moe_train import MoELayer  # noqa: E402
@@ -277,7 +279,6 @@ def contenders(case: dict, a: argparse.Namespace, dev: torch.device, peers: dict
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small shapes, few repeats (CI)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--preset", nargs="+", choices=sorted(PRESETS), help="GPU shapes (issue #14)")
     p.add_argument("--tokens", type=int, default=None, help="default 8192 (presets: 16384)")
@@ -301,14 +302,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--clock", default="cpu", choices=["cpu", "wall"], help="CPU device only")
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="folder for moe_layer.json (default benchmarks/results/; with --quick results/quick/)",
-    )
-    a = p.parse_args(argv)
-    a.out = results_dir(a.out, a.quick)
+    add_output_args(p, "small shapes, few repeats (CI)")
+    a = parse_args(p, argv)
     if a.quick:
         a.tokens, a.d_model, a.experts, a.repeats, a.warmup = 512, [64], 8, 2, 1
         a.preset = None if a.device == "cpu" else ["fine"]
@@ -321,8 +316,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     a = parse(argv)
     dev = torch.device(a.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        print("skipped: --device cuda but no GPU is visible")
+    if gpu_missing(dev.type):
         return {}
     torch.set_num_threads(a.threads)
     peers: dict[str, str | None] = {}
@@ -341,14 +335,11 @@ def main(argv: list[str] | None = None) -> dict:
             deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     from moe_train import ops
 
-    mach = machine()
+    mach = machine(dev.type)
     mach["moe_train_fused_ops"] = ops.extension_available()
-    if dev.type == "cuda":
-        mach["gpu"] = torch.cuda.get_device_name(dev)
-        mach["capability"] = ".".join(map(str, torch.cuda.get_device_capability(dev)))
     clock = Clock(a.clock if dev.type == "cpu" else "cuda", dev)
     dtype = "bf16 autocast" if dev.type == "cuda" else "fp32"
-    print(machine_line(mach) + (f", {mach['gpu']}" if dev.type == "cuda" else ""))
+    print(machine_line(mach))
     print(f"{dtype}, clock: {clock.kind}, fused ops: {mach['moe_train_fused_ops']}")
     results, rows = [], []
     for case in cases(a):

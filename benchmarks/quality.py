@@ -30,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, machine_line, results_dir, table, write_json  # noqa: E402
+from _common import add_output_args, machine, machine_line, parse_args, publish, table  # noqa: E402
 
 from moe_train.config import OptimConfig, TrainConfig, TrainerConfig  # noqa: E402
 from moe_train.model import ModelConfig, MoETransformer  # noqa: E402
@@ -199,18 +199,12 @@ def plot(results: dict, path: Path, title: str) -> bool:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny model, few steps, one seed (CI)")
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--only", nargs="+", choices=list(CONTENDERS), help="subset of contenders")
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default results/quality.png)")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="folder for quality.json (default benchmarks/results/; with --quick results/quick/)",
-    )
+    add_output_args(p, "tiny model, few steps, one seed (CI)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
     p.add_argument(
         "--threads",
@@ -230,8 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="with --resume: no new runs, summarise what the log holds",
     )
     p.add_argument("--verbose", action="store_true", help="show the training app's output")
-    a = p.parse_args(argv)
-    a.out = results_dir(a.out, a.quick)
+    a = parse_args(p, argv)
 
     if a.quick:
         base = ModelConfig(
@@ -389,10 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"mean of {len(seeds)} seeds, band = min..max"
     )
     plotted = plot(results, plot_path, title)
-    payload = {
-        "benchmark": "quality",
-        "machine": mach,
-        "command": " ".join(["python", *sys.argv]),
+    fields = {
         "model": base.__dict__,
         "steps": steps,
         "jobs": a.jobs,
@@ -403,9 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": results,
         "plot": str(plot_path) if plotted else None,
     }
-    path = write_json("quality", payload, a.out)
-    print(f"\nwrote {path}" + (f" and {plot_path}" if plotted else ""))
-    return payload
+    return publish("quality", mach, fields, a.out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, machine_line, print_table, publish, results_dir  # noqa: E402
+from _common import add_output_args, machine, machine_line, parse_args, print_table, publish  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,7 +138,6 @@ def run_size(n: int, a: argparse.Namespace, tmp: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny model, 1-2 processes, few steps")
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--per-rank", type=int, default=8, help="sequences per rank per step")
@@ -153,16 +152,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         "processes are a clean weak-scaling pair; 2+ threads per rank thrash when the "
         "machine is busy)",
     )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="folder for scaling.json (default benchmarks/results/; with --quick results/quick/)",
-    )
+    add_output_args(p, "tiny model, 1-2 processes, few steps")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", default="", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    a.out = results_dir(a.out, a.quick)
+    a = parse_args(p, argv)
     if a.worker:
         worker(a)
         return None

@@ -32,7 +32,8 @@ class TrainModelConfig(ModelConfig):
     """ModelConfig as the trainer reads it: vocab_size null = the data's vocabulary, rounded up
     to a multiple of 64 (filled in at start; the run's config.yaml holds the number)."""
 
-    vocab_size: int | None = None  # null = the data's vocabulary rounded up to a multiple of 64
+    # (the type checker's ignore: this widens ModelConfig's int; start-up fills the number in)
+    vocab_size: int | None = None  # type: ignore[assignment]  # null = the data's vocabulary rounded up to a multiple of 64
 
     def validate(self) -> None:
         at_least(self, "model", 1, "vocab_size", optional=True)

@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 _FIELD = re.compile(r"^(\s+)(\w+)\s*:\s*[^=#]+?(?:=.*?)?(?:#\s*(?P<comment>.*))?$")
+_TYPE_IGNORE = re.compile(r"^type:\s*ignore(\[[^\]]*\])?\s*#?\s*")  # before the description
 _DOC_ENTRY = re.compile(r"^\s*(\w+):\s+(.*)$")
 PLANNER_ONLY_GROUPS = ("cluster",)  # config groups of moe-train-plan, not of the training app
 GROUP_FIELDS = ("model", "router", "parallel", "optim", "data", "trainer")
@@ -38,7 +39,8 @@ def _class_docs(cls: type) -> dict[str, str]:
             continue
         m = _FIELD.match(line)
         if m and m.group(2) in own and m.group(2) not in docs and not stripped.startswith("def "):
-            text = (m.group("comment") or "").strip() or " ".join(above)
+            comment = _TYPE_IGNORE.sub("", m.group("comment") or "")
+            text = comment.strip() or " ".join(above)
             if text:
                 docs[m.group(2)] = text
         above = []
@@ -97,7 +99,8 @@ def compact_config(cfg: Any) -> str:
     plain = OmegaConf.to_container(OmegaConf.structured(cfg))
     assert isinstance(plain, dict)
     lines, rest = ["config:"], []
-    for group, values in plain.items():
+    for key, values in plain.items():
+        group = str(key)
         if isinstance(values, dict):
             pairs = " ".join(f"{k}={_show(v)}" for k, v in dotted(values).items())
             lines.append(f"  {group:<9}" + pairs)
@@ -111,7 +114,8 @@ def compact_config(cfg: Any) -> str:
 def _group_options(config_dir: Path) -> dict[str, tuple[list[str], str | None]]:
     """group -> (options, default option) of the training app (planner-only groups left out)."""
     defaults: dict[str, str] = {}
-    for entry in OmegaConf.load(config_dir / "train.yaml").get("defaults", []):
+    train = OmegaConf.load(config_dir / "train.yaml")
+    for entry in train.get("defaults", []) if isinstance(train, DictConfig) else []:
         if isinstance(entry, dict) or OmegaConf.is_dict(entry):
             for k, v in dict(entry).items():
                 defaults[str(k)] = str(v)

@@ -6,10 +6,10 @@ one expert's slice) is drawn at a time on the CPU from its own generator and thi
 it is copied in. So the model is the same on 1 process and on any ep x dp x fsdp layout, and no
 rank ever holds more than one parameter (one expert) in full.
 
-build on meta -> parallelize -> `materialize(model, device, seed)`:
+build on meta -> parallelize, which calls `materialize(model, device, seed)` at the right point
+(before replicating when replicated; after sharding with FSDP: only the local shards):
     with torch.device("meta"): model = MoETransformer(cfg, router, seed=seed, shard=shard)
-    model = parallelize(model, dims, groups, cfg)          # FSDP shards on meta
-    materialize(model, device, seed)                        # allocate + init local shards only
+    sync = parallelize(model, dims, groups, cfg, materialize=lambda m: materialize(m, device, seed))
 
 Rules (the model's, kept from before the meta path): LayerNorm weight 1, bias 0; the routers'
 gates by their router's rule (truncated normal, std sqrt(init_scale / d_model), bias 0); other
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +30,11 @@ from .experts import ExpertBank
 from .ops.hashing import mix_seed
 from .parallel.placement import is_expert_param, keeping_expert_marks
 from .routing.base import Router
+
+if TYPE_CHECKING:
+    from .model import ModelConfig
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def _generator(*parts: int) -> torch.Generator:
@@ -66,7 +72,7 @@ def dense_value(model: nn.Module, fqn: str, shape: torch.Size, seed: int) -> Ten
         return nn.init.trunc_normal_(
             torch.empty(shape), std=std, a=-2 * std, b=2 * std, generator=g
         )
-    cfg = model.cfg
+    cfg = cast("ModelConfig", model.cfg)
     std = cfg.init_std
     if fqn.endswith(("proj.weight", "w_out.weight")):
         std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
@@ -84,12 +90,14 @@ def expert_value(bank: ExpertBank, pname: str, expert: int, seed: int, fqn: str)
 def _local_slice(full: Tensor, param: Tensor) -> Tensor:
     """This rank's part of `full` for `param` (a DTensor on a 1-D mesh, Shard(d) or Replicate,
     torch.chunk semantics as FSDP2 uses; a plain tensor takes all of it)."""
-    if not hasattr(param, "to_local"):
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(param, DTensor):
         return full
     out = full
     mesh, placements = param.device_mesh, param.placements
     for dim, placement in enumerate(placements):
-        if placement.is_shard():
+        if isinstance(placement, Shard):
             chunks = out.chunk(mesh.size(dim), placement.dim)
             coord = mesh.get_local_rank(dim)
             if coord < len(chunks):
@@ -108,6 +116,7 @@ def init_parameters(model: nn.Module, seed: int) -> None:
         target = p.to_local() if hasattr(p, "to_local") else p
         if is_expert_param(p):
             bank, pname = _owner(model, fqn)
+            assert isinstance(bank, ExpertBank), fqn  # is_expert_param: an ExpertBank's own
             for i in range(p.shape[0]):
                 full = expert_value(bank, pname, bank.first_expert + i, seed, fqn)
                 target[i].copy_(_local_slice(full.unsqueeze(0), p)[0])
@@ -115,7 +124,7 @@ def init_parameters(model: nn.Module, seed: int) -> None:
             target.copy_(_local_slice(dense_value(model, fqn, p.shape, seed), p))
 
 
-def materialize(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
+def materialize(model: M, device: torch.device, seed: int) -> M:
     """Allocate a model built on `meta` (sharded or not) on `device` and initialise it. Tied
     parameters stay tied (`to_empty` alone would give each module its own new tensor)."""
     users: dict[int, list[tuple[nn.Module, str]]] = {}  # id(param) -> the modules that hold it

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import CONFIG_DIR, TrainConfig, register_configs
 from .config_help import PLANNER_OVERRIDE_ERROR, compact_config, planner_override, render_help
-from .data.tokenizers import copy_tokenizer_files
+from .data import TrainingData
 from .engines import Engine
 from .metrics import last_logged
 from .parallel import ParallelState, init_parallel
@@ -58,33 +58,35 @@ def _train(cfg: TrainConfig, parallel: ParallelState, run_folder: RunFolder) -> 
     trainer, run_dir = cfg.trainer, Path(cfg.trainer.run_dir)
     if trainer.threads:
         torch.set_num_threads(trainer.threads)
-    micro, accum = trainer.batch_split(parallel.data_world)
-    data_dir, train_tokens, val_tokens = open_training_data(cfg)
+    dims = parallel.dims  # every rank reads its own slice of the global batch (world-way split)
+    micro, accum = trainer.batch_split(dims.world_size)
+    data = open_training_data(cfg)
     engine = build_engine(cfg, parallel, micro, accum)
     plan = BatchPlan(
         cfg.seed, trainer.global_batch_size, cfg.model.seq_len, micro, accum,
-        parallel.data_rank, parallel.data_world, parallel.device,
+        dims.rank, dims.world_size, parallel.device,
     )  # fmt: skip
 
     train_state = TrainState()
     ckpt_cadence = Every(trainer.ckpt_every, trainer.max_steps)
     checkpointer = Checkpointer(run_dir, ckpt_cadence, keep=trainer.keep_checkpoints)
-    if not (trainer.resume and checkpointer.restore(train_state, engine)) and parallel.is_main:
-        run_folder.start_fresh(trainer.resume)  # an earlier run's files go aside, said so
+    if not (trainer.resume and checkpointer.restore(train_state, engine)):
+        run_folder.start_fresh(trainer.resume)  # rank 0: an earlier run's files go aside, said so
     if train_state.step >= trainer.max_steps:
         return _nothing_to_do(train_state, parallel, run_dir, trainer.max_steps)
-    if parallel.is_main:
-        _announce(cfg, parallel, engine, plan, data_dir, train_tokens.tokenizer, train_state.step)
+    run_folder.record(cfg, data.first.tokenizer_folder, data.first.tokenizer)  # rank 0
+    if dims.is_main:
+        _announce(cfg, parallel, engine, plan, data, train_state.step)
     logger = TrainLogger(cfg, parallel, start=train_state.step)
     evaluator = Evaluator(
-        val_tokens, plan, Every(trainer.eval_every, trainer.max_steps, bool(trainer.eval_batches)),
+        data, plan, Every(trainer.eval_every, trainer.max_steps, bool(trainer.eval_batches)),
         max_batches=trainer.eval_batches, mean_over_ranks=parallel.all_reduce_mean,
         writer=logger.writer, report=logger.report_val,
     )  # fmt: skip
 
     for step in range(train_state.step, trainer.max_steps):
         lr = lr_at(step, cfg.optim, trainer.max_steps)
-        out = train_step(engine, train_tokens, plan, step, lr, rank=parallel.rank)
+        out = train_step(engine, data, plan, step, lr, rank=dims.rank)
         train_state.finish_step(out.applied)
         logger.after_step(train_state, out, engine)
         check_skipped_steps(train_state, trainer.max_skipped_steps, lr)
@@ -94,7 +96,7 @@ def _train(cfg: TrainConfig, parallel: ParallelState, run_folder: RunFolder) -> 
     logger.close()
     seconds = logger.elapsed()
 
-    if parallel.is_main:
+    if dims.is_main:
         print(
             f"done: {train_state.step} steps in {_duration(seconds)}, train loss "
             f"{train_state.last_loss:.4f}, best val loss {train_state.best_val:.4f}, "
@@ -113,9 +115,10 @@ def _nothing_to_do(
     train_state: TrainState, parallel: ParallelState, run_dir: Path, max_steps: int
 ) -> dict:
     """A finished run started again: say what was done, train nothing."""
-    last = last_logged(run_dir, train_state.step) if parallel.is_main else {}
+    is_main = parallel.dims.is_main
+    last = last_logged(run_dir, train_state.step) if is_main else {}
     train_state.last_loss = float(last.get("loss", float("nan")))
-    if parallel.is_main:
+    if is_main:
         losses = ", ".join(f"{k.replace('_', ' ')} {float(v):.4f}" for k, v in last.items())
         print(
             f"already at step {train_state.step} (trainer.max_steps={max_steps}); nothing to do"
@@ -131,24 +134,19 @@ def _announce(
     parallel: ParallelState,
     engine: Engine,
     plan: BatchPlan,
-    data_dir: Path,
-    tokenizer: str,
+    data: TrainingData,
     start: int,
 ) -> None:
-    """Rank 0: save the composed config (and the data's tokenizer file) into the run folder and
-    print what is about to run."""
-    run_dir = Path(cfg.trainer.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
-    copy_tokenizer_files(data_dir, tokenizer, run_dir)
+    """Rank 0: print what is about to run (the composed config too with trainer.print_config)."""
     if cfg.trainer.print_config:
         print(compact_config(cfg))
-    params = engine.module.num_params()
+    params, dims = engine.module.num_params(), parallel.dims
     print(
         f"moe-train: {cfg.router.kind} router, {params['total'] / 1e6:.2f}M params on this rank "
-        f"({params['expert'] / 1e6:.2f}M expert), world {parallel.world_size} (ep {parallel.ep} x "
-        f"dp {parallel.dp}), {plan.micro}x{plan.grad_accum} sequences per rank per step, device "
-        f"{parallel.device}, data {data_dir}" + (f", resumed at step {start}" if start else "")
+        f"({params['expert'] / 1e6:.2f}M expert), world {dims.world_size} (ep {dims.ep} x "
+        f"dp {dims.dp}), {plan.micro}x{plan.grad_accum} sequences per rank per step, device "
+        f"{parallel.device}, {data.describe(plan.global_batch, plan.seq_len)}"
+        + (f", resumed at step {start}" if start else "")
     )
 
 

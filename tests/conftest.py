@@ -1,5 +1,7 @@
-"""Shared pytest setup: every test starts from the same global RNG state; the session's cache of
-1-process loss curves (the reference of every multi-rank CLI parity test, in whichever folder)."""
+"""Shared pytest setup: every test starts from the same global RNG state and has its tier checked
+(tests/helpers/tiers.py: a Python subprocess needs `slow`, ranks need `distributed`); the
+session's cache of 1-process loss curves (the reference of every multi-rank CLI parity test, in
+whichever folder)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,13 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed_torch():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _check_tier(request, monkeypatch):
+    from tests.helpers.tiers import guard
+
+    guard(request.node, monkeypatch)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """The package's import graph, read from the source with `ast`: no cycle between modules, and the
-arrows of the house plan (DESIGN.md: train -> training/engines -> model -> layer -> {routing,
-dispatch, experts} -> ops) point down.
+arrows of the house plan (CONTRIBUTING.md: train -> training/engines -> model -> layer ->
+{routing, dispatch, experts} -> ops) point down.
 
 Every import counts, inside functions too (a lazy import is still a dependency; `import moe_train`
 must be able to run any of them), except those under `if TYPE_CHECKING:` (annotations only).
@@ -59,7 +59,7 @@ def _imported(name: str, path: Path, node: ast.AST, modules: dict[str, Path]) ->
     if isinstance(node, ast.Call):  # importlib.import_module("literal")
         arg = node.args[0] if node.args else None
         ok = isinstance(arg, ast.Constant) and isinstance(arg.value, str)
-        return [arg.value] if ok and arg.value.split(".")[0] == top else []  # type: ignore[union-attr]
+        return [arg.value] if ok and arg.value.split(".")[0] == top else []
     assert isinstance(node, ast.ImportFrom)
     if node.level:
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -209,7 +209,7 @@ def test_no_import_cycle():
     assert not cycles, "\n".join(map(_describe, cycles))
 
 
-# DESIGN.md's arrows, for the areas where they are cheap to check: what an area may import from
+# The house plan's arrows, for the areas where they are cheap to check: what an area may import from
 # the rest of moe_train (ONLY), or may never import (NEVER). An area is a top-level module or
 # package of moe_train.
 ONLY = {

@@ -43,9 +43,9 @@ def _entry(path: Path) -> dict[str, Any]:
 
 
 def _share(names: list[str], state: ParallelState | None) -> list[str]:
-    if state is None or not state.distributed:
+    if state is None or not state.dims.distributed:
         return names
-    return names[state.rank :: state.world_size]
+    return names[state.dims.rank :: state.dims.world_size]
 
 
 def _files(folder: Path) -> list[str]:
@@ -68,7 +68,7 @@ def write_checksums(folder: Path, state: ParallelState | None = None) -> None:
     names = from_main(state, lambda: _files(folder))
     mine = _share(names, state)
     parts = gather_all(state, dict(zip(mine, _map(lambda n: _entry(folder / n), mine))))
-    if state is not None and not state.is_main:
+    if state is not None and not state.dims.is_main:
         return
     files = {name: entry for part in parts for name, entry in part.items()}
     text = json.dumps({"algorithm": ALGORITHM, "files": dict(sorted(files.items()))}, indent=1)

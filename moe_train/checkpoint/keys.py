@@ -11,6 +11,7 @@ taken in any layout (ep, dp, parallel.fsdp on or off) loads in any other.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -35,7 +36,9 @@ def _expert_info(model: nn.Module) -> dict[str, tuple[int, int, int]]:
     return info
 
 
-def param_table(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, tuple[int, int, int]]]:
+def param_table(
+    model: nn.Module,
+) -> tuple[dict[str, nn.Parameter], dict[str, tuple[int, int, int]]]:
     params = dict(model.named_parameters(remove_duplicate=True))
     info = _expert_info(model)
     for fqn, p in params.items():
@@ -66,7 +69,7 @@ def shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
     return out
 
 
-def optim_slots(optimizer: torch.optim.Optimizer, params: dict[str, Tensor]):
+def optim_slots(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor]):
     """(fqn, param, group index) for every parameter the optimizer holds, in its order."""
     names = {id(p): n for n, p in params.items()}
     out = []
@@ -82,15 +85,15 @@ def _expert_slice(t: Tensor, i: int) -> Tensor:
     """Local expert i of a stacked tensor [E_local, ...] as a view: a plain slice, or for a
     DTensor (FSDP shards experts along dim 1) a DTensor over the same mesh whose shard dims are
     one lower, so the slice of every global expert is itself a sharded tensor that DCP reshards."""
-    if not hasattr(t, "to_local"):
-        return t.detach()[i]
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Placement, Shard
 
-    placements = []
+    if not isinstance(t, DTensor):
+        return t.detach()[i]
+    placements: list[Placement] = []
     for pl in t.placements:
-        if pl.is_shard() and pl.dim == 0:
+        if isinstance(pl, Shard) and pl.dim == 0:
             raise CheckpointError("an expert tensor sharded along its expert dim (0)")
-        placements.append(Shard(pl.dim - 1) if pl.is_shard() else pl)
+        placements.append(Shard(pl.dim - 1) if isinstance(pl, Shard) else pl)
     shape = t.shape[1:]
     stride = torch.empty(shape, device="meta").stride()
     local = t.to_local().detach()[i]
@@ -106,7 +109,7 @@ def _is_per_expert(v: Tensor, p: Tensor) -> bool:
 
 
 def _model_tensors(
-    model: nn.Module, params: dict[str, Tensor], info: dict[str, tuple[int, int, int]]
+    model: nn.Module, params: Mapping[str, Tensor], info: dict[str, tuple[int, int, int]]
 ) -> dict[str, Tensor]:
     """Checkpoint key -> live tensor (or a view of it) for every parameter and buffer; stacked
     expert weights as one view per GLOBAL expert id. Nothing is copied."""
@@ -125,7 +128,7 @@ def _model_tensors(
 
 def _optim_tensors(
     optimizer: torch.optim.Optimizer,
-    params: dict[str, Tensor],
+    params: Mapping[str, Tensor],
     info: dict[str, tuple[int, int, int]],
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(checkpoint key -> live optimizer state tensor or view, the optimizer's meta: parameter

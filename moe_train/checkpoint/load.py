@@ -12,7 +12,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..parallel import ParallelState, unwrap_model
+from ..parallel import ParallelState
 from ..parallel.objects import barrier, from_main, is_distributed
 from .checksums import verify_checksums
 from .errors import CheckpointError, CorruptCheckpointError, describe, one_line, short_cause
@@ -30,7 +30,7 @@ def load_latest_checkpoint(
     none does. A damaged one is reported (a RuntimeWarning naming the file), moved aside as
     `.corrupt_step_*` and the next older one tried. Every rank calls this and all load the same."""
     run_dir = Path(run_dir)
-    main = state is None or state.is_main
+    main = state is None or state.dims.is_main
     for path in from_main(state, lambda: checkpoint_candidates(run_dir)):
         try:
             return path, load_checkpoint(path, model, optimizer, state)
@@ -114,22 +114,23 @@ def _check_fit(path: Path, saved: dict[str, dict], model: nn.Module) -> None:
             f"checkpoint {path} does not match the model: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]} (different model.n_layers / moe_every / router?)"
         )
-    # Expert counts before shapes: a different model.num_experts changes the router's gate shape
-    # too, and the count is the message that says what to fix.
+    counts, sizes = [], []  # the first mismatch of each kind, in the model's order
     for fqn, want in now.items():
         got = saved[fqn]
         if want.get("expert") and got.get("num_experts") != want["num_experts"]:
-            raise CheckpointError(
+            counts.append(
                 f"checkpoint {path}: {fqn} has {got.get('num_experts')} experts, the model has "
                 f"{want['num_experts']} (model.num_experts must match; parallel.ep may differ)"
             )
-    for fqn, want in now.items():
-        got = saved[fqn]
         if want["shape"] != got["shape"] or want["expert"] != got["expert"]:
-            raise CheckpointError(
+            sizes.append(
                 f"checkpoint {path}: {fqn} has shape {got['shape']}, the model expects "
                 f"{want['shape']} (model config differs from the checkpoint's)"
             )
+    # An expert count wins over a shape: a different model.num_experts changes the router's gate
+    # shape too, and the count is the message that says what to fix.
+    if counts or sizes:
+        raise CheckpointError((counts or sizes)[0])
 
 
 def load_checkpoint(
@@ -140,8 +141,8 @@ def load_checkpoint(
     *,
     verify: bool = True,
 ) -> dict:
-    """Load into `model` (and `optimizer`) in place, at any parallel.ep, FSDP or not; returns the
-    saved extra. DCP reads straight into the live tensors (DTensor shards, per-expert views): no
+    """Load into `model` (the bare model: a GradSync's `.module`) and `optimizer` in place, at any
+    parallel.ep, FSDP or not; returns the saved extra. DCP reads straight into the live tensors (DTensor shards, per-expert views): no
     second copy of the model or its optimizer state is allocated.
 
     Every rank calls this. Raises CheckpointError naming the path when the checkpoint is missing
@@ -149,7 +150,6 @@ def load_checkpoint(
     it is incomplete or damaged (checked first: verify_checkpoint; verify=False skips the
     checksums), so a damaged file is found before anything is read into the live tensors.
     """
-    model = unwrap_model(model)  # keys are the bare model's names
     path = Path(path)
     meta = verify_checkpoint(path, state) if verify else _read_meta(path)
     _check_fit(path, meta["params"], model)

@@ -20,7 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..parallel import CollectiveError, ParallelState, unwrap_model
+from ..parallel import CollectiveError, ParallelState
 from ..parallel.objects import barrier, is_distributed
 from .checksums import write_checksums
 from .errors import CheckpointError, describe, short_cause
@@ -63,13 +63,14 @@ def save_checkpoint(
     keep: int = 2,
 ) -> Path:
     """Save model + optimizer (+ `extra`, picklable, from rank 0) as run_dir/step_{step:08d}.
+    `model` is the bare model (a GradSync's `.module`, not its DDP wrapper): keys are its names.
 
     Every rank calls this. Returns the checkpoint directory. A failed write (a full disk, ...)
     raises CheckpointError naming the folder; the partial save is removed, `latest` untouched.
     """
     run_dir = Path(run_dir)
     tmp = run_dir / f".tmp_step_{step:08d}"
-    with _save_errors(run_dir, tmp, step, main=state is None or state.is_main):
+    with _save_errors(run_dir, tmp, step, main=state is None or state.dims.is_main):
         save = _Save(run_dir, step, model, optimizer, extra, state, keep)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -107,7 +108,7 @@ def save_checkpoint_async(
     its staging deep-copies each DTensor with the whole storage under it, and fails on FSDP's
     sharded parameters. Call `.wait()` before the next save and before exiting."""
     run_dir = Path(run_dir)
-    with _save_errors(run_dir, run_dir / f".tmp_step_{step:08d}", step, main=state.is_main):
+    with _save_errors(run_dir, run_dir / f".tmp_step_{step:08d}", step, main=state.dims.is_main):
         save = _Save(run_dir, step, model, optimizer, extra, state, keep)
         staged = {key: _staged(t) for key, t in save.sd.items()}
     writer = dcp.FileSystemWriter(str(save.tmp))
@@ -118,9 +119,10 @@ def save_checkpoint_async(
 
 def _staged(t: Tensor) -> Tensor:
     """A compact CPU copy of `t` (a DTensor keeps its mesh, placements and global shape)."""
-    if not hasattr(t, "to_local"):
-        return t.detach().to("cpu", copy=True)
     from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return t.detach().to("cpu", copy=True)
 
     local = t.to_local().detach().to("cpu", copy=True)
     return DTensor.from_local(
@@ -149,8 +151,8 @@ class _Save:
             state,
             keep,
         )
-        self.model = unwrap_model(model)  # keys are the bare model's names
-        self.main = state is None or state.is_main
+        self.model = model  # the bare model: keys are its parameter names
+        self.main = state is None or state.dims.is_main
         self.dist = is_distributed(state)
         self.final = self.run_dir / f"step_{step:08d}"
         self.tmp = self.run_dir / f".tmp_step_{step:08d}"
@@ -173,8 +175,8 @@ class _Save:
                 "extra": self.extra,
                 "params": shapes(self.model),
                 "optim": self.optim_meta,
-                "world_size": state.world_size if state else 1,
-                "ep": state.ep if state else 1,
+                "world_size": state.dims.world_size if state else 1,
+                "ep": state.dims.ep if state else 1,
             }
             _write_meta(self.tmp, meta)
         barrier(state)
@@ -189,7 +191,7 @@ def _finish_save(
     """Once every rank's files in `tmp` are complete: checksums (collective), then on rank 0
     publish `tmp` as `final`, point `latest` at it and prune."""
     write_checksums(tmp, state)
-    if state is not None and not state.is_main:
+    if state is not None and not state.dims.is_main:
         return
     old = None
     if final.exists():  # re-saving a step (e.g. after a resume): move the old copy aside

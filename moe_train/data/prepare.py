@@ -1,45 +1,68 @@
-"""`moe-train-prepare`: text files -> `train.bin`/`val.bin` token files (+ `tokenizer.json`).
+"""`moe-train-prepare`: corpora -> a sharded token folder (manifest.json + train-K/val-K shards).
 
-Tokenizers: `bytes` (built in, vocab 256), `bpe` (a byte-level BPE trained here on the train split
-with the Hugging Face `tokenizers` library, offline) or the path of an existing `tokenizer.json`.
+    moe-train-prepare 'fineweb/*.parquet' --out data/web --tokenizer path/to/tokenizer.json --workers 8
+    moe-train-prepare dolma/ --out data/dolma --text-field text --skip-bad
+    moe-train-prepare book.txt --out data/book
 
-Each input file is one document. Files are streamed in chunks (memory stays flat for any corpus
-size). The train/val split is by document and decided by a hash of the document's path relative
-to its input (the folder, the glob's fixed prefix, or the file's own folder), so it does not depend
-on where the corpus lives, and adding files never moves existing ones between splits.
+Inputs (moe_train/data/readers.py): plain text files, JSON Lines (`.jsonl`, `.ndjson`, `.json`,
+also `.gz`/`.zst`), JSON arrays, Parquet (by row groups), Arrow files and `datasets`
+`save_to_disk` folders, CSV/TSV (through `datasets.load_dataset`); a file, a folder or a glob,
+kinds mixed. Tokenizers: `bytes` (built in, vocab 256), `bpe` (a byte-level BPE trained here on
+the train split, offline) or the path of an existing `tokenizer.json`.
+
+The output (moe_train/data/shards.py) is the same bytes for any `--workers`; a rerun after a crash
+keeps the finished shards and builds the rest (moe_train/data/pipeline.py). A record's split is
+decided by a hash of its identity (file + record index; a plain file: its path relative to its
+input), so it does not depend on where the corpus lives, and adding files never moves existing
+records between splits.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
+import json
 import os
 import sys
 import textwrap
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import ExitStack
-from dataclasses import dataclass, field
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from .tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, train_bpe
-from .tokens import DataError, TokenWriter
+from . import readers
+from .flat import DEFAULT_BPE_VOCAB, Document, make_tokenizer, prepare_documents  # noqa: F401
+from .pipeline import (
+    DEFAULT_SHARD_MB,
+    WORK_DIR,
+    Plan,
+    Settings,
+    Unit,
+    WorkerContext,
+    doc_hash,
+    execute,
+    plan,
+    plan_units,
+    record_identity,
+    split_documents,
+    write_manifest,
+)
+from .readers import ReadStats, TextField
+from .shards import MANIFEST, write_json_atomic
+from .tokenizers import TOKENIZER_FILE, ByteTokenizer, HFTokenizer, Tokenizer
+from .tokens import DataError
 
 DEFAULT_VAL_FRACTION = 0.05
 CHUNK_BYTES = 16 << 20
-_BINARY_SNIFF = 8192  # a NUL byte in a file's first 8 KiB marks it as binary: skipped
-_GLOB_MAGIC = set("*?[")
-_ENCODE_PIECE = 1 << 20  # characters per piece handed to a BPE tokenizer's parallel encode
-DEFAULT_BPE_VOCAB = 4096
+BPE_RECORD = "bpe.json"  # in the work folder: which corpus the saved BPE was trained on
+_FLAT_FILES = ("train.bin", "val.bin", "train.json", "val.json")
 
-
-@dataclass(frozen=True)
-class Document:
-    key: str  # path relative to its input, '/'-separated: what the split hashes
-    path: Path
+__all__ = [
+    "PrepareResult", "build_parser", "doc_hash", "main", "make_tokenizer", "prepare_corpus",
+    "prepare_documents", "split_documents",
+]  # fmt: skip
 
 
 @dataclass
@@ -50,198 +73,103 @@ class PrepareResult:
     train_tokens: int = 0
     val_tokens: int = 0
     skipped: list[Path] = field(default_factory=list)  # binary files
-    tokenizer: str = "bytes"  # what the sidecars name: bytes or tokenizer.json
+    tokenizer: str = "bytes"  # what the manifest names: bytes or tokenizer.json
     vocab_size: int = 256
+    shards: int = 0
+    resumed: int = 0  # shards an earlier, interrupted run had finished
+    stats: ReadStats = field(default_factory=ReadStats)
 
 
-def _is_hidden(rel: Path) -> bool:
-    return any(p.startswith(".") for p in rel.parts)
-
-
-def _walk(root: Path, base: Path) -> Iterator[Document]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                p = Path(dirpath) / name
-                yield Document(p.relative_to(base).as_posix(), p)
-
-
-def _glob_base(pattern: str) -> Path:
-    """The folder part of a glob before its first wildcard: `data/**/*.txt` -> `data`."""
-    parts = Path(pattern).parts
-    fixed = []
-    for part in parts[:-1]:
-        if _GLOB_MAGIC & set(part):
-            break
-        fixed.append(part)
-    return Path(*fixed) if fixed else Path(".")
-
-
-def collect_documents(
-    inputs: Sequence[str], extensions: Sequence[str] | None = None
-) -> list[Document]:
-    """Expand files, folders (recursive, hidden entries skipped) and globs into documents sorted
-    by key. `extensions` (e.g. ['.txt', '.py']) keeps only files with those suffixes."""
-    docs: dict[Path, Document] = {}
-    for item in inputs:
-        path = Path(item)
-        if path.is_file():
-            found: Iterator[Document] = iter([Document(path.name, path)])
-        elif path.is_dir():
-            found = _walk(path, path)
-        elif _GLOB_MAGIC & set(item):
-            base = _glob_base(item)
-            matches = sorted(glob.glob(item, recursive=True))
-            if not matches:
-                raise DataError(f"input glob {item!r} matches no files; check the pattern")
-            found = iter(
-                d
-                for m in matches
-                for d in (
-                    [Document(Path(m).relative_to(base).as_posix(), Path(m))]
-                    if Path(m).is_file()
-                    else _walk(Path(m), base)
-                )
-                if not _is_hidden(Path(d.key))
-            )
-        else:
-            raise DataError(f"input {item!r} does not exist (expected a file, a folder or a glob)")
-        for d in found:
-            if extensions and d.path.suffix not in extensions:
-                continue
-            docs.setdefault(d.path.resolve(), d)
-    return sorted(docs.values(), key=lambda d: (d.key, str(d.path)))
-
-
-def doc_hash(key: str) -> float:
-    """Stable uniform number in [0, 1) for a document key."""
-    digest = hashlib.sha256(key.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-def split_documents(keys: Sequence[str], val_fraction: float) -> list[bool]:
-    """is_val per document: hash(key) < val_fraction. With >= 2 documents both splits are
-    non-empty (the lowest-hash document goes to val, the highest to train, if needed)."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    h = [doc_hash(k) for k in keys]
-    is_val = [x < val_fraction for x in h]
-    if len(keys) >= 2:
-        if not any(is_val):
-            is_val[int(np.argmin(h))] = True
-        if all(is_val):
-            is_val[int(np.argmax(h))] = False
-    return is_val
-
-
-def _read_chunks(path: Path, chunk_bytes: int) -> Iterator[bytes]:
-    """The file in chunks of about chunk_bytes, each cut after its last newline when it has one
-    (so a tokenizer never sees a word or a UTF-8 character split between chunks)."""
-    rest = b""
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            block = rest + block
-            cut = block.rfind(b"\n") + 1
-            rest, block = (block[cut:], block[:cut]) if cut else (b"", block)
-            if block:
-                yield block
-    if rest:
-        yield rest
-
-
-def _looks_binary(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return b"\0" in f.read(_BINARY_SNIFF)
-
-
-def _to_tokens(chunk: bytes) -> np.ndarray:
-    """bytes -> [n] uint16 ids, NUL bytes dropped (0 is the end-of-document token)."""
-    arr = np.frombuffer(chunk, dtype=np.uint8)
-    if not arr.all():
-        arr = arr[arr != 0]
-    return arr.astype(np.uint16)
-
-
-def _char_boundary(chunk: bytes, i: int) -> int:
-    """The first index >= i that does not cut a UTF-8 character."""
-    while i < len(chunk) and chunk[i] & 0xC0 == 0x80:
-        i += 1
-    return i
-
-
-def _encoder(tok: Tokenizer) -> Callable[[bytes], np.ndarray]:
-    """chunk of UTF-8 bytes -> [n] ids, NUL bytes dropped (they never reach the tokenizer)."""
+def tokenizer_sha256(tok: Tokenizer) -> str | None:
+    """A hash of the tokenizer's canonical JSON (None for bytes): equal for equal tokenizers
+    however their files are formatted."""
     if isinstance(tok, ByteTokenizer):
-        return _to_tokens
-
-    def encode(chunk: bytes) -> np.ndarray:
-        text = chunk.replace(b"\0", b"").decode("utf-8", errors="replace")
-        pieces = _pieces(text, _ENCODE_PIECE)
-        ids = tok.encode_batch(pieces) if pieces else []  # type: ignore[attr-defined]
-        return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
-
-    return encode
+        return None
+    canonical = json.dumps(json.loads(tok.tok.to_str()), sort_keys=True)  # type: ignore[attr-defined]
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _pieces(text: str, size: int) -> list[str]:
-    """text in pieces of about `size` characters, cut after newlines (encoded in parallel)."""
-    out, start = [], 0
-    while start < len(text):
-        end = text.rfind("\n", start, start + size) + 1 if start + size < len(text) else 0
-        end = end if end > start else min(len(text), start + size)
-        out.append(text[start:end])
-        start = end
-    return out
-
-
-def _text_docs(docs: Sequence[Document], is_val: Sequence[bool] | None, result: PrepareResult):
-    """(non-empty text documents, their is_val flags); binary files go to result.skipped."""
-    text_docs, flags = [], []
-    for d, v in zip(docs, is_val or [False] * len(docs)):
-        if d.path.stat().st_size > 0:
-            if _looks_binary(d.path):
-                result.skipped.append(d.path)
-            else:
-                text_docs.append(d)
-                flags.append(v)
-    if not text_docs:
-        raise DataError(
-            f"no non-empty text files among {len(docs)} inputs "
-            f"(e.g. {docs[0].path if docs else 'none'}); nothing to prepare"
-        )
-    return text_docs, flags
-
-
-def _train_texts(text_docs: list[Document], flags: list[bool], cut: int, chunk_bytes: int):
-    """The training split's text (what a BPE is trained on), chunk by chunk."""
-    if len(text_docs) == 1:
-        pos = 0
-        for chunk in _read_chunks(text_docs[0].path, chunk_bytes):
-            head = _char_boundary(chunk, max(0, min(len(chunk), cut - pos)))
-            pos += len(chunk)
-            if head:
-                yield chunk[:head].replace(b"\0", b"").decode("utf-8", errors="replace")
-        return
-    for d, v in zip(text_docs, flags):
-        if not v:
-            for chunk in _read_chunks(d.path, chunk_bytes):
+def train_texts(units: Sequence[Unit], settings: Settings) -> Iterator[str]:
+    """The training split's texts, in order (what a BPE is trained on)."""
+    stats = ReadStats()
+    field_ = TextField(settings.text_field, settings.skip_bad, stats)
+    for u in units:
+        f = u.file
+        if f.kind == "text":
+            if u.split == "val" or (
+                u.split is None and u.cut is None and _is_val(f.key, None, settings)
+            ):
+                continue
+            for chunk in readers.text_chunks(f, settings.chunk_bytes, None, 0, u.cut):
                 yield chunk.replace(b"\0", b"").decode("utf-8", errors="replace")
+            continue
+        if f.kind == "json":
+            records = readers.json_records(f, field_)
+        elif f.kind == "parquet":
+            records = readers.parquet_records(f, u.group, u.first, field_)
+        elif f.kind == "arrow":
+            records = readers.arrow_records(f, field_)
+        else:
+            records = readers.csv_records(f, field_)
+        for index, text in records:
+            if text and not text.isspace() and not _is_val(f.key, index, settings):
+                yield text.replace("\0", "")
 
 
-def make_tokenizer(
-    spec: str | Tokenizer, vocab_size: int | None, texts: Callable[[], Iterable[str]]
+def _is_val(key: str, index: int | None, settings: Settings) -> bool:
+    return doc_hash(record_identity(key, index)) < settings.val_fraction
+
+
+def _choose_tokenizer(
+    spec: str | Tokenizer, vocab_size: int | None, units: list[Unit], settings: Settings, out: Path
 ) -> Tokenizer:
-    """`bytes`, `bpe` (trained on texts(), vocab_size entries) or a tokenizer.json path/folder."""
-    if not isinstance(spec, str):
-        return spec
-    if vocab_size is not None and spec != "bpe":
-        raise DataError(f"--vocab-size applies to --tokenizer bpe, not {spec!r}")
-    if spec == "bytes":
-        return ByteTokenizer()
-    if spec == "bpe":
-        return train_bpe(texts(), vocab_size or DEFAULT_BPE_VOCAB)
-    return HFTokenizer.from_file(spec)
+    """The tokenizer; a BPE an interrupted run trained on the same corpus is reused (so the
+    rerun writes the same shards)."""
+    if spec != "bpe":
+        return make_tokenizer(spec, vocab_size, lambda: [])
+    st = [u.describe() for u in units]
+    request = {"corpus": hashlib.sha256(json.dumps([st, asdict(settings)]).encode()).hexdigest(),
+               "vocab_size": vocab_size or DEFAULT_BPE_VOCAB}  # fmt: skip
+    record = out / WORK_DIR / BPE_RECORD
+    try:
+        if json.loads(record.read_text()) == request and (out / TOKENIZER_FILE).is_file():
+            return HFTokenizer.from_file(out / TOKENIZER_FILE)
+    except (OSError, ValueError):
+        pass
+    tok = make_tokenizer("bpe", vocab_size, lambda: train_texts(units, settings))
+    tok.save(out)
+    (out / WORK_DIR).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(record, request)
+    return tok
+
+
+class _Progress:
+    """The progress bar: input bytes (with ETA), documents/s and tokens/s."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = tqdm(
+            total=total, unit="B", unit_scale=True, unit_divisor=1024,
+            desc="tokenizing", disable=not enabled, smoothing=0.1,
+        )  # fmt: skip
+        self.docs = self.tokens = 0
+        self.t0 = time.monotonic()
+
+    def __call__(self, docs: int, tokens: int, nbytes: int) -> None:
+        self.docs += docs
+        self.tokens += tokens
+        self.bar.update(nbytes)
+        dt = max(1e-9, time.monotonic() - self.t0)
+        self.bar.set_postfix_str(
+            f"{self.docs / dt:,.0f} docs/s, {self.tokens / dt:,.0f} tok/s", refresh=False
+        )
+
+    def resumed(self, nbytes: int) -> None:
+        """Input bytes of shards kept from an interrupted run: done, but not part of the rate."""
+        self.bar.initial = self.bar.n = nbytes
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def prepare_corpus(
@@ -253,111 +181,75 @@ def prepare_corpus(
     progress: bool = True,
     tokenizer: str | Tokenizer = "bytes",
     vocab_size: int | None = None,
+    text_field: str = "text",
+    workers: int = 1,
+    skip_bad: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_MB << 20,
 ) -> PrepareResult:
-    """Tokenize `inputs` (files, folders, globs) into `out_dir/{train,val}.{bin,json}`
-    (+ `tokenizer.json` unless the tokenizer is `bytes`)."""
-    out = Path(out_dir).resolve()
-    docs = [d for d in collect_documents(inputs, extensions) if out not in d.path.resolve().parents]
-    if not docs:
-        raise DataError(f"no files found in {list(inputs)}; nothing to prepare")
-    return prepare_documents(
-        docs, out_dir, val_fraction, chunk_bytes, progress, tokenizer=tokenizer,
-        vocab_size=vocab_size,
-    )  # fmt: skip
-
-
-def prepare_documents(
-    docs: Sequence[Document],
-    out_dir: str | os.PathLike[str],
-    val_fraction: float = DEFAULT_VAL_FRACTION,
-    chunk_bytes: int = CHUNK_BYTES,
-    progress: bool = True,
-    is_val: Sequence[bool] | None = None,
-    tokenizer: str | Tokenizer = "bytes",
-    vocab_size: int | None = None,
-) -> PrepareResult:
-    """Tokenize `docs` (in the given order) into `out_dir/{train,val}.{bin,json}`.
-
-    The split is `split_documents` of the keys unless `is_val` (one flag per doc) is given.
-    `tokenizer`: `bytes`, `bpe` (byte-level BPE of `vocab_size` trained on the train split, saved
-    as out_dir/tokenizer.json) or the path of a tokenizer.json (copied into out_dir).
-
-    Each document is followed by the end-of-document token (0 for bytes and trained BPEs). A
-    single document is split by position instead: its last `val_fraction` of bytes (at least one)
-    become the val split. Empty files are ignored; binary files are skipped and listed.
-    """
+    """Tokenize `inputs` (files, folders, globs) into the sharded folder `out_dir`."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    out = Path(out_dir)
-    result = PrepareResult(out_dir=out)
-    if is_val is not None and len(is_val) != len(docs):
-        raise ValueError(f"is_val has {len(is_val)} flags for {len(docs)} documents")
-    text_docs, flags = _text_docs(docs, is_val, result)
-    sizes = [d.path.stat().st_size for d in text_docs]
-    if is_val is None:
-        flags = split_documents([d.key for d in text_docs], val_fraction)
-    cut = sizes[0] - max(1, round(sizes[0] * val_fraction))  # a single document's split point
-    tok = make_tokenizer(
-        tokenizer, vocab_size, lambda: _train_texts(text_docs, flags, cut, chunk_bytes)
-    )
+    if workers < 1 or shard_bytes < 1 or chunk_bytes < 1:
+        raise ValueError(f"workers, shard_bytes and chunk_bytes must be >= 1, got {workers}, "
+                         f"{shard_bytes}, {chunk_bytes}")  # fmt: skip
+    out = Path(out_dir).resolve()
+    files = readers.discover(inputs, extensions, exclude=out)
+    if not files:
+        raise DataError(f"no files found in {list(inputs)}; nothing to prepare")
+    settings = Settings(text_field, val_fraction, skip_bad, chunk_bytes)
+    units, stats = plan_units(files, settings)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _choose_tokenizer(tokenizer, vocab_size, units, settings, out)
+    sha = tokenizer_sha256(tok)
+    the_plan = plan(units, stats, settings, shard_bytes, sha or "bytes")
     tok.save(out)
-    result.tokenizer, result.vocab_size = tok.name, tok.vocab_size
-    with ExitStack() as stack:
-        train = stack.enter_context(TokenWriter(out / "train.bin", tok.vocab_size, tok.name))
-        val = stack.enter_context(TokenWriter(out / "val.bin", tok.vocab_size, tok.name))
-        bar = stack.enter_context(
-            tqdm(
-                total=sum(sizes),
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc="tokenizing",
-                disable=not progress,
-            )  # fmt: skip
-        )
-        _write_splits(text_docs, flags, cut, chunk_bytes, tok, train, val, bar, result)
-    result.train_tokens, result.val_tokens = train.num_tokens, val.num_tokens
-    return result
+    if isinstance(tok, ByteTokenizer):
+        (out / TOKENIZER_FILE).unlink(missing_ok=True)  # a stale BPE of an earlier run
+    ctx = WorkerContext(out, settings, None if sha is None else tok.tok.to_str(),  # type: ignore[attr-defined]
+                        int(tok.vocab_size), int(tok.eot_id))  # fmt: skip
+    bar = _Progress(the_plan.total_bytes, progress)
+    try:
+        run = execute(the_plan, ctx, workers, bar, bar.resumed)
+    finally:
+        bar.close()
+    meta = write_manifest(out, run, tok, sha, settings)
+    _remove_flat_files(out)
+    return _result(out, the_plan, run, meta)
 
 
-def _write_splits(text_docs, flags, cut, chunk_bytes, tok, train, val, bar, result) -> None:
-    """Every document's tokens and an end-of-document token into train or val."""
-    encode, eot = _encoder(tok), np.array([tok.eot_id], dtype=np.int64)
-    exact = isinstance(tok, ByteTokenizer)  # bytes split anywhere; text at a character boundary
-    if len(text_docs) == 1:
-        pos = 0
-        for chunk in _read_chunks(text_docs[0].path, chunk_bytes):
-            head = max(0, min(len(chunk), cut - pos))
-            head = head if exact else _char_boundary(chunk, head)
-            train.write(encode(chunk[:head]))
-            val.write(encode(chunk[head:]))
-            pos += len(chunk)
-            bar.update(len(chunk))
-        train.write(eot)
-        val.write(eot)
-        result.train_docs = result.val_docs = 1
-        return
-    for d, v in zip(text_docs, flags):
-        w = val if v else train
-        for chunk in _read_chunks(d.path, chunk_bytes):
-            w.write(encode(chunk))
-            bar.update(len(chunk))
-        w.write(eot)
-        result.val_docs += v
-        result.train_docs += not v
+def _remove_flat_files(out: Path) -> None:
+    """train.bin/val.bin (+ sidecars) an earlier moe-train-prepare wrote here: replaced by the
+    shards (training reads manifest.json first anyway)."""
+    if (out / "train.json").is_file() and (out / MANIFEST).is_file():
+        for name in _FLAT_FILES:
+            (out / name).unlink(missing_ok=True)
+
+
+def _result(out: Path, the_plan: Plan, run, meta) -> PrepareResult:
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    return PrepareResult(
+        out_dir=out, train_docs=train["documents"], val_docs=val["documents"],
+        train_tokens=train["tokens"], val_tokens=val["tokens"],
+        skipped=[Path(p) for p in the_plan.stats.binary_files], tokenizer=meta["tokenizer"],
+        vocab_size=meta["vocab_size"], shards=len(the_plan.jobs), resumed=run.resumed,
+        stats=run.stats,
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moe-train-prepare",
         description=textwrap.fill(
-            "Turn text files into moe-train token files: OUT/train.bin, OUT/val.bin and their "
-            ".json sidecars (+ OUT/tokenizer.json for a BPE). Each file is one document, "
-            "followed by the end-of-document token (NUL bytes inside text are dropped; files "
-            "with a NUL in their first 8 KiB are skipped as binary). Documents go to val when a "
-            "hash of their path (relative to the input folder) falls below --val-fraction, so "
-            "the split is reproducible and adding files does not reshuffle it; with a single "
-            "document its tail becomes val.",
+            "Turn a corpus into a moe-train data folder: OUT/manifest.json and shards "
+            "OUT/train-00000.bin/.idx, OUT/val-00000.bin/.idx, ... (Megatron's indexed "
+            "layout: tokens + document index), + OUT/tokenizer.json for a BPE. Inputs: plain "
+            "text files (one document each; binary files skipped), JSON Lines (.jsonl, "
+            ".ndjson, .json; .gz and .zst too), JSON arrays, Parquet, Arrow files and `datasets` "
+            "save_to_disk folders, CSV/TSV. Each document is followed by the end-of-document "
+            "token. A record goes to val when a hash of its identity (file + record index) "
+            "falls below --val-fraction, so the split is reproducible and adding files does "
+            "not reshuffle it; a single plain file's tail becomes val. The output is the same "
+            "for any --workers; a rerun after a crash keeps the finished shards.",
             width=79,
             break_on_hyphens=False,
         ),
@@ -366,53 +258,60 @@ def build_parser() -> argparse.ArgumentParser:
             "  moe-train-prepare book.txt --out data/book\n"
             "  moe-train-prepare corpus/ --out data/corpus --ext .txt .md\n"
             "  moe-train-prepare 'corpus/**/*.txt' --out data/corpus   # quote the glob\n"
+            "  moe-train-prepare 'web/*.jsonl.zst' --out data/web --workers 8\n"
+            "  moe-train-prepare 'fineweb/*.parquet' --out data/fw --tokenizer gpt2/tokenizer.json\n"
+            "  moe-train-prepare docs.jsonl --out data/docs --text-field meta.body --skip-bad\n"
             "  moe-train-prepare corpus/ --out data/bpe --tokenizer bpe --vocab-size 4096\n"
-            "  moe-train-prepare corpus/ --out data/gpt2 --tokenizer path/to/gpt2/tokenizer.json\n"
             "then train with: moe-train data.dir=data/corpus"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "inputs",
-        nargs="+",
-        metavar="INPUT",
-        help="a text file, a folder (read recursively, hidden entries skipped) or a glob",
-    )
+        "inputs", nargs="+", metavar="INPUT",
+        help="a file, a folder (read recursively, hidden entries skipped) or a glob",
+    )  # fmt: skip
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
     p.add_argument(
-        "--val-fraction",
-        type=float,
-        default=DEFAULT_VAL_FRACTION,
-        metavar="F",
+        "--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, metavar="F",
         help="fraction of documents for validation, in (0, 1) (default: %(default)s)",
-    )
+    )  # fmt: skip
     p.add_argument(
-        "--ext",
-        nargs="+",
-        metavar="SUFFIX",
-        help="only files with these suffixes, e.g. --ext .txt .md (default: all files)",
-    )
+        "--text-field", default="text", metavar="FIELD",
+        help="the text of a record (JSON, Parquet, Arrow, CSV); a dotted path for nested "
+        "records, e.g. meta.content (default: %(default)s)",
+    )  # fmt: skip
     p.add_argument(
-        "--chunk-mb",
-        type=int,
-        default=CHUNK_BYTES >> 20,
-        metavar="MB",
-        help="read files in chunks of this many MiB (default: %(default)s)",
-    )
+        "--skip-bad", action="store_true",
+        help="count and skip lines that are not JSON and records without a string text "
+        "(default: stop with an error naming the file and line)",
+    )  # fmt: skip
     p.add_argument(
-        "--tokenizer",
-        default="bytes",
-        metavar="bytes|bpe|PATH",
+        "--workers", type=int, default=1, metavar="N",
+        help="tokenizer processes (default 1); the output does not depend on it",
+    )  # fmt: skip
+    p.add_argument(
+        "--shard-mb", type=int, default=DEFAULT_SHARD_MB, metavar="MB",
+        help="input MiB per shard (default: %(default)s); one input file or Parquet row group "
+        "is never split, so a larger one is a shard of its own",
+    )  # fmt: skip
+    p.add_argument(
+        "--ext", nargs="+", metavar="SUFFIX",
+        help="only files with these suffixes, e.g. --ext .txt .jsonl.zst (default: all files)",
+    )  # fmt: skip
+    p.add_argument(
+        "--chunk-mb", type=int, default=CHUNK_BYTES >> 20, metavar="MB",
+        help="read plain files in chunks of this many MiB (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--tokenizer", default="bytes", metavar="bytes|bpe|PATH",
         help="bytes (vocab 256, the default); bpe: train a byte-level BPE on the train split "
         "(Hugging Face tokenizers, offline) and save OUT/tokenizer.json; PATH: an existing "
         "tokenizer.json or a folder holding one (e.g. a Hugging Face model folder)",
-    )
+    )  # fmt: skip
     p.add_argument(
-        "--vocab-size",
-        type=int,
-        metavar="N",
+        "--vocab-size", type=int, metavar="N",
         help=f"entries of the trained BPE, >= 257 (default {DEFAULT_BPE_VOCAB}; --tokenizer bpe)",
-    )
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p
 
@@ -424,35 +323,47 @@ def skipped_line(paths: Sequence[Path], shown: int = 3) -> str:
     return f"skipped {len(paths)} binary file{'s' if len(paths) != 1 else ''}: {names}{more}"
 
 
+def summary(r: PrepareResult) -> str:
+    s = r.stats
+    skipped = [f"{n} {what}" for n, what in ((s.empty, "empty documents"), (s.bad_json, "lines "
+               "that are not JSON"), (s.bad_text, "records without a string text")) if n]  # fmt: skip
+    return (
+        f"wrote {r.out_dir}: {r.shards} shard{'s' if r.shards != 1 else ''}"
+        + (f" ({r.resumed} kept from an interrupted run)" if r.resumed else "")
+        + f", train {r.train_tokens:,} tokens ({r.train_docs:,} docs), val {r.val_tokens:,} "
+        f"tokens ({r.val_docs:,} docs); tokenizer {r.tokenizer}, vocabulary {r.vocab_size:,}"
+        + (f"; skipped {', '.join(skipped)}" if skipped else "")
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if not 0.0 < args.val_fraction < 1.0:
-        build_parser().error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
-    if args.chunk_mb <= 0:
-        build_parser().error(f"--chunk-mb must be positive, got {args.chunk_mb}")
+        parser.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    for name in ("chunk_mb", "workers", "shard_mb"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     ext = [e if e.startswith(".") else "." + e for e in args.ext] if args.ext else None
     try:
         r = prepare_corpus(
-            args.inputs,
-            args.out,
-            args.val_fraction,
-            ext,
-            args.chunk_mb << 20,
-            progress=not args.quiet,
-            tokenizer=args.tokenizer,
-            vocab_size=args.vocab_size,
-        )
+            args.inputs, args.out, args.val_fraction, ext, args.chunk_mb << 20,
+            progress=not args.quiet, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+            text_field=args.text_field, workers=args.workers, skip_bad=args.skip_bad,
+            shard_bytes=args.shard_mb << 20,
+        )  # fmt: skip
     except DataError as e:
         print(f"moe-train-prepare: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("moe-train-prepare: interrupted; run it again to resume", file=sys.stderr)
+        return 130
     if not args.quiet:
         if r.skipped:
             print(skipped_line(r.skipped), file=sys.stderr)
-        print(
-            f"wrote {r.out_dir}/train.bin ({r.train_tokens:,} tokens, {r.train_docs} docs) and "
-            f"{r.out_dir}/val.bin ({r.val_tokens:,} tokens, {r.val_docs} docs); tokenizer "
-            f"{r.tokenizer}, vocabulary {r.vocab_size:,}"
-        )
+        print(summary(r))
+        if r.val_tokens == 0:
+            print("note: the validation split is empty; raise --val-fraction", file=sys.stderr)
     return 0
 
 

@@ -226,7 +226,7 @@ class TokenFile:
                 f"{side} has vocab_size {meta['vocab_size']}, "
                 f"num_tokens {meta['num_tokens']}; both must be positive"
             )
-        if meta["vocab_size"] > np.iinfo(np.dtype(meta["dtype"])).max + 1:
+        if meta["vocab_size"] > np.iinfo(meta["dtype"]).max + 1:
             raise self._fail(
                 f"{side} says dtype {meta['dtype']} but vocab_size {meta['vocab_size']} "
                 "does not fit in it (wrong dtype)"

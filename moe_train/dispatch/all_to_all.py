@@ -41,7 +41,7 @@ def exchange_counts(send_counts: Tensor, group: dist.ProcessGroup) -> Tensor:
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, send_splits: list[int], recv_splits: list[int], group, name: str):  # type: ignore[override]
+    def forward(ctx, x: Tensor, send_splits: list[int], recv_splits: list[int], group, name: str):
         ctx.send_splits, ctx.recv_splits, ctx.group, ctx.name = (
             send_splits,
             recv_splits,
@@ -51,7 +51,7 @@ class _AllToAll(torch.autograd.Function):
         return all_to_all_rows(x, send_splits, recv_splits, group, name)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         g = all_to_all_rows(grad, ctx.recv_splits, ctx.send_splits, ctx.group, ctx.name + " grad")
         return g, None, None, None, None
 
@@ -84,7 +84,7 @@ class _DispatchAllToAll(torch.autograd.Function):
     orders on different ranks and deadlock)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, splits: Splits, group):  # type: ignore[override]
+    def forward(ctx, x: Tensor, w: Tensor, splits: Splits, group):
         ctx.splits, ctx.group = splits, group
         out_x = all_to_all_rows(x, splits.send_rows, splits.recv_rows, group, "MoE dispatch rows")
         out_w = all_to_all_rows(
@@ -93,7 +93,7 @@ class _DispatchAllToAll(torch.autograd.Function):
         return out_x, out_w.squeeze(1)
 
     @staticmethod
-    def backward(ctx, gx: Tensor, gw: Tensor):  # type: ignore[override]
+    def backward(ctx, gx: Tensor, gw: Tensor):
         s, g = ctx.splits, ctx.group
         dx = all_to_all_rows(gx, s.recv_rows, s.send_rows, g, "MoE dispatch rows grad")
         dw = all_to_all_rows(

@@ -137,7 +137,7 @@ class Dispatcher:
 
     def __call__(
         self, x: Tensor, a: Assignment, experts: ExpertFn
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, float | Tensor]]:
         """x: [T, d] -> (y [T, d], stats)."""
         stats: dict[str, float | Tensor] = dict.fromkeys(STAT_KEYS, 0.0)
         stats["slots"] = float(a.num_slots)
@@ -172,7 +172,7 @@ class Dispatcher:
     def _two_hops(self, x: Tensor, slots: Slots, leaf: Inner, stats: dict) -> Tensor:
         """Across nodes (one row per destination node), then inside the destination node."""
         rpn = self.ranks_per_node
-        assert rpn is not None and self.inter_group is not None
+        assert rpn is not None and self.inter_group is not None and self.intra_group is not None
         me_node, me_local = divmod(self.ep_rank, rpn)
         inside = Hop(self.intra_group, self.num_local, me_local, lambda r: 0, first=False)
         across = Hop(self.inter_group, self.num_local * rpn, me_node, lambda n: n, first=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,9 @@ from .deepspeed_moe import (
     tag_expert_params,
 )
 from .deepspeed_state import WholeState, whole_master_weights, zero_state_bytes
+
+if TYPE_CHECKING:
+    from ..model import MoETransformer
 
 
 def deepspeed_initialize(
@@ -51,7 +54,7 @@ def deepspeed_initialize(
         raise RuntimeError(
             "trainer.engine=deepspeed needs DeepSpeed: pip install -e '.[deepspeed]'"
         ) from e
-    ep = parallel.ep
+    ep = parallel.dims.ep
     if zero_stage > 0 and type(optimizer).__name__ == "Adafactor":
         raise ValueError(
             "optim.name=adafactor with trainer.engine=deepspeed and trainer.zero_stage>0: ZeRO "
@@ -68,7 +71,7 @@ def deepspeed_initialize(
     ensure_single_process_env()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     wrapped: nn.Module = model
-    if parallel.distributed:
+    if parallel.dims.distributed:
         connect_process_groups(model, parallel.dims, parallel.groups)  # the all-to-all's groups
         tag_expert_params(model, ep)
         name_expert_groups(optimizer, ep)
@@ -85,7 +88,7 @@ def deepspeed_initialize(
         "wall_clock_breakdown": False,
     }
     engine, *_ = deepspeed.initialize(model=wrapped, optimizer=optimizer, config=config)
-    if parallel.distributed:
+    if parallel.dims.distributed:
         check_engine_groups(engine, parallel)
     return engine
 
@@ -98,8 +101,8 @@ class DeepSpeedEngine:
 
     def __init__(
         self,
-        wrapped: nn.Module,
-        module: nn.Module,
+        wrapped: Any,  # a deepspeed.DeepSpeedEngine (DeepSpeed ships no type information)
+        module: MoETransformer,
         optimizer: torch.optim.Optimizer,
         parallel: ParallelState,
     ):
@@ -179,7 +182,8 @@ class DeepSpeedEngine:
         view = WholeState(zero, self.parallel)
         view.gather()
         with whole_master_weights(zero, self.parallel, load=False):
-            save_checkpoint(run_dir, step, self.module, view, extra, self.parallel, keep)
+            # WholeState is optimizer-shaped (param_groups, state), all that a checkpoint reads
+            save_checkpoint(run_dir, step, self.module, view, extra, self.parallel, keep)  # type: ignore[arg-type]
 
     def finish_checkpoint(self) -> None:
         pass  # saved synchronously
@@ -195,6 +199,6 @@ class DeepSpeedEngine:
         view = WholeState(zero, self.parallel)
         view.allocate()
         with whole_master_weights(zero, self.parallel, load=True):
-            found = load_latest_checkpoint(run_dir, self.module, view, self.parallel)
+            found = load_latest_checkpoint(run_dir, self.module, view, self.parallel)  # type: ignore[arg-type]  # as in save
         view.scatter()
         return None if found is None else found[1]

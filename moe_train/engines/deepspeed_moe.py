@@ -62,8 +62,9 @@ def tag_expert_params(module: nn.Module, ep: int) -> int:
     count = 0
     for p in module.parameters():
         if is_expert_param(p):
-            p.allreduce = False
-            p.group_name = expert_group_name(ep)
+            # the marks DeepSpeed's MoE code reads off a parameter (not attributes torch declares)
+            p.allreduce = False  # type: ignore[attr-defined]
+            p.group_name = expert_group_name(ep)  # type: ignore[attr-defined]
             count += 1
     return count
 
@@ -80,7 +81,8 @@ def register_expert_groups(parallel: ParallelState) -> None:
     groups, then check that DeepSpeed reports the ranks of moe-train's mesh (ValueError if not)."""
     from deepspeed.utils import groups as ds_groups
 
-    dims, name = parallel.dims, expert_group_name(parallel.ep)
+    dims = parallel.dims
+    name = expert_group_name(dims.ep)
     ep_ranks = next(r for r in dims.ep_groups() if dims.rank in r)
     dp_ranks = next(r for r in dims.dp_groups() if dims.rank in r)
     ds_groups._EXPERT_PARALLEL_GROUP[name] = parallel.groups.ep
@@ -108,10 +110,10 @@ def register_expert_groups(parallel: ParallelState) -> None:
 def check_engine_groups(engine: Any, parallel: ParallelState) -> None:
     """After deepspeed.initialize: DeepSpeed's dense data-parallel group is the world and its MoE
     bookkeeping is on (ValueError naming what differs otherwise)."""
-    if engine.dp_world_size != parallel.world_size:
+    if engine.dp_world_size != parallel.dims.world_size:
         raise ValueError(
             f"trainer.engine=deepspeed: DeepSpeed's data-parallel size is {engine.dp_world_size}, "
-            f"moe-train's world {parallel.world_size}: dense state must be sharded over every rank"
+            f"moe-train's world {parallel.dims.world_size}: dense state must be sharded over every rank"
         )
     if not engine.has_moe_layers:
         raise ValueError(

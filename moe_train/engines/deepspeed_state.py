@@ -43,7 +43,7 @@ def _whole(p: nn.Parameter, flat: Tensor, parallel: ParallelState) -> Tensor:
     if mapping is not None:
         lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
         out.narrow(0, lp.start, lp.numel).copy_(flat.narrow(0, hp.start, hp.numel))
-    if parallel.distributed:
+    if parallel.dims.distributed:
         group = _group_of(p, parallel)
         guarded("all_reduce(ZeRO state)", lambda: dist.all_reduce(out, group=group))
     return out.view(p.shape)

@@ -1,10 +1,10 @@
-"""moe-train's own engine: DDP/bucketed gradient sync, global-norm clipping, fp16 loss scaling."""
+"""moe-train's own engine: the run's GradSync (flat, DDP or FSDP), fp16 loss scaling, the step."""
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -15,16 +15,21 @@ from ..checkpoint import (
     save_checkpoint,
     save_checkpoint_async,
 )
-from ..parallel import ParallelState
+from ..parallel import GradSync, ParallelState
 from ..parallel.grads import agree_on_overflow
 from ..parallel.memory import state_bytes
 
+if TYPE_CHECKING:
+    from ..model import MoETransformer
+
 
 class NativeEngine:
-    """The update with the collectives of `parallel` (a ParallelState).
+    """The update with the gradient strategy `parallelize` chose (`grad_sync`: flat, DDP or FSDP)
+    and the collectives of `parallel` (a ParallelState).
 
+    micro_batch: grad_sync.no_sync(last) (DDP and FSDP reduce on the last micro-batch only).
     backward: loss / grad_accum, scaled by the GradScaler when computing in fp16.
-    step: sync gradients (dense over the world, experts over their dp group), unscale (fp16: the
+    step: grad_sync.sync() (dense over the world, experts over their dp group), unscale (fp16: the
     overflow flag is MAX-reduced over the world, so every rank skips together and keeps the same
     scale), clip to the global norm, apply only when that norm is finite (else the step is
     skipped), zero the grads.
@@ -33,8 +38,7 @@ class NativeEngine:
 
     def __init__(
         self,
-        model: nn.Module,
-        module: nn.Module,
+        grad_sync: GradSync,
         optimizer: torch.optim.Optimizer,
         parallel: ParallelState,
         *,
@@ -43,8 +47,10 @@ class NativeEngine:
         amp_dtype: torch.dtype | None,
         async_checkpoint: bool = False,
     ):
-        self.model, self.module, self.optimizer = model, module, optimizer
-        self.parallel = parallel
+        self.grad_sync, self.optimizer, self.parallel = grad_sync, optimizer, parallel
+        self.model: nn.Module = grad_sync.model  # the forward pass (the DDP wrapper with DDP)
+        # the bare model (parallelize was given an MoETransformer): optimizer, checkpoints
+        self.module = cast("MoETransformer", grad_sync.module)
         self.grad_accum, self.grad_clip, self.amp_dtype = grad_accum, grad_clip, amp_dtype
         device_type = parallel.device.type
         self.scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
@@ -59,18 +65,18 @@ class NativeEngine:
         return torch.autocast(self.parallel.device.type, dtype=self.amp_dtype)
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
-        return self.parallel.no_sync(self.model, last_micro_step=last)  # DDP: reduce once
+        return self.grad_sync.no_sync(last)
 
     def backward(self, loss: Tensor) -> None:
         self.scaler.scale(loss / self.grad_accum).backward()
 
     def step(self) -> bool:
-        self.parallel.sync_gradients(self.model)
+        self.grad_sync.sync()
         self.scaler.unscale_(self.optimizer)
         if self.scaler.is_enabled():  # one overflow decision, one loss scale, on every rank
             state = self.scaler._per_optimizer_states[id(self.optimizer)]
             agree_on_overflow(list(state["found_inf_per_device"].values()))
-        self._grad_norm = self.parallel.clip_grad_norm_(self.module, self.grad_clip)
+        self._grad_norm = self.grad_sync.clip(self.grad_clip)
         applied = bool(torch.isfinite(self._grad_norm))
         if applied:  # a non-finite loss or gradient is never applied
             self.scaler.step(self.optimizer)
@@ -95,7 +101,7 @@ class NativeEngine:
     def save_checkpoint(self, run_dir: Path, step: int, extra: dict[str, Any], keep: int) -> None:
         self.finish_checkpoint()  # one save in flight at a time
         args = (run_dir, step, self.module, self.optimizer, extra, self.parallel)
-        if self.async_checkpoint and self.parallel.distributed:
+        if self.async_checkpoint and self.parallel.dims.distributed:
             self._pending = save_checkpoint_async(*args, keep=keep)
         else:
             save_checkpoint(*args, keep=keep)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ..model import MoETransformer
 
 
 class Engine(Protocol):
@@ -19,7 +22,7 @@ class Engine(Protocol):
     """
 
     model: nn.Module  # what the forward pass calls (may be a DDP or DeepSpeed wrapper)
-    module: nn.Module  # the bare MoETransformer inside it (last_aux, moe_layers, num_params)
+    module: MoETransformer  # the bare MoETransformer inside it (last_aux, moe_layers, num_params)
     optimizer: torch.optim.Optimizer  # the loop sets the learning rate on its param groups
 
     def autocast(self) -> AbstractContextManager:

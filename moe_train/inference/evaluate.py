@@ -2,13 +2,16 @@
 
     moe-train-eval runs/switch-d128x4-e8                      # the run's own validation split
     moe-train-eval runs/switch-d128x4-e8 --data data/mine --split val --batches 50 --json
+    moe-train-eval runs/mix                                   # a mixture: every source's split
 
 Loss is the mean cross-entropy in nats per token over non-overlapping windows of model.seq_len
 from the split's start (the same windows training validates on); perplexity = exp(loss); bits per
 token = loss / ln 2; bits per byte = total bits / the UTF-8 bytes the scored tokens stand for (the
 tokenizer's token_bytes: 1 per token for bytes; the end-of-document token counts as 1), so runs
 with different tokenizers compare. Per MoE layer: each expert's share of the routed slots, its
-coefficient of variation, and the fraction of slots dropped by capacity.
+coefficient of variation, and the fraction of slots dropped by capacity. A run trained on a
+mixture (data.mix) is scored on every source's split, and its loss is their mean weighted by the
+mixture's weights (what training logs as val_loss).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import TokenFile, open_splits, resolve_data_dir, val_batches
-from ..data.sampler import num_val_batches
+from ..data import TokenStream, open_data, open_source, val_batches
+from ..data.sampler import Tokens, num_val_batches
 from ..model import MoETransformer
 from .cli import fail, run_arguments
 
@@ -71,7 +75,7 @@ class LoadTally:
 @torch.no_grad()
 def score(
     model: MoETransformer,
-    tokens: TokenFile,
+    tokens: Tokens,
     token_bytes: np.ndarray,
     batch_size: int,
     max_batches: int | None,
@@ -105,36 +109,78 @@ def score(
     }
 
 
-def _split(run: Any, data: str | None, split: str) -> tuple[Path, TokenFile, Any]:
-    """(data folder, the split's tokens, the tokenizer that made them), checked against the
-    model's vocabulary."""
+@dataclass
+class Target:
+    """One split to score: a source's name, its weight in the mixture, its tokens, its tokenizer."""
+
+    name: str
+    weight: float
+    path: Path
+    tokens: TokenStream
+    tokenizer: Any
+
+
+def _targets(run: Any, data: str | None, split: str) -> list[Target]:
+    """The splits to score (`--data`: that source; else every source of the run's data),
+    checked against the model's vocabulary."""
+    from ..data import DataError
     from ..data.checks import check_token_ids
     from ..data.tokenizers import load_tokenizer
 
-    vocab = run.cfg.model.vocab_size
-    data_dir = Path(data) if data else resolve_data_dir(run.cfg.data)
-    train, val = open_splits(data_dir, vocab)
-    tokens = val if split == "val" else train
-    check_token_ids([tokens], vocab)
-    tok = run.tokenizer
-    if data and tokens.tokenizer != "unknown":
-        tok = load_tokenizer(data_dir, tokens.tokenizer)
-    return data_dir, tokens, tok
+    vocab, cfg = run.cfg.model.vocab_size, run.cfg.data
+    if data:
+        sources, weights = [open_source(data, vocab, cfg.holdout)], [1.0]
+    else:
+        opened = open_data(cfg, vocab)
+        sources, weights = opened.sources, opened.weights
+    check_token_ids(sources, vocab)
+    out = []
+    for s, w in zip(sources, weights):
+        tokens = s.val if split == "val" else s.train
+        if tokens is None:
+            continue  # a Megatron source with data.holdout=0
+        tok = run.tokenizer
+        if data and s.tokenizer != "unknown":
+            tok = load_tokenizer(s.tokenizer_folder, s.tokenizer)
+        out.append(Target(s.name, w, s.path, tokens, tok))
+    if not out:
+        raise DataError(f"no {split} split in {', '.join(str(s.path) for s in sources)}")
+    return out
 
 
-def _print_report(run_dir: str, data_dir: Path, split: str, r: dict[str, Any]) -> None:
-    print(
-        f"{run_dir} on {data_dir} ({split}, {r['tokens']:,} tokens, {r['bytes']:,} bytes): "
-        f"loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f}, "
-        f"{r['bits_per_token']:.4f} bits/token, {r['bits_per_byte']:.4f} bits/byte"
-    )
-    for layer in r["moe_layers"]:
-        shares = " ".join(f"{s:.3f}" for s in layer["expert_share"])
+def _print_report(run_dir: str, targets: list[Target], split: str, r: dict[str, Any]) -> None:
+    parts = r.get("sources", {targets[0].name: r})
+    for t in targets:
+        p = parts[t.name]
         print(
-            f"  MoE layer {layer['moe_layer']}: load cv {layer['load_cv']:.3f}, share min "
-            f"{layer['min_share']:.3f} max {layer['max_share']:.3f}, dropped "
-            f"{layer['dropped_frac']:.2%}; per expert {shares}"
+            f"{run_dir} on {t.path} ({split}, {p['tokens']:,} tokens, {p['bytes']:,} bytes): "
+            f"loss {p['loss']:.4f}, perplexity {p['perplexity']:.3f}, "
+            f"{p['bits_per_token']:.4f} bits/token, {p['bits_per_byte']:.4f} bits/byte"
         )
+        for layer in p["moe_layers"]:
+            shares = " ".join(f"{s:.3f}" for s in layer["expert_share"])
+            print(
+                f"  MoE layer {layer['moe_layer']}: load cv {layer['load_cv']:.3f}, share min "
+                f"{layer['min_share']:.3f} max {layer['max_share']:.3f}, dropped "
+                f"{layer['dropped_frac']:.2%}; per expert {shares}"
+            )
+    if "sources" in r:
+        print(
+            f"mixture ({', '.join(f'{t.name} {w:.3g}' for t, w in zip(targets, r['weights']))}): "
+            f"loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f}, "
+            f"{r['bits_per_token']:.4f} bits/token"
+        )
+
+
+def _mixture(parts: dict[str, dict[str, Any]], targets: list[Target]) -> dict[str, Any]:
+    """The weighted mean loss over the sources (what training logs as val_loss)."""
+    total = sum(t.weight for t in targets)
+    weights = [t.weight / total for t in targets]
+    loss = sum(w * parts[t.name]["loss"] for t, w in zip(targets, weights))
+    return {
+        "loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+        "bits_per_token": loss / math.log(2), "weights": weights, "sources": parts,
+    }  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
         "layer of a run's newest checkpoint on a token split (default: the run's validation data).",
         parents=[run_arguments()],
     )
-    p.add_argument("--data", metavar="DIR", help="a data folder (default: the run's data)")
+    p.add_argument(
+        "--data", metavar="PATH",
+        help="a data folder or Megatron prefix (default: the run's data, every source of a mix)",
+    )  # fmt: skip
     p.add_argument("--split", choices=("val", "train"), default="val")
     p.add_argument(
         "--batches", type=int, default=None, metavar="N",
@@ -166,20 +215,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().error("--batches and --batch-size must be >= 1")
     try:
         run = load_run(args.run_dir, args.device, args.checkpoint)
-        data_dir, tokens, tok = _split(run, args.data, args.split)
-        num_val_batches(tokens, run.cfg.model.seq_len, args.batch_size)  # enough for one batch
+        targets = _targets(run, args.data, args.split)
         device = next(run.model.parameters()).device
-        result = score(
-            run.model, tokens, tok.token_bytes(), args.batch_size, args.batches,
-            lambda: autocast_for(device),
-        )  # fmt: skip
+        parts = {}
+        for t in targets:
+            num_val_batches(t.tokens, run.cfg.model.seq_len, args.batch_size)  # one batch at least
+            parts[t.name] = score(
+                run.model, t.tokens, t.tokenizer.token_bytes(), args.batch_size, args.batches,
+                lambda: autocast_for(device),
+            )  # fmt: skip
     except (RunError, DataError, ValueError) as e:
         return fail("moe-train-eval", e)
-    result.update({"split": args.split, "data": str(data_dir), "step": run.step})
+    result = parts[targets[0].name] if len(targets) == 1 else _mixture(parts, targets)
+    data_path = str(targets[0].path) if len(targets) == 1 else [str(t.path) for t in targets]
+    result.update({"split": args.split, "data": data_path, "step": run.step})
     if args.json:
         print(json.dumps(result))
     else:
-        _print_report(args.run_dir, data_dir, args.split, result)
+        _print_report(args.run_dir, targets, args.split, result)
     return 0
 
 

@@ -15,8 +15,7 @@ from omegaconf import OmegaConf
 
 from ..checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from ..config import TrainConfig
-from ..data.tokenizers import TOKENIZER_FILE, ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
-from ..data.tokens import sidecar_path
+from ..data.tokenizers import TOKENIZER_FILE, HFTokenizer, Tokenizer
 from ..model import MoETransformer
 
 CONFIG_FILE = "config.yaml"
@@ -58,19 +57,14 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
 
 
 def run_tokenizer(run_dir: str | Path, cfg: TrainConfig) -> Tokenizer:
-    """The run's tokenizer: the tokenizer.json training copied into the run folder, else the one
-    its data folder's sidecar names, else bytes (the default corpus)."""
+    """The run's tokenizer: the tokenizer.json training copied into the run folder, else its
+    data's (the first source of a mixture), else bytes (the default corpus)."""
     own = Path(run_dir) / TOKENIZER_FILE
     if own.is_file():
         return HFTokenizer.from_file(own)
-    if cfg.data.dir is None:
-        return ByteTokenizer()
-    data_dir = Path(cfg.data.dir).expanduser()
-    side = sidecar_path(data_dir / "train.bin")
-    if not side.is_file():
-        return load_tokenizer(data_dir, "unknown")
-    name = OmegaConf.load(side).get("tokenizer", "unknown")
-    return load_tokenizer(data_dir, str(name))
+    from ..data.config import data_tokenizer
+
+    return data_tokenizer(cfg.data, cfg.model.vocab_size)
 
 
 def load_run(

@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -294,7 +295,7 @@ def _compile(p: ExtensionBuild, verbose: bool) -> None:
         flush=True,
     )
     env: dict[str, str] = {}
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, Any] = {}
     if p.with_cuda:
         assert p.cuda_home is not None
         env = {"CUDA_HOME": p.cuda_home, "TORCH_CUDA_ARCH_LIST": p.arch_list}

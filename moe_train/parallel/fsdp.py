@@ -13,17 +13,19 @@ Units, bottom-up as torchtitan does: each MoE layer's expert bank (edp mesh), ea
 fp32 when computing in low precision, each block (world mesh, experts already managed are
 skipped), then the root (embeddings, final norm, head).
 
-Gradient scaling (the same math as grads.sync_gradients): FSDP averages over its mesh, so dense
-gradients come out as SUM over world / world; expert gradients as SUM over edp / edp, and
+Gradient scaling (the same math as grads.py's replicated path): FSDP averages over its mesh, so
+dense gradients come out as SUM over world / world; expert gradients as SUM over edp / edp, and
 `finish_gradients` multiplies them by 1 / ep to give SUM over edp / world. Where FSDP sums
 instead of averaging (torch 2.7's gloo reduce-scatter treats ReduceOp.AVG as SUM, so FSDP2's fp32
-gradients come out mesh-size times too large on CPU), a probe at `shard_model` finds it and
-`finish_gradients` divides by the mesh size as well.
+gradients come out mesh-size times too large on CPU), a probe at `shard_model` finds it (its
+`GradDivisors`) and `finish_gradients` divides by the mesh size as well. The gradient strategy
+that calls these is `grad_sync.FSDPSync`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -34,10 +36,10 @@ from .placement import expert_banks, is_expert_param, keeping_expert_marks
 
 
 def _fsdp_api():
-    """fully_shard, MixedPrecisionPolicy, FSDPModule (public in torch.distributed.fsdp >= 2.6)."""
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    """fully_shard, MixedPrecisionPolicy (public in torch.distributed.fsdp >= 2.6)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    return fully_shard, MixedPrecisionPolicy, FSDPModule
+    return fully_shard, MixedPrecisionPolicy
 
 
 def _mesh(group, device_type: str):
@@ -59,6 +61,15 @@ def _routers(model: nn.Module) -> Iterator[nn.Module]:
             yield module
 
 
+@dataclass(frozen=True)
+class GradDivisors:
+    """What FSDP's reduce-scatter leaves to divide: 1 where it averages, the mesh size where it
+    sums (see the module docstring). dense: over the world mesh; expert: over the edp mesh."""
+
+    dense: int = 1
+    expert: int = 1
+
+
 def shard_model(
     model: nn.Module,
     dims: ParallelDims,
@@ -67,10 +78,11 @@ def shard_model(
     device_type: str,
     reshard_after_forward: bool = True,
     param_dtype: torch.dtype | None = None,
-) -> nn.Module:
+) -> GradDivisors:
     """fully_shard the expert banks (edp mesh), routers (fp32 when param_dtype is set), blocks and
-    root (world mesh). Parameters become DTensors; the expert mark is carried over. Collective."""
-    _, MixedPrecisionPolicy, _ = _fsdp_api()
+    root (world mesh), in place. Parameters become DTensors; the expert mark is carried over.
+    Returns the divisors `finish_gradients` applies. Collective."""
+    _, MixedPrecisionPolicy = _fsdp_api()
     if groups.dense is None or groups.dp is None:
         raise ValueError(
             "parallel.fsdp: the dense and dp groups are missing (build_process_groups)"
@@ -81,19 +93,17 @@ def shard_model(
     common = {"reshard_after_forward": reshard_after_forward, "mp_policy": mp}
     with keeping_expert_marks(model):
         _shard_units(model, world_mesh, edp_mesh, common, param_dtype)
-    # what FSDP's reduce-scatter leaves to divide (1 where it averages): dense, expert
-    model._fsdp_grad_divisors = (  # type: ignore[assignment]
-        _reduce_scatter_divisor(world_mesh, device_type),
-        _reduce_scatter_divisor(edp_mesh, device_type),
+    return GradDivisors(
+        dense=_reduce_scatter_divisor(world_mesh, device_type),
+        expert=_reduce_scatter_divisor(edp_mesh, device_type),
     )
-    return model
 
 
 def _reduce_scatter_divisor(mesh, device_type: str) -> int:
     """1 when FSDP averages gradients over `mesh` as documented, mesh.size() when it sums them
     (torch 2.7 on gloo). Probed with FSDP itself on a one-column weight: each rank's gradient is
     rank + 1, whose mean is (size + 1) / 2. Collective over `mesh`."""
-    fully_shard, MixedPrecisionPolicy, _ = _fsdp_api()
+    fully_shard, MixedPrecisionPolicy = _fsdp_api()
     size, rank = mesh.size(), mesh.get_local_rank()
     if size == 1:
         return 1
@@ -101,13 +111,15 @@ def _reduce_scatter_divisor(mesh, device_type: str) -> int:
     probe = nn.Linear(1, size, bias=False, device=device)  # weight [size, 1]: a row per rank
     fully_shard(probe, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
     probe(torch.full((1, 1), float(rank + 1), device=device)).sum().backward()
-    got = float(local(probe.weight.grad).sum())  # this rank's row
+    grad = probe.weight.grad
+    assert grad is not None  # the backward above made it
+    got = float(local(grad).sum())  # this rank's row
     return round(got / ((size + 1) / 2))
 
 
 def _shard_units(model, world_mesh, edp_mesh, common: dict, param_dtype) -> None:
     """Bottom-up: expert banks, routers (low precision only), blocks, root."""
-    fully_shard, MixedPrecisionPolicy, _ = _fsdp_api()
+    fully_shard, MixedPrecisionPolicy = _fsdp_api()
     for bank in expert_banks(model):
         fully_shard(bank, mesh=edp_mesh, shard_placement_fn=_expert_placement, **common)
     if param_dtype is not None:  # router math stays fp32: its own unit, fp32 all-gather
@@ -122,12 +134,6 @@ def _shard_units(model, world_mesh, edp_mesh, common: dict, param_dtype) -> None
     fully_shard(model, mesh=world_mesh, **common)
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """True when `model` was wrapped by `shard_model` (its parameters are DTensors)."""
-    _, _, FSDPModule = _fsdp_api()
-    return isinstance(model, FSDPModule)
-
-
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """Reduce-scatter in this backward (the last micro-batch) or accumulate unsharded (others)."""
     model.set_requires_gradient_sync(enabled)  # type: ignore[operator]
@@ -139,11 +145,12 @@ def local(t: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def finish_gradients(model: nn.Module, dims: ParallelDims) -> None:
+def finish_gradients(model: nn.Module, dims: ParallelDims, divisors: GradDivisors) -> None:
     """Expert gradients came out of FSDP as SUM over edp / edp: times 1/ep -> SUM over edp / world.
     Where FSDP summed instead of averaging (see the module docstring), divide by the mesh too."""
-    dense_div, expert_div = getattr(model, "_fsdp_grad_divisors", (1, 1))
-    dense, expert = [], []
+    dense_div, expert_div = divisors.dense, divisors.expert
+    dense: list[Tensor] = []
+    expert: list[Tensor] = []
     for p in model.parameters():
         if p.grad is not None:
             (expert if is_expert_param(p) else dense).append(local(p.grad))

@@ -1,4 +1,4 @@
-"""Gradient policy: synchronisation over the layout, world scaling and global-norm clipping.
+"""Gradient math: synchronisation over the layout, world scaling and global-norm clipping.
 
 The loss each rank back-propagates is the mean over its own tokens; the step uses the gradient of
 the mean of the per-rank losses, so every gradient is summed over the ranks that share it and
@@ -6,18 +6,21 @@ divided by the world size:
 - dense parameters are replicated on every rank: SUM over the world / world;
 - expert parameters live on one ep-rank and already hold the contributions of every token of
   their ep group (they came back through the all-to-all): SUM over the dp group / world.
+Which of these functions a run calls (flat, DDP, FSDP) is decided once, by `parallelize`, in the
+GradSync it returns (grad_sync.py). Every function here takes the bare model.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .dims import ParallelDims
 from .errors import guarded
-from .fsdp import finish_gradients, is_sharded, local
+from .fsdp import local
 from .groups import ProcessGroups
 from .placement import is_expert_param
 
@@ -25,32 +28,28 @@ BUCKET_ELEMS = 1 << 24  # the flat path all-reduces gradients in buckets of at m
 
 
 def unique_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(name, param) with tied parameters listed once, in module order (DDP unwrapped)."""
-    module = model.module if isinstance(model, DDP) else model
-    return list(module.named_parameters(remove_duplicate=True))
+    """(name, param) with tied parameters listed once, in module order."""
+    return list(model.named_parameters(remove_duplicate=True))
 
 
-def sync_gradients(model: nn.Module, dims: ParallelDims, groups: ProcessGroups) -> None:
-    """All-reduce after backward (and after gradient accumulation), as the module docstring says.
-
-    A DDP-wrapped model (parallel.overlap_grad_sync) had its dense gradients reduced during
-    backward; only the experts are reduced here. Otherwise everything is reduced here, in flat
-    buckets per dtype, after the backward pass.
-    """
+def sync_all_gradients(model: nn.Module, dims: ParallelDims, groups: ProcessGroups) -> None:
+    """After backward (and accumulation), replicated layout: every gradient, in flat buckets per
+    dtype, as the module docstring says."""
     if not dims.distributed:
-        return
-    if is_sharded(model):  # FSDP reduce-scattered in backward; experts need 1/ep (see fsdp.py)
-        finish_gradients(model, dims)
-        return
-    if isinstance(model, DDP):
-        expert = [p.grad for _, p in unique_params(model) if is_expert_param(p)]
-        _sync_experts([g for g in expert if g is not None], dims, groups)
         return
     params = [p for _, p in unique_params(model) if p.requires_grad]
     _agree_on_presence(params)
     grads = [(p.grad, is_expert_param(p)) for p in params if p.grad is not None]
     reduce_sum_scaled([g for g, e in grads if not e], None, dims.world_size, "dense gradients")
     _sync_experts([g for g, e in grads if e], dims, groups)
+
+
+def sync_expert_gradients(model: nn.Module, dims: ParallelDims, groups: ProcessGroups) -> None:
+    """After backward, when DDP reduced the dense gradients during it: the experts only."""
+    if not dims.distributed:
+        return
+    expert = [p.grad for _, p in unique_params(model) if is_expert_param(p)]
+    _sync_experts([g for g in expert if g is not None], dims, groups)
 
 
 def _agree_on_presence(params: list[nn.Parameter]) -> None:
@@ -80,7 +79,7 @@ def reduce_sum_scaled(
     for tensors in by_dtype.values():
         for bucket in buckets(tensors, BUCKET_ELEMS):
             flat = torch.cat([b.reshape(-1) for b in bucket])
-            guarded(f"all_reduce({what})", lambda flat=flat: dist.all_reduce(flat, group=group))
+            guarded(f"all_reduce({what})", functools.partial(dist.all_reduce, flat, group=group))
             flat.div_(divisor)
             offset = 0
             for b in bucket:
@@ -101,17 +100,16 @@ def buckets(tensors: list[Tensor], max_elems: int) -> list[list[Tensor]]:
     return [b for b in out if b]
 
 
-def clip_grad_norm_(
+def clip_replicated_(
     model: nn.Module, max_norm: float, dims: ParallelDims, groups: ProcessGroups
 ) -> Tensor:
-    """Global L2 norm of all gradients, each parameter counted once: dense grads are the same on
-    every rank after sync; expert grads are summed over the ep group. Scales the grads by
-    min(1, max_norm / (norm + 1e-6)) when max_norm > 0. Call after sync_gradients."""
+    """Global L2 norm of all gradients, each parameter counted once, replicated layout: dense
+    grads are the same on every rank after sync; expert grads are summed over the ep group.
+    Scales the grads by min(1, max_norm / (norm + 1e-6)) when max_norm > 0. Call after sync."""
     params = [p for _, p in unique_params(model) if p.grad is not None]
-    if is_sharded(model):
-        return _clip_sharded(params, max_norm)
-    dense = [p.grad for p in params if not is_expert_param(p)]
-    expert = [p.grad for p in params if is_expert_param(p)]
+    grads = [p.grad for p in params if p.grad is not None]  # all of params (for the checker)
+    dense = [g for p, g in zip(params, grads) if not is_expert_param(p)]
+    expert = [g for p, g in zip(params, grads) if is_expert_param(p)]
     held = params or [p for _, p in unique_params(model)]
     dev = held[0].device if held else torch.device("cpu")
     exp_sq = _sum_of_squares(expert, dev)
@@ -122,15 +120,15 @@ def clip_grad_norm_(
             "the ep group",
         )
     norm = (_sum_of_squares(dense, dev) + exp_sq).sqrt()
-    _scale_to(norm, [p.grad for p in params], max_norm)
+    _scale_to(norm, grads, max_norm)
     return norm
 
 
-def _clip_sharded(params: list[nn.Parameter], max_norm: float) -> Tensor:
-    """FSDP: every gradient element lives on exactly one rank (dense sharded over the world,
-    experts sharded over edp and distinct over ep), so the squared norm is the SUM over the world
-    of each rank's local-shard squares: one all-reduce."""
-    grads = [local(p.grad) for p in params]
+def clip_sharded_(model: nn.Module, max_norm: float) -> Tensor:
+    """clip_replicated_ for an FSDP model: every gradient element lives on exactly one rank (dense
+    sharded over the world, experts sharded over edp and distinct over ep), so the squared norm
+    is the SUM over the world of each rank's local-shard squares: one all-reduce."""
+    grads = [local(p.grad) for _, p in unique_params(model) if p.grad is not None]
     dev = grads[0].device if grads else torch.device("cpu")
     sq = _sum_of_squares(grads, dev)
     guarded("all_reduce(grad norm)", lambda: dist.all_reduce(sq))

@@ -54,6 +54,7 @@ def build_process_groups(
     timeout = timedelta(seconds=timeout_s)
     ep = _mine(dims.ep_groups(), dims.rank, backend, timeout)
     dp = _mine(dims.dp_groups(), dims.rank, backend, timeout)
+    assert ep is not None and dp is not None  # every rank is in one ep group and one dp group
     intra, inter = dims.node_groups()
     return ProcessGroups(
         ep=ep,

@@ -21,7 +21,7 @@ T = TypeVar("T")
 
 def is_distributed(state: ParallelState | None) -> bool:
     """Is there a process group (more than a plain function call to make)?"""
-    return state is not None and state.distributed
+    return state is not None and state.dims.distributed
 
 
 def barrier(state: ParallelState | None) -> None:
@@ -36,7 +36,7 @@ def from_main(state: ParallelState | None, fn: Callable[[], T]) -> T:
     if not is_distributed(state):
         return fn()
     box: list[Any] = [None]
-    if state.is_main:  # type: ignore[union-attr]
+    if state.dims.is_main:  # type: ignore[union-attr]
         try:
             box[0] = ("ok", fn())
         except Exception as e:  # noqa: BLE001 - shipped to every rank, raised there
@@ -52,6 +52,6 @@ def gather_all(state: ParallelState | None, value: T) -> list[T]:
     """Every rank's `value`, by rank, on every rank."""
     if not is_distributed(state):
         return [value]
-    out: list[Any] = [None] * state.world_size  # type: ignore[union-attr]
+    out: list[Any] = [None] * state.dims.world_size  # type: ignore[union-attr]
     guarded("all_gather_object", lambda: dist.all_gather_object(out, value))
     return out

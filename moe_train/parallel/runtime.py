@@ -3,136 +3,53 @@ training loop calls. `init_parallel` reads torchrun's environment and creates it
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch import Tensor
 
 from ..routing import RouterConfig
-from . import grads
 from .config import ParallelConfig
 from .dims import ParallelDims
 from .errors import guarded
-from .fsdp import is_sharded, set_gradient_sync
 from .groups import ProcessGroups, build_process_groups, teardown_process_group
-from .parallelize import unwrap_model
+from .parallelize import needs_dense_group
 
 
 @dataclass
 class ParallelState:
-    """Where this process sits (`dims`), the groups it uses (`groups`) and its device.
-
-    With one process every group is None and every collective is a no-op. Gradient policy lives
-    in parallel/grads.py; the methods here bind it to this layout.
+    """Where this process sits (`dims`: rank, world, ep x dp, is_main), the groups it uses
+    (`groups`: ep, dp, dense, mesh, ...) and its device. Read them there: `state.dims.rank`,
+    `state.groups.ep`. With one process every group is None and every collective is a no-op.
+    The gradient strategy is not here: `parallelize` returns it (parallel/grad_sync.py).
     """
 
     cfg: ParallelConfig
     dims: ParallelDims = field(default_factory=ParallelDims)
     groups: ProcessGroups = field(default_factory=ProcessGroups)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    local_rank: int = 0
-
-    # ---- layout (read from dims) ------------------------------------------------------------
-    @property
-    def rank(self) -> int:
-        return self.dims.rank
-
-    @property
-    def world_size(self) -> int:
-        return self.dims.world_size
-
-    @property
-    def ep(self) -> int:
-        return self.dims.ep
-
-    @property
-    def dp(self) -> int:
-        return self.dims.dp
-
-    @property
-    def ep_rank(self) -> int:
-        return self.dims.ep_rank
-
-    @property
-    def dp_rank(self) -> int:
-        return self.dims.dp_rank
-
-    @property
-    def data_rank(self) -> int:
-        """Every rank reads its own slice of the global batch (world-way data split)."""
-        return self.dims.rank
-
-    @property
-    def data_world(self) -> int:
-        return self.dims.world_size
-
-    @property
-    def is_main(self) -> bool:
-        return self.dims.is_main
-
-    @property
-    def distributed(self) -> bool:
-        return self.dims.distributed
-
-    @property
-    def hierarchical(self) -> bool:
-        return self.groups.intra_node is not None
-
-    @property
-    def ep_group(self) -> dist.ProcessGroup | None:
-        return self.groups.ep
-
-    @property
-    def dp_group(self) -> dist.ProcessGroup | None:
-        return self.groups.dp
-
-    @property
-    def mesh(self) -> object | None:
-        return self.groups.mesh
-
-    # ---- training-loop helpers --------------------------------------------------------------
-    def unwrap(self, model: nn.Module) -> nn.Module:
-        """The model inside a DistributedDataParallel wrapper (or the model itself)."""
-        return unwrap_model(model)
-
-    def no_sync(self, model: nn.Module, last_micro_step: bool):
-        """Context for one micro-step's backward: DDP and FSDP reduce only on the last one."""
-        if isinstance(model, DDP) and not last_micro_step:
-            return model.no_sync()
-        if is_sharded(model):  # FSDP: accumulate unsharded, reduce-scatter on the last one
-            set_gradient_sync(model, last_micro_step)
-        return contextlib.nullcontext()
-
-    def sync_gradients(self, model: nn.Module) -> None:
-        """grads.sync_gradients on this layout (after backward and accumulation)."""
-        grads.sync_gradients(model, self.dims, self.groups)
-
-    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
-        """grads.clip_grad_norm_ on this layout (after sync_gradients)."""
-        return grads.clip_grad_norm_(model, max_norm, self.dims, self.groups)
 
     def all_reduce_mean(self, t: Tensor) -> Tensor:
         """Mean of `t` over all ranks (a new tensor; `t` is untouched)."""
-        if not self.distributed:
+        if not self.dims.distributed:
             return t.detach().clone()
         out = t.detach().clone().float() if not t.is_floating_point() else t.detach().clone()
         guarded("all_reduce(mean)", lambda: dist.all_reduce(out))
-        return out / self.world_size
+        return out / self.dims.world_size
 
     def all_reduce_max(self, t: Tensor) -> Tensor:
         """Max of `t` over all ranks (a new tensor)."""
         out = t.detach().clone()
-        if self.distributed:
+        if self.dims.distributed:
             guarded("all_reduce(max)", lambda: dist.all_reduce(out, op=dist.ReduceOp.MAX))
         return out
 
     def barrier(self) -> None:
-        if self.distributed:
+        if self.dims.distributed:
             guarded("barrier", lambda: dist.barrier())
 
     def shutdown(self) -> None:
@@ -170,11 +87,11 @@ def init_parallel(cfg: ParallelConfig, num_experts: int, router: RouterConfig) -
     cfg.validate(world, num_experts, router)
     device, backend = _device_and_backend(cfg.backend, local_rank)
     dims = ParallelDims.from_config(cfg, world, rank, _env_int("LOCAL_WORLD_SIZE", world))
-    state = ParallelState(cfg, dims, device=device, local_rank=local_rank)
+    state = ParallelState(cfg, dims, device=device)
     if world == 1:
         return state
     if not dist.is_initialized():
-        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
         timeout = timedelta(seconds=cfg.timeout_s)
         dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world, **kwargs)
     state.groups = build_process_groups(
@@ -182,6 +99,6 @@ def init_parallel(cfg: ParallelConfig, num_experts: int, router: RouterConfig) -
         backend=backend,
         timeout_s=cfg.timeout_s,
         device_type=device.type,
-        dense=cfg.overlap_grad_sync or cfg.fsdp,
+        dense=needs_dense_group(cfg),
     )
     return state

@@ -92,7 +92,7 @@ def activation_bytes(cfg: TrainConfig, cluster: ClusterConfig) -> dict[str, floa
     norms = 4 * sbd
     dense_layer = attn + norms + 3 * sbd + per_f * sb * model.d_ff
     slots = router.experts_per_token() * sb
-    moe_ffn = 3 * sbd + 4 * sbd + 8 * sb * units
+    moe_ffn: float = 3 * sbd + 4 * sbd + 8 * sb * units
     moe_ffn += slots * (4 * d + per_f * (model.expert_d_ff or model.d_ff))
     moe_layer = attn + norms + moe_ffn
     layers = [moe_layer if model.is_moe_layer(i) else dense_layer for i in range(L)]

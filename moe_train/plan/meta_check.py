@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from ..model import MoETransformer
 
 
-def build_one_rank(model: Any, router: Any, ep: int, rank: int = 0) -> nn.Module:
+def build_one_rank(model: Any, router: Any, ep: int, rank: int = 0) -> MoETransformer:
     """Rank `rank` of `ep`'s MoETransformer on the meta device: the one place that knows how a
     single rank is built without a process group."""
     import torch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -73,7 +74,7 @@ class PrototypeRouter(Router):
         )
         keep = self.keep(token, expert, self.priority(w, token, choice, T), cap, ctx)
         gs = ctx.group_size
-        balance = sum(balance_loss(probs[:, j], local[:, j], gs) for j in range(k))
+        balance = cast(Tensor, sum(balance_loss(probs[:, j], local[:, j], gs) for j in range(k)))
         losses = {"balance": self.cfg.balance_coef * balance}
         losses.update(self.z_loss_term(proto_logits))
         return Assignment.from_slots(token, expert, w, keep, T, E, losses)

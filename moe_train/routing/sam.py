@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -87,7 +87,7 @@ class SAMRouter(Router):
         choice = torch.arange(k, device=dev).expand(T, k)
 
         gs = ctx.group_size
-        balance = sum(balance_loss(probs, expert[:, j], gs) for j in range(k))
+        balance = cast(Tensor, sum(balance_loss(probs, expert[:, j], gs) for j in range(k)))
         outside = torch.ones(T, G, dtype=torch.bool, device=dev)
         outside[torch.arange(T, device=dev), device_choice] = False
         outside = outside.repeat_interleave(n, dim=1)  # [T, E]

@@ -33,11 +33,14 @@ class _Shards:
     reductions across that dim are summed (a DTensor on a 1-D mesh, Shard(k), as FSDP makes)."""
 
     def __init__(self, p: Tensor):
+        from torch.distributed.tensor import DTensor, Shard
+
         self.dim: int | None = None
         self.group = None
-        for placement in getattr(p, "placements", ()):
-            if placement.is_shard():
-                self.dim, self.group = placement.dim, p.device_mesh.get_group()
+        if isinstance(p, DTensor):
+            for placement in p.placements:
+                if isinstance(placement, Shard):
+                    self.dim, self.group = placement.dim, p.device_mesh.get_group()
 
     def mean(self, t: Tensor, dims: tuple[int, ...], shape: tuple[int, ...]) -> Tensor:
         """Mean over `dims` (kept) of the local `t`, whole across shards; `shape` is global."""
@@ -101,6 +104,7 @@ class Adafactor(torch.optim.Optimizer):
 
     def _update(self, p: Tensor, group: dict) -> None:
         state, shards, shape = self._state(p), _Shards(p), tuple(p.shape)
+        assert p.grad is not None  # step() updates the parameters that have a gradient
         w, grad = _local(p), _local(p.grad)
         eps1, eps2 = group["eps"]
         eps1 = torch.finfo(p.dtype).eps if eps1 is None else eps1
@@ -132,12 +136,14 @@ def _zeros_like_stat(p: Tensor, reduced: int) -> Tensor:
     For a DTensor: sharded like p unless p is sharded on the reduced dim (then replicated)."""
     shape = list(p.shape)
     shape[reduced] = 1
-    if not hasattr(p, "to_local"):
-        return p.new_zeros(shape)
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
+    if not isinstance(p, DTensor):
+        return p.new_zeros(shape)
     reduced %= p.dim()
-    placements = [Replicate() if pl.is_shard() and pl.dim == reduced else pl for pl in p.placements]
+    placements = [
+        Replicate() if isinstance(pl, Shard) and pl.dim == reduced else pl for pl in p.placements
+    ]
     local_shape = list(p.to_local().shape)
     for pl in placements:
         if isinstance(pl, Shard):

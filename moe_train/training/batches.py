@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..data import TokenFile, get_batch, val_batches
+from ..data import BatchSampler, TrainingData, val_batches
+from ..data.sampler import Tokens
 
 
 @dataclass(frozen=True)
@@ -32,17 +33,29 @@ class BatchPlan:
         """Sequences per step on this rank (B / data_world)."""
         return self.micro * self.grad_accum
 
-    def micro_batches(self, tokens: TokenFile, step: int) -> Iterator[tuple[Tensor, Tensor, int]]:
+    def sampler(self, data: TrainingData | Tokens) -> BatchSampler:
+        """The global batches of `data`: its sources and sampling (a bare token file or array:
+        one source, windows sampling)."""
+        if isinstance(data, TrainingData):
+            return data.sampler(self.seed, self.global_batch, self.seq_len)
+        from ..data.streams import TokenStream
+
+        return BatchSampler(
+            [TokenStream.of(data)], [1.0], self.seed, self.global_batch, self.seq_len
+        )
+
+    def micro_batches(
+        self, data: TrainingData | Tokens, step: int
+    ) -> Iterator[tuple[Tensor, Tensor, int]]:
         """(x [micro, T], y [micro, T], token_offset) per micro-batch of step `step`; the offset is
         the global index of x's first token in the step's batch (it keys router noise)."""
+        sampler = self.sampler(data)
         for m in range(self.grad_accum):
             first = self.data_rank * self.share + m * self.micro  # first sample of the global batch
-            x, y = get_batch(
-                tokens, self.seed, step, self.global_batch, self.seq_len, first, self.micro
-            )
+            x, y = sampler.batch(step, first, self.micro)
             yield x.to(self.device), y.to(self.device), first * self.seq_len
 
-    def eval_batches(self, tokens: TokenFile, max_batches: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def eval_batches(self, tokens: Tokens, max_batches: int) -> Iterator[tuple[Tensor, Tensor]]:
         """This rank's share (x, y: [share, T]) of the fixed validation batches of B windows."""
         first = self.data_rank * self.share
         for x, y in val_batches(

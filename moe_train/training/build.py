@@ -1,18 +1,16 @@
 """From config to the things the loop runs on: the token files, the model and its engine.
 
-The only places that build the model (`build_meta_model`, `build_model`) and wrap it for its engine (`build_engine`:
-DDP for the native engine, deepspeed.initialize for DeepSpeed); gradient sync and clipping live in
-the native engine.
+The only places that build the model (`build_meta_model`, `build_model`) and wrap it for its
+engine (`build_engine`: moe_train.parallel.parallelize for the native engine, which chooses the
+gradient strategy and when to materialise; deepspeed.initialize for DeepSpeed).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from ..config import TrainConfig
-from ..data import TokenFile, open_splits, resolve_data_dir
+from ..data import TrainingData, open_data
 from ..data.checks import check_split_sizes, check_token_ids, resolve_vocab_size
 from ..engines import DeepSpeedEngine, Engine, NativeEngine, deepspeed_initialize
 from ..init import materialize
@@ -22,17 +20,28 @@ from ..precision import autocast_dtype
 from .optim import build_optimizer
 
 
-def open_training_data(cfg: TrainConfig) -> tuple[Path, TokenFile, TokenFile]:
-    """(data folder, train tokens, val tokens), checked before any step: sets cfg.model.vocab_size
-    when null (the data's, rounded up to a multiple of 64), and fails naming the file when a
-    token id is outside it or a split is too small for one window (val: one batch)."""
-    data_dir = resolve_data_dir(cfg.data)
-    train_tokens, val_tokens = open_splits(data_dir, cfg.model.vocab_size)
-    cfg.model.vocab_size = resolve_vocab_size(cfg.model.vocab_size, train_tokens)
-    check_token_ids([train_tokens, val_tokens], cfg.model.vocab_size)
-    evaluated = val_tokens if cfg.trainer.eval_batches else None
-    check_split_sizes(train_tokens, evaluated, cfg.model.seq_len, cfg.trainer.global_batch_size)
-    return data_dir, train_tokens, val_tokens
+def open_training_data(cfg: TrainConfig) -> TrainingData:
+    """The sources of cfg.data (one, or a mixture), checked before any step: sets
+    cfg.model.vocab_size when null (the data's, rounded up to a multiple of 64), and fails
+    naming the file when a token id is outside it or a split is too small for one window (val,
+    when evaluated: one batch)."""
+    data = open_data(cfg.data, cfg.model.vocab_size)
+    cfg.model.vocab_size = resolve_vocab_size(cfg.model.vocab_size, data.first)
+    check_token_ids(data.sources, cfg.model.vocab_size)
+    for s in data.sources:
+        evaluated = s.val if cfg.trainer.eval_batches else None
+        name = s.name if data.is_mixture else ""
+        check_split_sizes(
+            s.train, evaluated, cfg.model.seq_len, cfg.trainer.global_batch_size, name
+        )
+    if cfg.trainer.eval_batches and not data.validation():
+        from ..data import DataError
+
+        raise DataError(
+            f"no validation data in {', '.join(str(s.path) for s in data.sources)} (data.holdout=0?); "
+            "set data.holdout > 0 or trainer.eval_batches=0 to train without validation"
+        )
+    return data
 
 
 def build_meta_model(cfg: TrainConfig, parallel: ParallelState) -> MoETransformer:
@@ -54,10 +63,9 @@ def build_engine(
 ) -> Engine:
     """The model, its optimizer and the engine of trainer.engine around them."""
     module = build_meta_model(cfg, parallel)
-    if not cfg.parallel.fsdp:  # replicated: allocate and initialise the whole local model now
-        materialize(module, parallel.device, cfg.seed)
     amp_dtype = autocast_dtype(cfg.trainer.precision, parallel.device)
     if cfg.trainer.engine == "deepspeed":  # DeepSpeed broadcasts, reduces and steps itself
+        materialize(module, parallel.device, cfg.seed)  # replicated (no parallel.fsdp here)
         optimizer = build_optimizer(module, cfg.optim, parallel.device)
         wrapped = deepspeed_initialize(
             module, optimizer, parallel, num_experts=cfg.model.num_experts,
@@ -65,17 +73,17 @@ def build_engine(
             grad_clip=cfg.optim.grad_clip, amp_dtype=amp_dtype,
         )  # fmt: skip
         return DeepSpeedEngine(wrapped, module, optimizer, parallel)
-    # groups into the MoE layers, recomputation, then FSDP shards (or DDP reduces dense grads)
-    model = parallelize(
+    # groups into the MoE layers, recomputation, then materialise + DDP (or FSDP shards on meta,
+    # then materialise the local shards): parallelize knows the order and returns the strategy
+    grad_sync = parallelize(
         module, parallel.dims, parallel.groups, cfg.parallel,
         activation_checkpointing=cfg.trainer.activation_checkpointing,
         param_dtype=amp_dtype, device_type=parallel.device.type,
+        materialize=lambda m: materialize(m, parallel.device, cfg.seed),
     )  # fmt: skip
-    if cfg.parallel.fsdp:  # sharded on meta: allocate and initialise this rank's shards only
-        materialize(module, parallel.device, cfg.seed)
-    optimizer = build_optimizer(module, cfg.optim, parallel.device)  # over the sharded parameters
+    optimizer = build_optimizer(module, cfg.optim, parallel.device)  # over the local parameters
     return NativeEngine(
-        model, module, optimizer, parallel,
+        grad_sync, optimizer, parallel,
         grad_accum=grad_accum, grad_clip=cfg.optim.grad_clip, amp_dtype=amp_dtype,
         async_checkpoint=cfg.trainer.async_checkpoint,
     )  # fmt: skip

@@ -67,12 +67,13 @@ class TrainLogger:
 
     def __init__(self, cfg: TrainConfig, parallel: ParallelState, start: int):
         trainer, run_dir = cfg.trainer, Path(cfg.trainer.run_dir)
-        self.parallel, self.is_main, self.progress = parallel, parallel.is_main, trainer.progress
+        self.parallel, self.progress = parallel, trainer.progress
+        self.is_main = parallel.dims.is_main
         self.cadence = Every(trainer.log_every, trainer.max_steps)
         self.tokens_per_step = trainer.global_batch_size * cfg.model.seq_len
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.router)
         peak = device_peak_flops(parallel.device)
-        self.peak_flops = peak * parallel.world_size if peak else None
+        self.peak_flops = peak * parallel.dims.world_size if peak else None
         if self.is_main:
             truncate_metrics(run_dir, start)
         sinks = _sinks(cfg) if self.is_main else []

@@ -9,6 +9,8 @@
   differing key fails at start naming it.
 - A run that starts at step 0 in a folder an earlier run left files in (no complete checkpoint,
   or trainer.resume=false) moves those files to run_dir/previous_<n>/ and says so.
+- The run's own files: rank 0 writes config.yaml (the composed config, which a resume is checked
+  against and the inference tools load) and copies the data's tokenizer file (tokenizer.json).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import checkpoint_candidates
 from ..config_help import dotted
+from ..data.tokenizers import copy_tokenizer_files
 from ..parallel.objects import from_main
 
 if TYPE_CHECKING:
@@ -46,7 +49,7 @@ MAY_CHANGE = (
     "trainer.progress", "trainer.tensorboard", "trainer.threads", "trainer.micro_batch_size",
     "trainer.precision", "trainer.max_skipped_steps", "parallel.", "data.cache_dir", "optim.impl",
     "trainer.wandb", "trainer.wandb_project", "trainer.wandb_run_name", "trainer.print_config",
-    "trainer.async_checkpoint", "trainer.activation_checkpointing",
+    "trainer.async_checkpoint", "trainer.activation_checkpointing", "data.verify_checksums",
 )  # fmt: skip
 # what an earlier run leaves behind (moved aside when a new run starts at step 0)
 LEFTOVERS = ("metrics.jsonl", "tb", "latest", "deepspeed", CONFIG_FILE)
@@ -169,17 +172,19 @@ def set_aside(run_dir: Path) -> tuple[Path, list[str]] | None:
 
 
 class RunFolder:
-    """The run folder as this process holds it: rank 0 holds the lock."""
+    """The run folder as this process holds it: rank 0 holds the lock and writes the files; on
+    the other ranks `start_fresh` and `record` do nothing."""
 
-    def __init__(self, run_dir: Path, lock: RunFolderLock | None):
-        self.path, self.lock = run_dir, lock
+    def __init__(self, run_dir: Path, lock: RunFolderLock | None, is_main: bool):
+        self.path, self.lock, self.is_main = run_dir, lock, is_main
 
     @classmethod
     def open(cls, cfg: TrainConfig, parallel: ParallelState) -> RunFolder:
         """Rank 0 takes the lock and checks the configuration; every rank raises rank 0's
         RunFolderError (collective), so no rank trains when rank 0 may not."""
         run_dir = Path(cfg.trainer.run_dir)
-        lock = RunFolderLock(run_dir) if parallel.is_main else None
+        is_main = parallel.dims.is_main
+        lock = RunFolderLock(run_dir) if is_main else None
 
         def claim() -> None:
             assert lock is not None
@@ -192,10 +197,12 @@ class RunFolder:
                 raise
 
         from_main(parallel, claim)
-        return cls(run_dir, lock)
+        return cls(run_dir, lock, is_main)
 
     def start_fresh(self, resume: bool) -> None:
-        """Rank 0, when the run starts at step 0: move an earlier run's files aside, say so."""
+        """When the run starts at step 0: move an earlier run's files aside, say so (rank 0)."""
+        if not self.is_main:
+            return
         moved = set_aside(self.path)
         if moved is None:
             return
@@ -210,6 +217,18 @@ class RunFolder:
             f"({', '.join(names)}) were moved to {dest}",
             file=sys.stderr,
         )
+
+    def record(self, cfg: TrainConfig, data_dir: Path, tokenizer: str) -> None:
+        """Rank 0, before the first step: write the composed config as config.yaml (with the
+        values filled in at start, e.g. model.vocab_size) and copy the tokenizer file the data
+        folder names (`tokenizer`, as TokenFile.tokenizer says) as tokenizer.json."""
+        if not self.is_main:
+            return
+        from omegaconf import OmegaConf
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(cfg), self.path / CONFIG_FILE)
+        copy_tokenizer_files(data_dir, tokenizer, self.path)
 
     def close(self) -> None:
         if self.lock is not None:

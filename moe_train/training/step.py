@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data import TokenFile
+from ..data import TrainingData
+from ..data.sampler import Tokens
 from ..engines import Engine
 from ..ops.hashing import mix_seed
 from .batches import BatchPlan
@@ -44,7 +45,7 @@ class StepOutput:
 
 
 def train_step(
-    engine: Engine, tokens: TokenFile, plan: BatchPlan, step: int, lr: float, rank: int
+    engine: Engine, tokens: TrainingData | Tokens, plan: BatchPlan, step: int, lr: float, rank: int
 ) -> StepOutput:
     """Step `step` (0-based) at learning rate `lr`: every micro-batch's forward and backward through
     the engine, then engine.step(). Dropout is seeded by (seed, step, rank), router noise by

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -73,8 +74,8 @@ def test_scaling_quick(tmp_path):
 def _common():
     """benchmarks/_common.py as a module (the benchmarks are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location("bench_common", BENCH / "_common.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 
@@ -85,9 +86,18 @@ def test_quick_runs_do_not_overwrite_the_committed_results():
     assert results_dir(None, quick=True) == QUICK_DIR != RESULTS_DIR
     assert results_dir(None, quick=False) == RESULTS_DIR
     assert results_dir("elsewhere", quick=True) == Path("elsewhere")
-    for script in ("comm_volume", "dispatch_combine", "moe_layer", "quality", "scaling", "memory"):
-        source = (BENCH / f"{script}.py").read_text()
-        assert "results_dir(" in source and "default=RESULTS_DIR" not in source, script
+    p = argparse.ArgumentParser()
+    common.add_output_args(p, "CI-sized")
+    assert common.parse_args(p, ["--quick"]).out == QUICK_DIR
+    assert common.parse_args(p, []).out == RESULTS_DIR
+    assert common.parse_args(p, ["--quick", "--out", "x"]).out == Path("x")
+    scripts = sorted(BENCH.glob("[!_]*.py"))
+    assert len(scripts) == 8, scripts
+    for script in scripts:  # each takes --quick/--out from the one helper, none its own
+        source = script.read_text()
+        assert "add_output_args(" in source and " = parse_args(" in source, script.name
+        for flag in ('"--out"', '"--quick"'):
+            assert f"add_argument({flag}" not in source, (script.name, flag)
 
 
 @pytest.mark.slow

@@ -66,6 +66,7 @@ def test_crash_before_publish_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert load_checkpoint(latest_checkpoint(tmp_path), model, opt)["step"] == 2
 
 
+@pytest.mark.slow
 def test_process_killed_mid_save_keeps_previous_checkpoint(tmp_path):
     """A real process dies (SIGKILL-like os._exit) after the shards are written, before publish."""
     script = textwrap.dedent(

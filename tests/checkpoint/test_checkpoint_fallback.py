@@ -20,12 +20,12 @@ def fallback_main(rank: int, world: int, run_dir: str) -> dict:
     from moe_train.checkpoint import load_latest_checkpoint, save_checkpoint
 
     state = make_state(2)
-    model, opt = build_model(state, CKPT_ROUTER, seed=3)
-    train_steps(state, model, opt, range(1), seed=3)
-    save_checkpoint(run_dir, 1, model, opt, {"step": 1}, state)
-    at_1 = eval_logits(state, model)
-    train_steps(state, model, opt, range(1, 2), seed=3)
-    save_checkpoint(run_dir, 2, model, opt, {"step": 2}, state)
+    sync, opt = build_model(state, CKPT_ROUTER, seed=3)
+    train_steps(state, sync, opt, range(1), seed=3)
+    save_checkpoint(run_dir, 1, sync.module, opt, {"step": 1}, state)
+    at_1 = eval_logits(state, sync)
+    train_steps(state, sync, opt, range(1, 2), seed=3)
+    save_checkpoint(run_dir, 2, sync.module, opt, {"step": 2}, state)
     if rank == 0:  # damage a shard rank 1 wrote (its experts), as a disk would
         shard = Path(run_dir) / "step_00000002" / "__1_0.distcp"
         data = bytearray(shard.read_bytes())
@@ -35,7 +35,7 @@ def fallback_main(rank: int, world: int, run_dir: str) -> dict:
     fresh, fresh_opt = build_model(state, CKPT_ROUTER, seed=77)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        path, extra = load_latest_checkpoint(run_dir, fresh, fresh_opt, state)
+        path, extra = load_latest_checkpoint(run_dir, fresh.module, fresh_opt, state)
     out = {
         "path": Path(path).name,
         "extra": extra,

@@ -198,6 +198,7 @@ def test_disk_full_save_says_so_and_keeps_the_previous_checkpoint(
     assert load_latest_checkpoint(tmp_path, *make(seed=3))[1] == {"step": 1}
 
 
+@pytest.mark.slow
 def test_disk_full_on_a_real_small_filesystem(tmp_path):
     """A 1 MiB tmpfs (in a user namespace): fill it, then save."""
     if shutil.which("unshare") is None:

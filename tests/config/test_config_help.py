@@ -39,6 +39,7 @@ def moe_train(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_help_lists_groups_and_every_field_but_not_the_planners():
     p = moe_train("--help")
     assert p.returncode == 0, p.stderr
@@ -53,6 +54,7 @@ def test_help_lists_groups_and_every_field_but_not_the_planners():
     assert "model.d_model [64]" in tiny  # the defaults of the chosen options
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arg", ["cluster=a100_80gb", "+cluster=v100_32gb", "cluster.world_size=8"])
 def test_a_planner_group_is_refused_with_what_to_do(arg):
     p = moe_train(arg)

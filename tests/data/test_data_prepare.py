@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moe_train.data import ByteTokenizer, DataError, TokenFile, prepare_corpus
+from moe_train.data import ByteTokenizer, DataError, prepare_corpus
 from moe_train.data.prepare import main, split_documents
+from tests.helpers.data import folder_bytes, split_tokens
 
 TOK = ByteTokenizer()
 TEXT = "Hello, wörld! ∑ MoE 🚀\nline two\n\ttabbed\n" * 50
@@ -17,7 +18,7 @@ TEXT = "Hello, wörld! ∑ MoE 🚀\nline two\n\ttabbed\n" * 50
 
 def _docs(out: Path, split: str) -> list[str]:
     """Decoded documents of a split (each ends with the separator 0)."""
-    ids = np.asarray(TokenFile(out / f"{split}.bin").tokens)
+    ids = split_tokens(out, split)
     assert ids[-1] == TOK.eot_id
     return [TOK.decode(d, skip_eot=True) for d in np.split(ids, np.flatnonzero(ids == 0) + 1)[:-1]]
 
@@ -42,8 +43,7 @@ def test_single_file_round_trip(tmp_path: Path, chunk_bytes: int) -> None:
     r = prepare_corpus(
         [str(src)], tmp_path / "out", val_fraction=0.1, chunk_bytes=chunk_bytes, progress=False
     )
-    train = np.asarray(TokenFile(tmp_path / "out" / "train.bin").tokens)
-    val = np.asarray(TokenFile(tmp_path / "out" / "val.bin").tokens)
+    train, val = split_tokens(tmp_path / "out", "train"), split_tokens(tmp_path / "out", "val")
     assert train[-1] == val[-1] == TOK.eot_id
     assert TOK.decode(np.concatenate([train[:-1], val[:-1]])) == TEXT
     n = len(TEXT.encode())
@@ -81,10 +81,8 @@ def test_split_is_deterministic_and_stable(tmp_path: Path) -> None:
     prepare_corpus([str(tmp_path / "c1")], tmp_path / "o1", progress=False)
     shutil.copytree(tmp_path / "c1", tmp_path / "elsewhere" / "c2")
     prepare_corpus([str(tmp_path / "elsewhere" / "c2")], tmp_path / "o2", progress=False)
-    assert (tmp_path / "o1" / "train.bin").read_bytes() == (
-        tmp_path / "o2" / "train.bin"
-    ).read_bytes()
-    assert (tmp_path / "o1" / "val.bin").read_bytes() == (tmp_path / "o2" / "val.bin").read_bytes()
+    one, two = folder_bytes(tmp_path / "o1"), folder_bytes(tmp_path / "o2")
+    assert one.keys() == two.keys() and all(one[k] == two[k] for k in one if k.endswith(".bin"))
     # adding documents never moves existing ones between splits
     keys = [f"d{i}.txt" for i in range(200)]
     before = dict(zip(keys[:100], split_documents(keys[:100], 0.1)))
@@ -128,8 +126,8 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert e.value.code == 0 and "--val-fraction" in capsys.readouterr().out
     _corpus(tmp_path / "corpus")
     assert main([str(tmp_path / "corpus"), "--out", str(tmp_path / "out"), "--ext", "txt"]) == 0
-    assert "train.bin" in capsys.readouterr().out
-    assert TokenFile(tmp_path / "out" / "val.bin").num_tokens > 0
+    assert "1 shard, train " in capsys.readouterr().out
+    assert split_tokens(tmp_path / "out", "val").size > 0
     assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "o2"), "--quiet"]) == 2
     assert "missing" in capsys.readouterr().err
     with pytest.raises(SystemExit):

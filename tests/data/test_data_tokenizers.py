@@ -1,19 +1,19 @@
 """moe-train-prepare with --tokenizer bpe|PATH: a byte-level BPE trained offline, saved as
 tokenizer.json, round trips the text; an existing tokenizer.json is reused; bytes per token are
-exact; skipped binaries are one line; the sidecar records the largest id."""
+exact; skipped binaries are one line; the manifest records the largest id."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from moe_train.data import DataError, TokenFile
+from moe_train.data import DataError
 from moe_train.data.prepare import main as prepare_main
 from moe_train.data.prepare import prepare_corpus, skipped_line
 from moe_train.data.tokenizers import HFTokenizer, load_tokenizer, train_bpe
+from tests.helpers.data import manifest, split_tokens
 
 TEXTS = {
     f"doc{i}.txt": (
@@ -34,9 +34,8 @@ def corpus(tmp_path: Path) -> Path:
 
 
 def docs_of(out: Path, split: str) -> list[str]:
-    tf = TokenFile(out / f"{split}.bin")
-    tok = load_tokenizer(out, tf.tokenizer)
-    ids = np.asarray(tf.tokens)
+    tok = load_tokenizer(out, manifest(out)["tokenizer"])
+    ids = split_tokens(out, split)
     assert ids[-1] == tok.eot_id
     parts = np.split(ids, np.flatnonzero(ids == tok.eot_id) + 1)[:-1]
     return [tok.decode(p, skip_eot=True) for p in parts]
@@ -46,10 +45,10 @@ def test_bpe_prepare_round_trips_and_saves_its_tokenizer(corpus, tmp_path):
     out = tmp_path / "bpe"
     r = prepare_corpus([str(corpus)], out, progress=False, tokenizer="bpe", vocab_size=512)
     assert (out / "tokenizer.json").is_file()
-    meta = json.loads((out / "train.json").read_text())
+    meta = manifest(out)
     assert meta["tokenizer"] == "tokenizer.json" and meta["vocab_size"] == r.vocab_size <= 512
-    train = TokenFile(out / "train.bin")
-    assert meta["max_token"] == int(np.asarray(train.tokens).max()) < meta["vocab_size"]
+    top = meta["splits"]["train"]["max_token"]
+    assert top == int(split_tokens(out, "train").max()) < meta["vocab_size"]
     assert set(docs_of(out, "train")) | set(docs_of(out, "val")) == set(TEXTS.values())
     assert r.train_tokens < sum(len(t.encode()) for t in TEXTS.values()) / 2  # it compresses
 
@@ -59,7 +58,7 @@ def test_an_existing_tokenizer_json_is_reused(corpus, tmp_path):
     source = tmp_path / "a" / "tokenizer.json"
     prepare_corpus([str(corpus)], tmp_path / "b", progress=False, tokenizer=str(source))
     prepare_corpus([str(corpus)], tmp_path / "c", progress=False, tokenizer=str(tmp_path / "a"))
-    a, b, c = (np.asarray(TokenFile(tmp_path / x / "val.bin").tokens) for x in "abc")
+    a, b, c = (split_tokens(tmp_path / x, "val") for x in "abc")
     assert np.array_equal(a, b) and np.array_equal(a, c)
     assert (tmp_path / "b" / "tokenizer.json").is_file()
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moe_train.engines import DeepSpeedEngine, Engine, NativeEngine
-from moe_train.parallel import ParallelConfig, ParallelState
+from moe_train.parallel import ParallelConfig, ParallelState, parallelize
 from moe_train.training.train_state import TrainState
 
 
@@ -20,8 +20,9 @@ def linear_engine(*, grad_clip=0.0, grad_accum=1, amp_dtype=None, lr=1.0, adam=F
     opt_cls = torch.optim.AdamW if adam else torch.optim.SGD
     optimizer = opt_cls(module.parameters(), lr=lr)
     parallel = ParallelState(ParallelConfig())  # one process: every collective is a no-op
+    grad_sync = parallelize(module, parallel.dims, parallel.groups, parallel.cfg)
     engine = NativeEngine(
-        module, module, optimizer, parallel,
+        grad_sync, optimizer, parallel,
         grad_accum=grad_accum, grad_clip=grad_clip, amp_dtype=amp_dtype,
     )  # fmt: skip
     return engine

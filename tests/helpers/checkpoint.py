@@ -27,4 +27,4 @@ def step(model, opt, i: int) -> float:
     opt.zero_grad()
     loss.backward()
     opt.step()
-    return float(loss)
+    return float(loss.detach())

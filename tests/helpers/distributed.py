@@ -23,6 +23,7 @@ from typing import Any
 import torch.multiprocessing as mp
 
 from moe_train.parallel.launch_env import free_port, torchrun_env
+from tests.helpers.tiers import require_distributed
 
 DIST_CALLS = (
     "init_process_group",
@@ -96,6 +97,7 @@ def run_ranks(
     allow_missing: ranks that exit without a result (e.g. killed on purpose) give None instead of
     failing the run.
     """
+    require_distributed(f"spawns {world} ranks")
     ctx = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:

@@ -17,7 +17,16 @@ from torch import Tensor
 from moe_train.layer import MoELayer
 from moe_train.model import ModelConfig, MoETransformer
 from moe_train.ops.hashing import mix_seed
-from moe_train.parallel import ParallelConfig, ParallelState, init_parallel, parallelize
+from moe_train.parallel import (
+    FlatSync,
+    GradSync,
+    ParallelConfig,
+    ParallelDims,
+    ParallelState,
+    ProcessGroups,
+    init_parallel,
+    parallelize,
+)
 from moe_train.routing import RouterConfig
 
 D, FF, SEQ = 16, 24, 8
@@ -78,7 +87,7 @@ def check_layer(
 ) -> dict[str, float]:
     """Forward, input grads, router and expert grads (after sync) of one MoELayer vs reference."""
     E = rcfg.num_experts_for(num_experts)
-    world, rank = state.world_size, state.rank
+    world, rank = state.dims.world_size, state.dims.rank
     g = torch.Generator().manual_seed(seed + 1)
     X = torch.randn(batch, SEQ, D, generator=g)
     C = torch.randn(batch, SEQ, D, generator=g)
@@ -91,7 +100,8 @@ def check_layer(
         _push(lay, X)
     # the flat (after-backward) gradient sync; the DDP path runs in train_steps
     flat = replace(state.cfg, overlap_grad_sync=False)
-    assert parallelize(lay, state.dims, state.groups, flat) is lay
+    sync = parallelize(lay, state.dims, state.groups, flat)
+    assert isinstance(sync, FlatSync) and sync.model is lay
 
     Xr = X.clone().requires_grad_()
     y_ref, aux_ref = ref(Xr, noise_seed=seed)
@@ -104,7 +114,7 @@ def check_layer(
     y, aux = lay(x, noise_seed=seed, token_offset=lo * SEQ)
     loss = (y * C[lo : lo + per]).sum() / (per * SEQ) + sum(aux.values())
     loss.backward()
-    state.sync_gradients(lay)
+    sync.sync()
 
     first, n = lay.experts.first_expert, lay.experts.num_local
     out = {
@@ -123,7 +133,7 @@ def check_layer(
     }
     if rcfg.kind != "tree":
         # norm and clipping: global norm over ranks equals the reference's
-        norm = state.clip_grad_norm_(lay, 0.0)
+        norm = sync.clip(0.0)
         ref_norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in ref.parameters()))
         out["norm_rel"] = abs(float(norm) - float(ref_norm)) / float(ref_norm)
     return out
@@ -137,17 +147,18 @@ def expected_rows(
     X = torch.randn(8, SEQ, D, generator=g)
     torch.manual_seed(seed)
     ref = MoELayer(D, FF, num_experts, router=rcfg, seed=seed, layer_id=3)
-    per = 8 // state.world_size
-    lo = state.rank * per
+    per = 8 // state.dims.world_size
+    lo = state.dims.rank * per
     x = X[lo : lo + per].reshape(-1, D)
     a = ref.router(x, noise_seed=mix_seed(seed, 3), token_offset=lo * SEQ, group_size=SEQ)
-    per_rank = num_experts // state.ep
+    ep = state.dims.ep
+    per_rank = num_experts // ep
     dest = a.expert // per_rank
-    me = state.ep_rank
-    ranks = torch.unique(a.token * state.ep + dest)
-    r_dest = ranks % state.ep
-    nodes = torch.unique(a.token * state.ep + dest // rpn)
-    n_dest = nodes % state.ep
+    me = state.dims.ep_rank
+    ranks = torch.unique(a.token * ep + dest)
+    r_dest = ranks % ep
+    nodes = torch.unique(a.token * ep + dest // rpn)
+    n_dest = nodes % ep
     return {
         "rows_all": float(ranks.numel()),
         "rows_remote_node_flat": float(((r_dest // rpn) != me // rpn).sum()),
@@ -171,19 +182,24 @@ def tiny_model_cfg(num_experts: int = 8) -> ModelConfig:
 
 def build_model(
     state: ParallelState | None, rcfg: RouterConfig, seed: int = 0, lr: float = 3e-3
-) -> tuple[MoETransformer, torch.optim.Optimizer]:
+) -> tuple[GradSync, torch.optim.Optimizer]:
+    """The tiny model parallelized on `state`'s layout (None: one process), and its AdamW.
+    `.model` runs the forward pass (DDP with the default parallel.overlap_grad_sync), `.module`
+    is the bare model (checkpoints)."""
     torch.manual_seed(seed)
     shard = state.dims.expert_shard if state else None
     model = MoETransformer(tiny_model_cfg(), rcfg, seed=seed, shard=shard)
-    if state is not None:
-        model = parallelize(model, state.dims, state.groups, state.cfg)
-    return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    if state is None:
+        sync = parallelize(model, ParallelDims(), ProcessGroups(), ParallelConfig())
+    else:
+        sync = parallelize(model, state.dims, state.groups, state.cfg)
+    return sync, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
 
 
 def batch_slice(state: ParallelState | None, step: int, batch: int = 8, seed: int = 0):
     """This rank's (x, y, token_offset) of the global batch of `step`."""
-    world = state.world_size if state else 1
-    rank = state.rank if state else 0
+    world = state.dims.world_size if state else 1
+    rank = state.dims.rank if state else 0
     per = batch // world
     g = torch.Generator().manual_seed(mix_seed(seed, step))
     tokens = torch.randint(0, 48, (batch, SEQ + 1), generator=g)
@@ -193,7 +209,7 @@ def batch_slice(state: ParallelState | None, step: int, batch: int = 8, seed: in
 
 def train_steps(
     state: ParallelState | None,
-    model: MoETransformer,
+    sync: GradSync,
     opt: torch.optim.Optimizer,
     steps: range,
     seed: int = 0,
@@ -203,7 +219,7 @@ def train_steps(
     losses, norms = [], []
     for step in steps:
         x, y, offset = batch_slice(state, step, seed=seed)
-        logits, aux = model(x, noise_seed=mix_seed(seed, step, 7), token_offset=offset)
+        logits, aux = sync.model(x, noise_seed=mix_seed(seed, step, 7), token_offset=offset)
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
         )
@@ -211,24 +227,24 @@ def train_steps(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if state is not None:
-            state.sync_gradients(model)
-            norm = state.clip_grad_norm_(model, 1.0)
+            sync.sync()
+            norm = sync.clip(1.0)
             losses.append(float(state.all_reduce_mean(loss.detach())))
-        else:
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            losses.append(float(loss))
+        else:  # torch's own clipping as the reference
+            norm = torch.nn.utils.clip_grad_norm_(sync.module.parameters(), 1.0)
+            losses.append(float(loss.detach()))
         norms.append(float(norm))
         opt.step()
     return {"losses": losses, "norms": norms}
 
 
 @torch.no_grad()
-def eval_logits(state: ParallelState | None, model: MoETransformer, step: int = 99) -> Tensor:
+def eval_logits(state: ParallelState | None, sync: GradSync, step: int = 99) -> Tensor:
     """This rank's logits on the batch of `step` (eval mode, no noise)."""
-    model.eval()
+    sync.model.eval()
     x, _, offset = batch_slice(state, step)
-    logits, _ = model(x, noise_seed=5, token_offset=offset)
-    model.train()
+    logits, _ = sync.model(x, noise_seed=5, token_offset=offset)
+    sync.model.train()
     return logits
 
 
@@ -254,7 +270,7 @@ PUSH_ROUTERS = ("switch", "switch_drop", "topk", "expert_choice")
 
 
 def layer_suite(state: ParallelState, seed: int) -> dict[str, dict[str, float]]:
-    cases = router_cases(state.ep)
+    cases = router_cases(state.dims.ep)
     out = {name: check_layer(state, rc, seed=seed) for name, rc in cases.items()}
     for name in PUSH_ROUTERS:
         out[f"push_{name}"] = check_layer(state, cases[name], seed=seed + 1, push=True)
@@ -264,19 +280,19 @@ def layer_suite(state: ParallelState, seed: int) -> dict[str, dict[str, float]]:
 def ckpt_phase(state: ParallelState, ckpt_dir: str, save: bool) -> dict:
     from moe_train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
-    model, opt = build_model(state, CKPT_ROUTER, seed=3 if save else 77)
+    sync, opt = build_model(state, CKPT_ROUTER, seed=3 if save else 77)
     if save:
-        train_steps(state, model, opt, range(2), seed=3)
-        save_checkpoint(ckpt_dir, 2, model, opt, {"step": 2, "data": [1, 2]}, state)
+        train_steps(state, sync, opt, range(2), seed=3)
+        save_checkpoint(ckpt_dir, 2, sync.module, opt, {"step": 2, "data": [1, 2]}, state)
         extra = {"step": 2, "data": [1, 2]}
     else:
         path = latest_checkpoint(ckpt_dir)
         assert path is not None, f"no checkpoint in {ckpt_dir}"
-        extra = load_checkpoint(path, model, opt, state)
+        extra = load_checkpoint(path, sync.module, opt, state)
     return {
         "extra": extra,
-        "logits": eval_logits(state, model),
-        "next": train_steps(state, model, opt, range(2, 4), seed=3)["losses"],
+        "logits": eval_logits(state, sync),
+        "next": train_steps(state, sync, opt, range(2, 4), seed=3)["losses"],
     }
 
 
@@ -311,7 +327,7 @@ def four_rank_main(rank: int, world: int, ckpt_dir: str) -> dict:
     # hierarchical all-to-all: 2 "nodes" of 2 ranks vs flat (flat counts inter-node bytes too)
     flat = make_state(4, ranks_per_node=2)
     hier = make_state(4, ranks_per_node=2, hierarchical_a2a=True)
-    assert hier.hierarchical and not flat.hierarchical
+    assert hier.dims.hierarchical and not flat.dims.hierarchical
     res["hier"] = {}
     for name in ("switch", "topk", "sam", "switch_drop", "expert_choice"):
         rc = router_cases(4)[name]

@@ -7,9 +7,9 @@ import math
 import torch
 from torch import Tensor
 
-from moe_train.routing import Assignment, RouterConfig, build_router
+from moe_train.routing import Assignment, RouterConfig, build_router, router_kinds
 
-KINDS = ("switch", "topk", "prototype", "sam", "expert_choice", "tree")
+KINDS = tuple(router_kinds())  # every registered kind: a new router is tested like the others
 TOKEN_CHOICE = ("switch", "topk", "prototype", "sam", "tree")
 D_MODEL = 16
 NUM_EXPERTS = 8

@@ -21,7 +21,7 @@ def compose_cfg(*overrides: str) -> TrainConfig:
     register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         dcfg = compose("train", overrides=list(overrides))
-    return OmegaConf.to_object(dcfg)  # type: ignore[return-value]
+    return OmegaConf.to_object(dcfg)
 
 
 def tiny_overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:

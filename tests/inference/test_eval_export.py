@@ -23,6 +23,8 @@ from moe_train.inference.evaluate import score
 from moe_train.inference.run import load_run
 from tests.helpers.runs import cli, tiny_overrides
 
+pytestmark = pytest.mark.slow  # every test reads a 30-step run (tiny_run) or runs a tool
+
 
 def test_score_is_the_mean_cross_entropy(tiny_run):
     run = load_run(tiny_run)

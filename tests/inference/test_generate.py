@@ -104,6 +104,7 @@ def test_sampling_options():
     assert torch.equal(first, again)  # --seed makes it reproducible
 
 
+@pytest.mark.slow
 def test_generate_cli_prints_a_continuation(tiny_run):
     args = [str(tiny_run), "--prompt", "def ", "--max-new-tokens", "40", "--no-stop"]
     p = cli("inference.generate", *args)
@@ -115,6 +116,7 @@ def test_generate_cli_prints_a_continuation(tiny_run):
     assert other != p.stdout
 
 
+@pytest.mark.slow
 def test_generate_cli_names_a_folder_without_a_run(tmp_path):
     p = cli("inference.generate", str(tmp_path), "--prompt", "x")
     assert p.returncode == 2 and "config.yaml" in p.stderr

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from moe_train import MoELayer, RouterConfig
+from tests.helpers.routing import KINDS
 
-KINDS = ("switch", "topk", "prototype", "sam", "expert_choice", "tree")
 D, H, E = 16, 24, 8
 
 

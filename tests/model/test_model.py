@@ -8,8 +8,7 @@ import torch.nn.functional as F
 
 from moe_train import ModelConfig, MoELayer, MoETransformer, RouterConfig
 from tests.helpers.distributed import forbid_torch_distributed
-
-KINDS = ("switch", "topk", "prototype", "sam", "expert_choice", "tree")
+from tests.helpers.routing import KINDS
 
 
 def tiny(moe_every=1, **kw):
@@ -225,7 +224,8 @@ def test_parallelize_refuses_a_model_built_for_another_rank():
     with pytest.raises(ValueError, match="shard=dims.expert_shard"):
         parallelize(model, ParallelDims(), ProcessGroups(), ParallelConfig())
     one = MoETransformer(tiny(), router("switch"))  # one process: the same module back
-    assert parallelize(one, ParallelDims(), ProcessGroups(), ParallelConfig()) is one
+    sync = parallelize(one, ParallelDims(), ProcessGroups(), ParallelConfig())
+    assert sync.model is one and sync.module is one
 
 
 def test_bad_floats_in_the_model_config_name_the_key():

@@ -85,6 +85,7 @@ def _no_compiler(tmp_path: Path) -> dict[str, str]:
     return {"CXX": "no-such-compiler", "PATH": str(empty)}
 
 
+@pytest.mark.slow
 def test_prebuilt_kernels_in_torch_extensions_dir_load_without_a_compiler(shipped, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in shipped.rglob("*")}
     rep = _report(_env(TORCH_EXTENSIONS_DIR=str(shipped), **_no_compiler(tmp_path)), tmp_path)
@@ -94,6 +95,7 @@ def test_prebuilt_kernels_in_torch_extensions_dir_load_without_a_compiler(shippe
     assert {p: p.stat().st_mtime_ns for p in shipped.rglob("*")} == before  # nothing written
 
 
+@pytest.mark.slow
 def test_prebuilt_kernels_of_other_sources_are_not_used(shipped, tmp_path):
     kernels = tmp_path / "kernels"
     shutil.copytree(extension.kernels_dir(), kernels)

@@ -57,11 +57,13 @@ def _run(env_update: dict[str, str], ext_dir) -> list[str]:
     return out.stdout.splitlines()
 
 
+@pytest.mark.slow
 def test_no_ext_env_forces_reference_silently(tmp_path):
     lines = _run({"MOE_TRAIN_NO_EXT": "1"}, tmp_path / "ext")
     assert lines[0] == "0"
 
 
+@pytest.mark.slow
 def test_missing_compiler_warns_once_with_how_to_build(tmp_path):
     env = {"MOE_TRAIN_NO_EXT": "0", "CXX": "no-such-compiler", "PATH": str(tmp_path)}
     lines = _run(env, tmp_path / "ext")
@@ -96,6 +98,7 @@ def with_cuda(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
 
 
+@pytest.mark.slow
 def test_failed_build_with_cuda_raises_the_compiler_error(fresh_build, monkeypatch):
     with_cuda(monkeypatch)
     with pytest.raises(extension.ExtensionBuildError) as err:
@@ -125,6 +128,7 @@ def test_no_ext_opt_out_with_cuda_uses_the_reference(fresh_build, monkeypatch):
     assert torch.equal(y, torch.tensor([[1.0, 1.0], [2.0, 2.0]]))
 
 
+@pytest.mark.slow
 def test_failed_build_on_cpu_warns_and_falls_back(fresh_build, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.warns(RuntimeWarning, match="using the PyTorch reference ops"):

@@ -99,8 +99,8 @@ def test_bytes_sam_k2_equal_switch_top1(two):
 
 
 def _reference_steps(rc, steps=3) -> list[float]:
-    model, opt = build_model(None, rc)
-    return train_steps(None, model, opt, range(steps))["losses"]
+    sync, opt = build_model(None, rc)
+    return train_steps(None, sync, opt, range(steps))["losses"]
 
 
 @pytest.mark.parametrize("router", list(STEP_ROUTERS))
@@ -149,10 +149,10 @@ def test_reshard_ep2_to_ep4_and_ep1(two, four, ckpt_dir):
 
     from moe_train.checkpoint import latest_checkpoint, load_checkpoint
 
-    model, opt = build_model(None, CKPT_ROUTER, seed=123)
+    sync, opt = build_model(None, CKPT_ROUTER, seed=123)
     ckpt = latest_checkpoint(ckpt_dir)
-    extra = load_checkpoint(ckpt, model, opt)
+    extra = load_checkpoint(ckpt, sync.module, opt)
     assert extra["step"] == 2
-    torch.testing.assert_close(eval_logits(None, model), saved, rtol=1e-5, atol=1e-5)
-    nxt = train_steps(None, model, opt, range(2, 4), seed=3)["losses"]
+    torch.testing.assert_close(eval_logits(None, sync), saved, rtol=1e-5, atol=1e-5)
+    nxt = train_steps(None, sync, opt, range(2, 4), seed=3)["losses"]
     assert rel_close(nxt, two[0]["ckpt"]["next"], 1e-4), (nxt, two[0]["ckpt"]["next"])

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from moe_train.parallel import ParallelConfig, init_parallel
+from moe_train.parallel import ParallelConfig, init_parallel, parallelize
 from moe_train.routing import RouterConfig
 from tests.helpers.distributed import run_ranks
 
@@ -63,15 +63,16 @@ def test_single_process_without_env(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     state = init_parallel(ParallelConfig(), 8, SWITCH)
-    assert (state.rank, state.world_size, state.dp, state.ep, state.mesh) == (0, 1, 1, 1, None)
-    assert state.ep_group is None and state.is_main and state.data_world == 1
-    p = torch.nn.Parameter(torch.ones(3))
-    p.grad = torch.full((3,), 2.0)
+    d = state.dims
+    assert (d.rank, d.world_size, d.dp, d.ep, state.groups.mesh) == (0, 1, 1, 1, None)
+    assert state.groups.ep is None and d.is_main and not d.distributed
     model = torch.nn.Linear(1, 1)
+    sync = parallelize(model, state.dims, state.groups, state.cfg)
+    assert sync.model is model
     model.weight.grad = torch.full((1, 1), 3.0)
     model.bias.grad = torch.full((1,), 4.0)
-    state.sync_gradients(model)
-    norm = state.clip_grad_norm_(model, 1.0)
+    sync.sync()
+    norm = sync.clip(1.0)
     assert abs(float(norm) - 5.0) < 1e-6
     assert abs(float(torch.cat([model.weight.grad.flatten(), model.bias.grad]).norm()) - 1) < 1e-5
     assert float(state.all_reduce_mean(torch.tensor(2.0))) == 2.0
@@ -106,7 +107,7 @@ def stall_main(rank: int, world: int, mode: str) -> dict | None:
     return _forward_until_error(state)
 
 
-stall_main.skip_teardown = True  # type: ignore[attr-defined]
+stall_main.skip_teardown = True
 
 
 @pytest.mark.distributed

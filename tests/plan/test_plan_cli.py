@@ -84,6 +84,7 @@ def plan_cli(*overrides: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_json() -> None:
     done = plan_cli(
         "model=tiny",
@@ -112,6 +113,7 @@ def test_cli_json() -> None:
     assert bad.returncode != 0 and "parallel.ep" in bad.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["router.capacity_factor", "router.z_loss_coef"])
 def test_cli_names_a_nan_router_field(key: str) -> None:
     bad = plan_cli("model=tiny", f"{key}=nan")

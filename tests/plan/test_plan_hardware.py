@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from moe_train.plan import ClusterConfig, PlanOptions, make_plan
 from moe_train.plan.cli import _jsonable
 from moe_train.plan.render import render
@@ -37,6 +39,7 @@ def test_json_byte_counts_are_integers():
     assert isinstance(plan["a2a"]["seconds"], float)  # not every number is a byte count
 
 
+@pytest.mark.slow
 def test_cli_json_and_a_model_whose_vocabulary_comes_from_the_data():
     done = subprocess.run(
         [sys.executable, "-m", "moe_train.plan", "model=small", "cluster=v100_32gb", "plan.json=true"],

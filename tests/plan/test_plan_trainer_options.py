@@ -60,7 +60,7 @@ def test_every_suggested_option_is_a_trainer_option() -> None:
         for s in suggested:
             overrides = [o for o in s["options"] if not o.startswith("cluster.")]
             cfg = compose("train", overrides=["model=m6t_1t", "router=prototype", *overrides])
-            train_cfg: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+            train_cfg: TrainConfig = OmegaConf.to_object(cfg)
             train_cfg.validate()
 
 

@@ -86,7 +86,7 @@ def bpe_data(tmp_path_factory) -> Path:
 
 
 def test_the_vocabulary_comes_from_the_data(tmp_path, bpe_data):
-    data_vocab = json.loads((bpe_data / "train.json").read_text())["vocab_size"]
+    data_vocab = json.loads((bpe_data / "manifest.json").read_text())["vocab_size"]
     train(run_cfg(tmp_path / "run", bpe_data, "trainer.max_steps=1"))
     saved = load_run_config(tmp_path / "run").model.vocab_size
     assert saved == -(-data_vocab // 64) * 64 and saved >= data_vocab
@@ -96,6 +96,7 @@ def test_the_vocabulary_comes_from_the_data(tmp_path, bpe_data):
     assert "model.vocab_size=256" in str(e.value) and f"({data_vocab}," in str(e.value)
 
 
+@pytest.mark.slow
 def test_a_bpe_run_trains_generates_and_evaluates(tmp_path, bpe_data):
     run_dir = tmp_path / "run"
     extra = ("trainer.max_steps=30", "trainer.ckpt_every=30", "trainer.global_batch_size=8")

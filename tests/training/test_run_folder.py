@@ -187,3 +187,28 @@ def test_diverging_lr_exits_nonzero_from_the_command_line(tmp_path, corpus, monk
     assert "training diverged" in capsys.readouterr().err
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] < 30  # stopped early
+
+
+def test_rank_0_records_the_config_and_the_tokenizer_and_other_ranks_write_nothing(tmp_path):
+    from omegaconf import OmegaConf
+
+    from moe_train.config import TrainConfig
+    from moe_train.training.run_dir import RunFolder
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "tokenizer.json").write_text('{"model": "bpe"}')
+    cfg = TrainConfig(seed=11)
+    cfg.model.vocab_size = 320  # a value filled in at start: the record holds it
+    other = RunFolder(tmp_path / "other", None, is_main=False)
+    other.record(cfg, data, "tokenizer.json")
+    assert not (tmp_path / "other").exists()
+    main = RunFolder(tmp_path / "run", None, is_main=True)
+    main.record(cfg, data, "tokenizer.json")
+    saved = OmegaConf.to_object(
+        OmegaConf.merge(
+            OmegaConf.structured(TrainConfig), OmegaConf.load(tmp_path / "run" / "config.yaml")
+        )
+    )
+    assert saved == cfg
+    assert (tmp_path / "run" / "tokenizer.json").read_text() == '{"model": "bpe"}'

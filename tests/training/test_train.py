@@ -108,6 +108,7 @@ def small_data(tmp_path_factory) -> str:
     return str(cache)
 
 
+@pytest.mark.slow
 def test_thirty_steps_lower_the_loss(tmp_path, small_data):
     summary = train(tiny_cfg(tmp_path / "run", small_data, "trainer.ckpt_every=100"))
     curve = losses(tmp_path / "run")
@@ -119,6 +120,7 @@ def test_thirty_steps_lower_the_loss(tmp_path, small_data):
     assert (tmp_path / "run" / "config.yaml").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("router", ["switch", "topk"])  # topk: random routing noise must resume too
 def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path, small_data, router):
     full, resumed = tmp_path / "full", tmp_path / "resumed"

@@ -117,7 +117,7 @@ def test_logger_writes_its_records_on_its_cadence_and_cuts_resumed_metrics(tmp_p
     t.run_dir, t.log_every, t.max_steps, t.global_batch_size = str(tmp_path), 2, 5, 4
     t.tensorboard = t.progress = False
     parallel = ParallelState(ParallelConfig())
-    parallel.all_reduce_mean = mean_over_ranks  # type: ignore[method-assign]
+    parallel.all_reduce_mean = mean_over_ranks
     logger = TrainLogger(cfg, parallel, start=2)
     train_state = TrainState(step=2)
     for step in range(2, 5):
