@@ -23,6 +23,20 @@ from .planner import make_plan
 from .render import render
 
 PLANNER_KEYS = ("cluster", "plan")  # overrides of configs/plan.yaml; all others are moe-train's
+# the trainer options earlier planners took under cluster.*: the trainer's own key to use instead
+MOVED_TO_TRAINER = {
+    "cluster.ep": "parallel.ep (or leave it out: the largest ep the trainer accepts)",
+    "cluster.micro_batch_size": "trainer.micro_batch_size",
+    "cluster.grad_accum": "trainer.global_batch_size (accumulation = global batch / world / micro)",
+    "cluster.seq_len": "model.seq_len",
+    "cluster.fsdp": "parallel.fsdp",
+    "cluster.reshard_after_forward": "parallel.reshard_after_forward",
+    "cluster.activation_checkpointing": "trainer.activation_checkpointing",
+    "cluster.precision": "trainer.precision",
+    "cluster.optimizer": "optim=NAME (adamw, adafactor)",
+    "cluster.engine": "trainer.engine",
+    "cluster.zero_stage": "trainer.zero_stage",
+}
 
 
 def _key(arg: str) -> str:
@@ -65,9 +79,26 @@ def compose_configs(args: list[str]) -> tuple[Any, PlannerConfig, dict[str, str]
     return OmegaConf.to_object(train), OmegaConf.to_object(planner), names  # type: ignore[return-value]
 
 
+def _check_keys(args: list[str]) -> None:
+    """Name the trainer's key for a trainer option given under cluster.*, and the spelling of
+    "the largest ep" (ParallelConfig.ep is an int: no null)."""
+    for arg in args:
+        if _key(arg) in MOVED_TO_TRAINER:
+            raise ValueError(
+                f"{_key(arg)}: the plan takes the trainer's own options; use "
+                f"{MOVED_TO_TRAINER[_key(arg)]}"
+            )
+        if _key(arg) == "parallel.ep" and arg.split("=", 1)[-1] in ("null", "None", "~"):
+            raise ValueError(
+                "parallel.ep=null: parallel.ep is an int in the trainer; leave it out to plan "
+                "the largest ep the trainer accepts on cluster.world_size GPUs"
+            )
+
+
 def plan_from_overrides(args: list[str]) -> tuple[dict[str, Any], PlanOptions, dict[str, str]]:
     """The plan of a command line (moe-train's overrides and the planner's): (plan, its options,
     the config group choices)."""
+    _check_keys(args)
     cfg, planner, names = compose_configs(args)
     ep_given = any(_key(a) in ("parallel", "parallel.ep") for a in split_overrides(args)[1])
     if not ep_given:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -11,6 +12,7 @@ from dataclasses import replace
 import pytest
 
 from moe_train.plan import (
+    PLANNED,
     ClusterConfig,
     GiB,
     PlanOptions,
@@ -18,8 +20,10 @@ from moe_train.plan import (
     format_count,
     format_seconds,
     make_plan,
+    plan_from_overrides,
     render,
 )
+from moe_train.plan.cli import render_help
 from moe_train.routing import RouterConfig
 from tests.helpers.plan import FAST, ROOT, SMALL, train_cfg
 
@@ -118,3 +122,28 @@ def test_cli_json() -> None:
 def test_cli_names_a_nan_router_field(key: str) -> None:
     bad = plan_cli("model=tiny", f"{key}=nan")
     assert bad.returncode != 0 and key in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "arg,fix",
+    [
+        ("cluster.ep=2", "use parallel.ep"),
+        ("cluster.micro_batch_size=2", "use trainer.micro_batch_size"),
+        ("cluster.grad_accum=2", "use trainer.global_batch_size"),
+        ("cluster.seq_len=64", "use model.seq_len"),
+        ("cluster.optimizer=adafactor", "use optim=NAME"),
+        ("parallel.ep=null", "leave it out"),
+    ],
+)
+def test_a_trainer_option_under_its_old_name_names_the_trainers_key(arg: str, fix: str) -> None:
+    with pytest.raises(ValueError, match=fix):
+        plan_from_overrides(["model=tiny", arg])
+
+
+def test_help_lists_the_machine_and_the_trainer_fields_the_plan_reads() -> None:
+    text = render_help([])
+    for f in dataclasses.fields(ClusterConfig):
+        assert f"cluster.{f.name} [" in text
+    for group, names in PLANNED.items():
+        assert all(f"{group}.{name}" in text for name in names)
+    assert "cluster.ep" not in text and "cluster   a100_80gb*, v100_32gb" in text
