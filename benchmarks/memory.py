@@ -113,9 +113,9 @@ def predicted(world: int, model: str, fsdp: bool, optim: str) -> int:
     from moe_train.plan import ClusterConfig, PlanOptions, make_plan
 
     cfg = _config(model, world, fsdp, optim)
-    cluster = ClusterConfig(world_size=world, ep=min(2, world), fsdp=fsdp, optimizer=optim)
+    cfg.trainer.global_batch_size = world  # one sequence per rank (state bytes do not depend on it)
     options = PlanOptions(meta_check=False, compare_routers=False, suggest=False)
-    return make_plan(cfg.model, cfg.router, cluster, options)["state_bytes_per_gpu"]
+    return make_plan(cfg, ClusterConfig(world_size=world), options)["state_bytes_per_gpu"]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from moe_train.config import TrainConfig
 from moe_train.data import TokenFile, write_tokens
 from moe_train.hardware import peak_tflops
 from moe_train.metrics import read_metrics
@@ -38,9 +39,9 @@ def test_known_gpu_peaks():
 def test_model_flops_are_the_planners():
     model = ModelConfig(vocab_size=256, seq_len=64, d_model=64, n_layers=2, n_heads=4, d_ff=128)
     router = RouterConfig(kind="topk", top_k=2)
-    cluster = ClusterConfig(world_size=1, ep=1, seq_len=64)
+    cfg, cluster = TrainConfig(model=model, router=router), ClusterConfig(world_size=1)
     options = PlanOptions(meta_check=False, compare_routers=False, suggest=False)
-    planned = make_plan(model, router, cluster, options)["compute"]["model_flops_per_token"]
+    planned = make_plan(cfg, cluster, options)["compute"]["model_flops_per_token"]
     assert model_flops_per_token(model, router) == planned
     # 6 x active matmul parameters + attention: the position table is looked up, not multiplied
     dense = 256 * 64 + 2 * 4 * 64 * 64 + 64 * 128 * 2 + 64 * 8  # emb, attn, dense FFN, 8-way gate

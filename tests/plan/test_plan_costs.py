@@ -16,7 +16,7 @@ from moe_train.plan import (
     memory,
 )
 from moe_train.routing import RouterConfig
-from tests.helpers.plan import SMALL
+from tests.helpers.plan import SMALL, train_cfg
 
 
 def test_memory_terms_by_hand() -> None:
@@ -28,19 +28,23 @@ def test_memory_terms_by_hand() -> None:
     expert = 1 * E * 2 * d * f
     assert (pc.dense, pc.experts) == (dense, expert)
 
-    base = ClusterConfig(
-        world_size=8, ep=4, micro_batch_size=2, seq_len=16, gpu_memory_gb=1, reserved_gb=0
-    )
+    base = ClusterConfig(world_size=8, gpu_memory_gb=1, reserved_gb=0)
+    micro2 = {"global_batch_size": 16, "micro_batch_size": 2}  # 8 GPUs x 2 sequences (s = 16)
+
+    def cfg(**sections):
+        return train_cfg(model=model, router=router, trainer={**micro2, **sections.pop("trainer", {})},
+                         parallel={"ep": 4, **sections.pop("parallel", {})}, **sections)  # fmt: skip
+
     # the trainer's state: fp32 weights and gradients, AdamW's two fp32 moments; FSDP shards
     # dense over the world (8) and experts over the world/ep ranks holding them (2)
     for fsdp, div in ((False, (1, 1)), (True, (8, 2))):
-        m = memory(pc, model, router, replace(base, fsdp=fsdp))
+        m = memory(pc, cfg(parallel={"fsdp": fsdp}), base)
         held = dense / div[0] + expert / 4 / div[1]
         assert m["weights"] == pytest.approx(4 * held) and m["gradients"] == m["weights"]
         assert m["optimizer"] == pytest.approx(8 * held)
-    fp32 = memory(pc, model, router, replace(base, precision="fp32"))
+    fp32 = memory(pc, cfg(trainer={"precision": "fp32"}), base)
     assert fp32["transient_weights_and_gradients"] == 0  # no autocast copies in fp32
-    ada = memory(pc, model, router, replace(base, optimizer="adafactor"))
+    ada = memory(pc, cfg(optim={"name": "adafactor"}), base)
     assert ada["optimizer"] == 0 and ada["weights"] == 4 * (dense + expert / 4)
 
     # activations: Korthikanti per layer + MoE terms + head, b=2, s=16, a=2
@@ -50,15 +54,15 @@ def test_memory_terms_by_hand() -> None:
     dense_layer = attn_norm + 3 * sbd + 4 * s * b * f
     moe_layer = attn_norm + 3 * sbd + 4 * sbd + 8 * s * b * E + k * s * b * (4 * d + 4 * f)
     head = 6 * s * b * V + 2 * sbd
-    acts = activation_bytes(model, router, base)
+    acts = activation_bytes(cfg(), base)
     assert acts["no_checkpointing"] == 2 * dense_layer + moe_layer + head
     assert acts["checkpointing"] == 3 * 2 * sbd + max(dense_layer, moe_layer) + head
     assert acts["moe_checkpointing"] == acts["no_checkpointing"]  # one MoE layer: recomputed
-    flash = activation_bytes(model, router, replace(base, flash_attention=True))
+    flash = activation_bytes(cfg(), replace(base, flash_attention=True))
     assert acts["no_checkpointing"] - flash["no_checkpointing"] == 3 * 5 * a * s * s * b
     # Korthikanti's 34sbh + 5as^2b for a dense layer with d_ff = 4d
     dense4 = replace(model, d_ff=4 * d, moe_every=0)
-    one = activation_bytes(dense4, router, base)["dense_layer"]
+    one = activation_bytes(replace(cfg(), model=dense4), base)["dense_layer"]
     assert one == 34 * sbd + 5 * a * s * s * b
 
 
@@ -74,12 +78,15 @@ def test_a2a_sam_one_copy_topk_distinct_ranks() -> None:
     model = replace(SMALL, d_model=16, num_experts=E)
     r = RouterConfig(kind="switch")
     pc = count_params(model, r)
-    c = ClusterConfig(world_size=8, ep=8, micro_batch_size=2, seq_len=16, grad_accum=3)
+    c = ClusterConfig(world_size=8)
+    trainer = {"global_batch_size": 8 * 2 * 3, "micro_batch_size": 2}  # micro 2 x accum 3, s 16
+    cfg = train_cfg(model=model, router=r, parallel={"ep": 8}, trainer=trainer)
     tokens, remote = 32, 7 / 8
     # 4 row transfers (dispatch+combine, fwd+bwd) of d*2 bytes + 24 B metadata per remote slot
     per_layer = 4 * tokens * remote * 16 * 2 + tokens * remote * (20 + 4)
-    assert a2a(pc, model, r, c)["bytes_per_gpu_per_step"] == pytest.approx(per_layer * 1 * 3)
-    ck = a2a(pc, model, r, replace(c, activation_checkpointing="full"))["bytes_per_gpu_per_step"]
+    assert a2a(pc, cfg, c)["bytes_per_gpu_per_step"] == pytest.approx(per_layer * 1 * 3)
+    full = replace(cfg, trainer=replace(cfg.trainer, activation_checkpointing="full"))
+    ck = a2a(pc, full, c)["bytes_per_gpu_per_step"]
     assert ck == pytest.approx((6 * tokens * remote * 32 + tokens * remote * (40 + 4)) * 3)
 
 
@@ -95,8 +102,9 @@ def test_distinct_ranks_of_sam_groups_spanning_ranks_and_expert_choice() -> None
 def test_estimate_step_is_the_sum_of_its_terms() -> None:
     router = RouterConfig(kind="topk", top_k=2)
     pc = count_params(SMALL, router)
-    c = ClusterConfig(world_size=8, ep=4, seq_len=16)
-    est = estimate_step(pc, SMALL, router, c)
-    assert est["memory"] == memory(pc, SMALL, router, c)
-    assert est["a2a"] == a2a(pc, SMALL, router, c)
+    c = ClusterConfig(world_size=8)
+    cfg = train_cfg(router=router, parallel={"ep": 4})
+    est = estimate_step(pc, cfg, c)
+    assert est["memory"] == memory(pc, cfg, c)
+    assert est["a2a"] == a2a(pc, cfg, c)
     assert est["comm_compute_ratio"] == est["a2a"]["seconds"] / est["compute"]["seconds"]

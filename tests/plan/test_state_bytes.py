@@ -61,8 +61,8 @@ def _measure(rank: int, world: int) -> dict:
 
 def _predicted(fsdp: bool, optim: str) -> int:
     cfg = _small()
-    cluster = ClusterConfig(world_size=4, ep=2, fsdp=fsdp, optimizer=optim)
-    plan = make_plan(cfg.model, cfg.router, cluster, PlanOptions(compare_routers=False))
+    cfg.parallel.ep, cfg.parallel.fsdp, cfg.optim.name = 2, fsdp, optim
+    plan = make_plan(cfg, ClusterConfig(world_size=4), PlanOptions(compare_routers=False))
     return plan["state_bytes_per_gpu"]
 
 
