@@ -190,16 +190,12 @@ class Dispatcher:
         n = dist.get_world_size(hop.group)
         plan = plan_send(slots.token, slots.expert, T, hop.experts_per_dest, n)
         counts = torch.stack([plan.row_splits, plan.slot_splits], 1)  # [n, 2] rows, slots
-        recv_counts = exchange_counts(counts, hop.group)
-        splits = Splits(
-            send_rows=plan.row_splits.tolist(),
-            recv_rows=recv_counts[:, 0].tolist(),
-            send_slots=plan.slot_splits.tolist(),
-            recv_slots=recv_counts[:, 1].tolist(),
-        )
+        recv_counts = exchange_counts(counts, hop.group)  # [n, 2] from each source
+        splits = read_splits(counts, recv_counts)  # the hop's one device-to-host read
 
         # dispatch: one row per (row of x, destination); slot metadata and weights alongside
-        sent = ops.dispatch(x, plan.row_token)
+        row_token = plan.row_tokens(sum(splits.send_rows))
+        sent = ops.dispatch(x, row_token)
         recv_x, recv_w = dispatch_all_to_all(sent, slots.weight[plan.slot_order], splits, hop.group)
         meta = torch.stack([plan.slot_row, plan.slot_local_expert], 1)  # [S, 2]
         meta = all_to_all_rows(
@@ -207,17 +203,37 @@ class Dispatcher:
         )
 
         # receiver: slot -> row of recv_x; run the experts behind this hop, partial sums per row
-        source = torch.repeat_interleave(
-            torch.arange(n, device=x.device), recv_counts[:, 1].to(x.device)
-        )
-        row_start = torch.cumsum(recv_counts[:, 0], 0) - recv_counts[:, 0]
-        row = row_start.to(x.device)[source] + meta[:, 0]  # [S_in] row of recv_x
-        partial = inner(recv_x, Slots(row, meta[:, 1], recv_w))  # [R_in, d]
+        partial = inner(recv_x, Slots(receiver_rows(meta[:, 0], splits), meta[:, 1], recv_w))
 
         # reverse all-to-all, then sum each row's partial outputs over destinations
         back = all_to_all(partial, splits.recv_rows, splits.send_rows, hop.group, "MoE return rows")
         _count(stats, hop, splits, d * x.element_size())
-        return ops.combine(back, None, plan.row_token, T)
+        return ops.combine(back, None, row_token, T)
+
+
+def read_splits(send_counts: Tensor, recv_counts: Tensor) -> Splits:
+    """send_counts, recv_counts: [n, 2] (rows, slots) per peer -> Splits, in ONE device-to-host
+    read of the stacked counts (four separate reads would each wait for the device)."""
+    send_rows, send_slots, recv_rows, recv_slots = (
+        torch.cat([send_counts, recv_counts.to(send_counts.device)], 1).t().tolist()
+    )
+    return Splits(send_rows, recv_rows, send_slots, recv_slots)
+
+
+def receiver_rows(slot_row: Tensor, s: Splits) -> Tensor:
+    """slot_row: [S_in] row of each received slot within its source's chunk -> [S_in] row of the
+    received buffer (chunks in source order), on the device without a host sync."""
+    dev = slot_row.device
+    n = len(s.recv_rows)
+    source = torch.repeat_interleave(
+        torch.arange(n, device=dev),
+        torch.tensor(s.recv_slots, device=dev),
+        output_size=sum(s.recv_slots),
+    )
+    starts = [0] * n
+    for i in range(1, n):
+        starts[i] = starts[i - 1] + s.recv_rows[i - 1]
+    return torch.tensor(starts, device=dev)[source] + slot_row
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
