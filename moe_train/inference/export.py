@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from ..model import ModelConfig, MoETransformer
+from ..model import ModelConfig, MoETransformer, with_legacy_body
 from ..routing import RouterConfig
 from .cli import fail, run_arguments
 
@@ -115,7 +115,9 @@ def from_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> M
     from safetensors.torch import load_file
 
     config = read_config(folder)
-    model = MoETransformer(ModelConfig(**config["model"]), RouterConfig(**config["router"]))
+    # an export older than the body keys was trained with the GPT-2 body (LEGACY_BODY)
+    model_cfg = ModelConfig(**with_legacy_body(config["model"]))
+    model = MoETransformer(model_cfg, RouterConfig(**config["router"]))
     state = load_file(str(Path(folder) / WEIGHTS_FILE))
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed = {"head.weight"} if model.cfg.tie_embeddings else set()
