@@ -4,7 +4,6 @@ bias-free Linear, Embedding, LayerNorm and RMSNorm."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -82,7 +81,8 @@ class RMSNorm(nn.Module):
         reset_by_rule(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # [..., dim] float32
+        x32 = x.float()  # [..., dim]; HF's expression (faster on CPU than F.rms_norm's backward)
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * y.to(x.dtype)
 
 
