@@ -74,7 +74,7 @@ class Attention(nn.Module):
         pos: int = 0,
         rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        """x: [B, T, d] -> [B, T, d]; rope: (cos, sin) [T, dh/2] of x's positions, or None
+        """x: [B, T, d] -> [B, T, d]; rope: (cos, sin) [T, dh] of x's positions, or None
         (learned positions). With `kv`, x holds positions pos..pos+T-1 of a sequence whose
         earlier keys and values are cached (causal over all of them)."""
         B, T, _ = x.shape

@@ -18,21 +18,26 @@ from torch import Tensor, nn
 
 
 def rope_tables(positions: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """(cos, sin) [positions, head_dim / 2] float32, HF's arithmetic (inv_freq from an int64
-    arange, angles as a float32 outer product)."""
+    """(cos, sin) [positions, head_dim] float32, the angles repeated over both halves; HF's
+    arithmetic (inv_freq from an int64 arange, angles as a float32 outer product)."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     inv_freq = 1.0 / (theta**exponents)  # [head_dim / 2]
     angle = torch.arange(positions, dtype=torch.int64).float()[:, None] * inv_freq[None]
+    angle = torch.cat((angle, angle), dim=-1)  # [positions, head_dim]
     return angle.cos(), angle.sin()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [B, T, heads, hd]; cos, sin: [T, hd/2] -> x rotated, in x's dtype. One expression per
-    half: [x1 cos - x2 sin, x2 cos + x1 sin] (= x cos + rotate_half(x) sin, without building
-    rotate_half)."""
-    c, s = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]  # [T, 1, hd/2]
+def rotate_half(x: Tensor) -> Tensor:
+    """[x1, x2] -> [-x2, x1] over the last dimension."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [B, T, heads, hd]; cos, sin: [T, hd] -> x rotated, in x's dtype, in one expression:
+    x cos + rotate_half(x) sin (on CPU faster than rotating the two halves as strided views)."""
+    c, s = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]  # [T, 1, hd]
+    return x * c + rotate_half(x) * s
 
 
 class RotaryEmbedding(nn.Module):
@@ -44,8 +49,8 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_len: int, theta: float):
         super().__init__()
         self.head_dim, self.max_len, self.theta = head_dim, max_len, theta
-        self.register_buffer("cos", torch.empty(max_len, head_dim // 2), persistent=False)
-        self.register_buffer("sin", torch.empty(max_len, head_dim // 2), persistent=False)
+        self.register_buffer("cos", torch.empty(max_len, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_len, head_dim), persistent=False)
         self.reset_buffers()
 
     @torch.no_grad()
@@ -58,6 +63,6 @@ class RotaryEmbedding(nn.Module):
         self.sin.copy_(sin)
 
     def forward(self, start: int, length: int) -> tuple[Tensor, Tensor]:
-        """(cos, sin) [length, head_dim / 2] of positions start .. start + length - 1, float32."""
+        """(cos, sin) [length, head_dim] of positions start .. start + length - 1, float32."""
         end = start + length
         return self.cos[start:end].float(), self.sin[start:end].float()

@@ -41,6 +41,9 @@ class DenseFFN(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm block: x += attn(ln1(x)); x += ffn(ln2(x)); the FFN is an MoELayer or DenseFFN.
+    ln1/ln2 are model.norm's kind (RMSNorm or LayerNorm)."""
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -153,7 +156,7 @@ class MoETransformer(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         x = self.drop(x)
-        rope = self.rope(start, T) if self.rope is not None else None  # cos, sin [T, dh/2]
+        rope = self.rope(start, T) if self.rope is not None else None  # cos, sin [T, dh]
         aux: dict[str, Tensor] = {}
         for i, block in enumerate(self.blocks):
             kv = cache.layers[i] if cache is not None else None

@@ -91,6 +91,7 @@ def test_generation_slides_past_seq_len_and_every_cached_step_is_the_full_forwar
     """Past seq_len generate re-encodes the window's last 3/4 from position 0 (RoPE offsets
     restart): each step's logits equal a full forward of the tokens its cache holds."""
     model = model_for(ROUTERS["switch"], CFG if body == "modern" else GPT2)
+    caches: list[KVCache] = []  # kept alive: each cache's id stays its own
     held: dict[int, Tensor] = {}  # id(cache) -> the tokens it holds
     checked = []
     real = generate_mod._forward_last
@@ -98,6 +99,8 @@ def test_generation_slides_past_seq_len_and_every_cached_step_is_the_full_forwar
     def forward_last(model, idx, cache):
         logits = real(model, idx, cache)
         if cache is not None:
+            if id(cache) not in held:
+                caches.append(cache)
             held[id(cache)] = torch.cat([held.get(id(cache), idx[:, :0]), idx], dim=1)
             full = model(held[id(cache)])[0][:, -1]
             torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)

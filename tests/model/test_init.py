@@ -77,7 +77,7 @@ def test_rope_tables_are_recomputed_on_materialize_and_never_saved():
         materialize(model, torch.device("cpu"), seed=7)
     finally:
         torch.empty_like = real_empty
-    cos, sin = rope_tables(64, 16, 10000.0)
+    cos, sin = rope_tables(64, 16, 10000.0)  # [64, 16]: 4 heads of 16
     assert torch.equal(model.rope.cos, cos) and torch.equal(model.rope.sin, sin)
     assert not any("rope" in k for k in model.state_dict())  # non-persistent buffers
 
