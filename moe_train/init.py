@@ -17,6 +17,9 @@ Slice (owned here): one full tensor (one parameter, or one expert's slice) is dr
 this rank's shard of it is copied in, so the model is the same on 1 process and on any
 ep x dp x fsdp layout and no rank holds more than one parameter (one expert) in full.
 
+Buffers: a module whose buffers are computed (RoPE's cos/sin tables) has `reset_buffers()`;
+materialize calls it after `to_empty`, so no table keeps the garbage of uninitialised memory.
+
 build on meta -> parallelize, which calls `materialize(model, device, seed)` at the right point
 (before replicating when replicated; after sharding with FSDP: only the local shards):
     with torch.device("meta"): model = MoETransformer(cfg, router, seed=seed, shard=shard)
@@ -48,6 +51,14 @@ class InitRule(Protocol):
     def init_value(
         self, name: str, shape: torch.Size, generator: torch.Generator | None = None
     ) -> Tensor: ...
+
+
+@runtime_checkable
+class BufferRule(Protocol):
+    """A module whose buffers are computed, not learned (RoPE's tables): `reset_buffers()`
+    recomputes them in place. materialize calls it after `to_empty` (which leaves garbage)."""
+
+    def reset_buffers(self) -> None: ...
 
 
 @runtime_checkable
@@ -168,7 +179,16 @@ def materialize(model: M, device: torch.device, seed: int) -> M:
         for module, name in others:
             setattr(module, name, getattr(first, first_name))
     init_parameters(model, seed)
+    init_buffers(model)
     return model
+
+
+@torch.no_grad()
+def init_buffers(model: nn.Module) -> None:
+    """Recompute every computed buffer (each module with a BufferRule) in place."""
+    for module in model.modules():
+        if isinstance(module, BufferRule):
+            module.reset_buffers()
 
 
 @contextmanager

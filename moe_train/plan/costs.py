@@ -18,7 +18,9 @@ E = experts per MoE layer, k = experts per token, L = layers, bytes unless state
   unit; without FSDP autocast's 16-bit copies of the local weights. With FSDP and gradient
   accumulation the unsharded fp32 gradients of all local parameters (reduce-scattered once).
 - activations per layer (Korthikanti et al. 2022, arXiv 2205.05198, 16-bit): attention
-  11sbd + 5as^2b (the s^2 term dropped with cluster.flash_attention), two LayerNorms 4sbd, dense FFN
+  3sbd + 4sb(q + kv) + 5as^2b with q = heads x head_dim and kv = key/value heads x head_dim (11sbd
+  + 5as^2b for multi-head attention with head_dim = d / a; the s^2 term dropped with
+  cluster.flash_attention), two norms 4sbd, dense FFN
   3sbd + 4sbf (gelu; swiglu 3sbd + 8sbf; f = 4d gives the paper's 34sbd + 5as^2b in total).
   MoE FFN: 3sbd + router (4sbd fp32 input + 8sb * gate units fp32 logits and probs) + per slot
   (k*s*b slots) 4d (expert input and output rows) + 4f (gelu; swiglu 8f). LM head: 6sbV (16-bit
@@ -34,8 +36,9 @@ E = experts per MoE layer, k = experts per token, L = layers, bytes unless state
   (1 - 1/ep). ep groups are consecutive ranks: a share (gpus_per_node-1)/(ep-1) of the remote
   traffic stays in the node when ep > gpus_per_node. Intra- and inter-node links run
   concurrently: time = max(intra bytes / intra bw, inter / inter).
-- FLOPs: 6 * N * tokens + 12 * s * d_attn * L per token (attention scores, fwd + bwd), N = active
-  matmul parameters (no position table, the tied head counted once); 8N and 16 s d_attn L with
+- FLOPs: 6 * N * tokens + 12 * s * q * L per token (attention scores and values over the query
+  width q = heads x head_dim, fwd + bwd; GQA shares k and v, not the scores), N = active
+  matmul parameters (no position table, the tied head counted once); 8N and 16 s q L with
   full activation checkpointing, 6N + 2 N_expert with `moe` (hardware FLOPs). Compute time =
   FLOPs / achieved TFLOP/s.
 - gradient sync: without FSDP a ring all-reduce of fp32 gradients; with FSDP a reduce-scatter of
@@ -51,7 +54,7 @@ from ..config import TrainConfig
 from ..routing import router_class
 from .config import ClusterConfig, GiB
 from .options import per_rank_batch
-from .params import ParamCount, count_params
+from .params import ParamCount, attention_widths, count_params
 
 META_BYTES_FWD, META_BYTES_BWD = 12, 4  # per remote slot: (row, expert, weight) packed int32; grad
 
@@ -88,7 +91,8 @@ def activation_bytes(cfg: TrainConfig, cluster: ClusterConfig) -> dict[str, floa
     sb, sbd = s * b, s * b * d
     per_f = 8 if model.activation == "swiglu" else 4  # bytes per row per unit of FFN width
 
-    attn = 11 * sbd + (0 if cluster.flash_attention else 5 * a * s * s * b)
+    q, kv = attention_widths(model)
+    attn = 3 * sbd + 4 * sb * (q + kv) + (0 if cluster.flash_attention else 5 * a * s * s * b)
     norms = 4 * sbd
     dense_layer = attn + norms + 3 * sbd + per_f * sb * model.d_ff
     slots = router.experts_per_token() * sb
@@ -222,7 +226,8 @@ def _flops_per_token(
 ) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs with `recompute`) per token at model.seq_len."""
     n = pc.active(router.experts_per_token()) - pc.lookup_only  # matmul parameters per token
-    attn = 12 * model.seq_len * model.d_model * model.n_layers  # scores + values, fwd + bwd
+    q, _ = attention_widths(model)
+    attn = 12 * model.seq_len * q * model.n_layers  # scores + values, fwd + bwd
     per_token = 6 * n + attn
     if recompute == "full":
         return per_token, 8 * n + attn * 4 / 3

@@ -126,12 +126,17 @@ class Router(nn.Module):
             )
         return gs
 
+    @property
+    def capacity_factor(self) -> float | None:
+        """This forward's capacity factor: router.capacity_factor in training,
+        router.eval_capacity_factor in eval mode (None = dropless)."""
+        return self.cfg.capacity_factor_for(self.training)
+
     def capacity(self, group_tokens: int, slots_per_token: int) -> int | None:
-        if self.cfg.capacity_factor is None:
+        cf = self.capacity_factor
+        if cf is None:
             return None
-        return expert_capacity(
-            group_tokens, slots_per_token, self.num_experts, self.cfg.capacity_factor
-        )
+        return expert_capacity(group_tokens, slots_per_token, self.num_experts, cf)
 
     def keep(
         self,

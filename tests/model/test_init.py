@@ -16,17 +16,30 @@ from torch import nn
 from moe_train.experts import ExpertBank
 from moe_train.init import init_parameters, materialize, rule_owner
 from moe_train.layer import MoELayer
-from moe_train.model import Embedding, LayerNorm, Linear, ModelConfig, MoETransformer
+from moe_train.model import (
+    LEGACY_BODY,
+    Embedding,
+    LayerNorm,
+    Linear,
+    ModelConfig,
+    MoETransformer,
+    RMSNorm,
+    rope_tables,
+)
 from moe_train.parallel import ExpertShard, is_expert_param
 from moe_train.routing import Router, RouterConfig
 from tests.helpers.distributed import run_ranks
 
+# the modern body with every parameter it can have (GQA, qk-norm); GPT2 the legacy body
 TINY = {"vocab_size": 256, "seq_len": 64, "d_model": 64, "n_layers": 2, "n_heads": 4,
-        "d_ff": 128, "num_experts": 4, "moe_every": 1}  # fmt: skip
+        "n_kv_heads": 2, "qk_norm": "head", "d_ff": 128, "num_experts": 4, "moe_every": 1}  # fmt: skip
+GPT2 = {**TINY, **LEGACY_BODY}
 
 
-def build(shard: ExpertShard | None = None, meta: bool = False, seed: int = 7) -> MoETransformer:
-    cfg, router = ModelConfig(**TINY), RouterConfig(kind="sam", num_groups=2)
+def build(
+    shard: ExpertShard | None = None, meta: bool = False, seed: int = 7, body: dict = TINY
+) -> MoETransformer:
+    cfg, router = ModelConfig(**body), RouterConfig(kind="sam", num_groups=2)
     if not meta:
         return MoETransformer(cfg, router, seed=seed, shard=shard)
     with torch.device("meta"):
@@ -34,14 +47,39 @@ def build(shard: ExpertShard | None = None, meta: bool = False, seed: int = 7) -
     return materialize(model, torch.device("cpu"), seed)
 
 
-def test_meta_then_materialize_equals_the_model_built_in_place():
-    ref, model = build(), build(meta=True)
+@pytest.mark.parametrize("body", [TINY, GPT2], ids=["modern", "gpt2"])
+def test_meta_then_materialize_equals_the_model_built_in_place(body):
+    ref, model = build(body=body), build(meta=True, body=body)
     assert model.head.weight is model.tok_emb.weight  # the tie survives to_empty
     ref_params = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         assert torch.equal(p, ref_params[name]), name
     assert torch.equal(model.blocks[0].ln1.weight, torch.ones(64))
-    assert not torch.equal(build(seed=8).blocks[0].attn.qkv.weight, ref.blocks[0].attn.qkv.weight)
+    assert not torch.equal(
+        build(seed=8, body=body).blocks[0].attn.qkv.weight, ref.blocks[0].attn.qkv.weight
+    )
+    x = torch.randint(0, 256, (2, 64))
+    assert torch.equal(model(x)[0], ref(x)[0])  # buffers too (RoPE's tables)
+
+
+def test_rope_tables_are_recomputed_on_materialize_and_never_saved():
+    with torch.device("meta"):
+        model = MoETransformer(ModelConfig(**TINY), RouterConfig(), seed=7)
+    assert model.rope is not None and model.rope.cos.is_meta
+    real_empty = torch.empty_like
+
+    def nan_empty(t, *a, **k):  # what uninitialised memory may hold
+        out = real_empty(t, *a, **k)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    torch.empty_like = nan_empty  # to_empty allocates through empty_like
+    try:
+        materialize(model, torch.device("cpu"), seed=7)
+    finally:
+        torch.empty_like = real_empty
+    cos, sin = rope_tables(64, 16, 10000.0)  # [64, 16]: 4 heads of 16
+    assert torch.equal(model.rope.cos, cos) and torch.equal(model.rope.sin, sin)
+    assert not any("rope" in k for k in model.state_dict())  # non-persistent buffers
 
 
 @pytest.mark.parametrize("ep", [2, 4])
@@ -97,7 +135,7 @@ def test_a_layer_ignores_the_global_rng_and_its_experts_are_keyed_by_global_id()
     assert not torch.equal(full.experts.w_in[0], full.experts.w_in[1])
 
 
-RULE_CLASSES = (Linear, Embedding, LayerNorm, Router, ExpertBank)
+RULE_CLASSES = (Linear, Embedding, LayerNorm, RMSNorm, Router, ExpertBank)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from moe_train.model import LEGACY_BODY, MoETransformer
 from moe_train.plan import (
     ClusterConfig,
     a2a,
@@ -15,12 +16,41 @@ from moe_train.plan import (
     estimate_step,
     memory,
 )
+from moe_train.plan.costs import model_flops_per_token
 from moe_train.routing import RouterConfig
 from tests.helpers.plan import SMALL, train_cfg
 
 
+def test_modern_body_params_and_attention_by_hand() -> None:
+    """RMSNorm (a weight), RoPE (no table), SwiGLU (3 matrices), GQA with head_dim != d / h and
+    qk-norm: the planner's count by hand, equal to the model's; attention activations and FLOPs
+    over the query width."""
+    model = replace(SMALL, n_kv_heads=1, head_dim=12, qk_norm="head", activation="swiglu")
+    router = RouterConfig(kind="topk", top_k=2)
+    pc = count_params(model, router)
+    d, V, f, E, L = 16, 50, 24, 8, 3
+    q, kv = 2 * 12, 1 * 12  # 2 query heads, 1 key/value head, of 12
+    attention = L * (d * (q + 2 * kv) + q * d)
+    norms = (2 * L + 1) * d + L * 2 * 12  # RMSNorm weights + q_norm and k_norm [12] per layer
+    dense = V * d + attention + norms + 2 * (3 * d * f) + d * E
+    assert (pc.attention, pc.norms, pc.lookup_only) == (attention, norms, 0)
+    assert (pc.dense, pc.experts) == (dense, 1 * E * 3 * d * f)
+    built = MoETransformer(replace(model), router).num_params()
+    assert (built["dense"], built["expert"]) == (pc.dense, pc.experts)
+
+    b, s, a = 2, 16, 2
+    cfg = train_cfg(model=model, router=router, trainer={"global_batch_size": 16, "micro_batch_size": 2},
+                    parallel={"ep": 4})  # fmt: skip
+    acts = activation_bytes(cfg, ClusterConfig(world_size=8))
+    attn = 3 * s * b * d + 4 * s * b * (q + kv) + 5 * a * s * s * b
+    dense_layer = attn + 4 * s * b * d + 3 * s * b * d + 8 * s * b * f
+    assert acts["dense_layer"] == dense_layer
+    n = pc.active(2)  # no position table to leave out
+    assert model_flops_per_token(model, router) == 6 * n + 12 * s * q * L
+
+
 def test_memory_terms_by_hand() -> None:
-    model = SMALL  # 3 layers, layer 1 is MoE (moe_every=2)
+    model = replace(SMALL, **LEGACY_BODY)  # GPT-2's body; 3 layers, layer 1 is MoE (moe_every=2)
     router = RouterConfig(kind="topk", top_k=2)
     pc = count_params(model, router)
     d, V, s, f, E = 16, 50, 16, 24, 8
