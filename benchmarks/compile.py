@@ -85,7 +85,10 @@ def step(model, opt, cfg, a: argparse.Namespace, i: int) -> tuple[float, float]:
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    logits, aux = model(tokens[:, :-1], RouteKey(i))
+    # one route key for every step: a new seed is a new constant to dynamo and recompiles the
+    # blocks (the known gap in moe_train/parallel/compile.py); this measures the compiled code
+    with torch.autocast(a.device, dtype=torch.bfloat16, enabled=a.bf16):
+        logits, aux = model(tokens[:, :-1], RouteKey(7))
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)) + aux
     loss.backward()
     opt.step()
@@ -131,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--seq-len", type=int, default=None, help="override the config's seq_len")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (the GPU's training dtype)")
     add_output_args(p, "the tiny model, a few steps")
     a = parse_args(p, argv)
     if gpu_missing(a.device):
@@ -143,7 +147,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     print(machine_line(mach))
     print(
         f"trainer.compile=blocks vs none: {', '.join(a.models)}, switch router, batch {a.batch}, "
-        f"{a.warmup} warm-up + {a.steps} timed steps each, {a.device}, fp32"
+        f"{a.warmup} warm-up + {a.steps} timed steps each, {a.device}, "
+        f"{'bf16 autocast' if a.bf16 else 'fp32'}"
     )
     results = []
     for name in a.models:
@@ -174,7 +179,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         ],
         rows,
     )
-    fields = {"device": a.device, "batch": a.batch, "steps": a.steps, "results": results}
+    fields = {
+        "device": a.device,
+        "bf16": a.bf16,
+        "batch": a.batch,
+        "steps": a.steps,
+        "results": results,
+    }
     return publish("compile" if a.device == "cpu" else f"compile_{a.device}", mach, fields, a.out)
 
 

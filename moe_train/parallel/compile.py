@@ -13,7 +13,10 @@ as one opaque op (experts.grouped.loop_ffn_op), data-dependent sizes (kept slots
 break: tests/model/test_compile.py). At ep > 1 each all-to-all hop reads
 its split sizes on the host (all_to_all_single takes Python ints), so dynamo breaks the graph
 there (see docs/RESULTS.md for the count); the pieces between the breaks are still compiled.
-Compilation happens lazily, at the first forward; the generator (moe_train.inference) builds its
+Known gap: the route key's seed (a Python int, new every step) is hashed on the host inside the
+MoE layer (ops.hashing.mix_seed), so dynamo guards on its value and recompiles each block every
+step until its recompile limit, then runs it eager. The fix is to carry the noise seeds into the
+graph as tensors (routing/ and ops/hashing), not done yet. Compilation happens lazily, at the first forward; the generator (moe_train.inference) builds its
 own eager model.
 """
 
