@@ -31,7 +31,7 @@ E = experts per MoE layer, k = experts per token, L = layers, bytes unless state
   DISTINCT remote rank holding one of its experts (the router class's `expected_ranks` for uniform
   routing: exact hypergeometric for top-k, 1 for SAM's device-first routing, k for prototypes on
   separate ranks, ep*(1-(1-1/ep)^k) as the with-replacement default) and comes back (combine):
-  2 transfers forward, 2 backward, 2 more when full checkpointing recomputes the forward; plus 20 bytes
+  2 transfers forward, 2 backward, 2 more when full checkpointing recomputes the forward; plus 12 bytes
   of slot metadata forward and 4 bytes of weight gradient backward per remote slot. Remote share
   (1 - 1/ep). ep groups are consecutive ranks: a share (gpus_per_node-1)/(ep-1) of the remote
   traffic stays in the node when ep > gpus_per_node. Intra- and inter-node links run
@@ -56,7 +56,7 @@ from .config import ClusterConfig, GiB
 from .options import per_rank_batch
 from .params import ParamCount, attention_widths, count_params
 
-META_BYTES_FWD, META_BYTES_BWD = 20, 4  # per remote slot: (row, expert) int64 + weight fp32; grad
+META_BYTES_FWD, META_BYTES_BWD = 12, 4  # per remote slot: (row, expert, weight) packed int32; grad
 
 
 F32 = 4  # the trainer keeps weights, gradients and optimizer state in fp32
