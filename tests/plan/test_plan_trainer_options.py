@@ -101,7 +101,7 @@ def _other_value(cfg: TrainConfig, key: str) -> Any:
         return value + 1
     if value is None:
         return 2
-    return {"optim.impl": "apex"}.get(key, value + "-other")
+    return {"optim.impl": "apex", "trainer.compile": "blocks"}.get(key, value + "-other")
 
 
 def _numbers(plan: dict[str, Any]) -> dict[str, Any]:
