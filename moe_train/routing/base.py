@@ -97,10 +97,12 @@ class Router(nn.Module):
         units = type(self).gate_units(cfg, num_experts)
         self.gate = nn.Linear(d_model, units, bias=self.gate_bias, dtype=torch.float32)
         self.generator: torch.Generator | None = None  # seeds training noise without a RouteKey
-        self.score_bias: Tensor | None = None
+        self.score_bias: Tensor | None
         if cfg.bias_update_rate > 0:  # aux-loss-free balancing (routing/balancing.py moves it)
             # [E] float32, indexed by global expert id, the same on every rank; checkpointed
             self.register_buffer("score_bias", torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.score_bias = None
         # [E] int64 experts chosen (before capacity) in the last call, for the bias update
         self.last_choice_load: Tensor | None = None
         self.reset_parameters()
