@@ -32,7 +32,9 @@ def choice_loads(routers: list[Router]) -> Tensor:
     rows = []
     for r in routers:
         load = r.last_choice_load
-        rows.append(torch.zeros_like(r.score_bias, dtype=torch.int64) if load is None else load)
+        if load is None:
+            load = torch.zeros(r.num_experts, dtype=torch.int64, device=r.gate.weight.device)
+        rows.append(load)
     return torch.stack(rows)
 
 
@@ -56,7 +58,8 @@ def update_biases(routers: list[Router], loads: Tensor) -> None:
     """Move each router's bias by its router.bias_update_rate from its global load row."""
     for router, load in zip(routers, loads, strict=True):
         bias = router.score_bias
-        bias.copy_(bias_update(bias.float(), load, router.cfg.bias_update_rate))
+        if bias is not None:  # biased_routers chose routers with one
+            bias.copy_(bias_update(bias.float(), load, router.cfg.bias_update_rate))
 
 
 class BiasBalancer:
@@ -72,6 +75,8 @@ class BiasBalancer:
 
     def add(self) -> None:
         loads = choice_loads(self.routers)
+        for r in self.routers:  # read once: a router that routes no token next time adds zeros
+            r.last_choice_load = None
         self.loads = loads if self.loads is None else self.loads + loads
 
     def step(self, applied: bool) -> None:
