@@ -70,6 +70,9 @@ class Block(nn.Module):
                 seed=seed,
                 init_std=cfg.init_std,
                 out_std=cfg.output_init_std,
+                shared_experts=cfg.shared_experts,
+                shared_d_ff=cfg.shared_width,
+                shared_gate=cfg.shared_gate,
             )
         else:
             self.ffn = DenseFFN(

@@ -15,6 +15,7 @@ from ..data.sampler import Tokens
 from ..engines import Engine
 from ..ops.hashing import mix_seed
 from ..routing import RouteKey
+from ..routing.balancing import BiasBalancer
 from .batches import BatchPlan
 from .optim import set_lr
 
@@ -49,19 +50,25 @@ def train_step(
     engine: Engine, tokens: TrainingData | Tokens, plan: BatchPlan, step: int, lr: float, rank: int
 ) -> StepOutput:
     """Step `step` (0-based) at learning rate `lr`: every micro-batch's forward and backward through
-    the engine, then engine.step(). Dropout is seeded by (seed, step, rank), router noise by
+    the engine, then engine.step() and the routers' balancing-bias update (routing/balancing.py).
+    Dropout is seeded by (seed, step, rank), router noise by
     (seed, step), so both are functions of the step and a resumed run repeats them."""
     set_lr(engine.optimizer, lr)
     torch.manual_seed(mix_seed(plan.seed, step, rank))
     noise_seed = mix_seed(plan.seed, step, NOISE_STREAM)
     loss_sum = torch.zeros((), device=plan.device)
     aux_sum: dict[str, Tensor] = {}
+    balancer = BiasBalancer(engine.module)  # aux-loss-free balancing: its routers' bias updates
     for m, (x, y, token_offset) in enumerate(plan.micro_batches(tokens, step)):
         route_key = RouteKey(noise_seed, token_offset)  # x's first token is global token_offset
         with engine.micro_batch(last=m == plan.grad_accum - 1):
             loss, aux = lm_loss(engine.model, x, y, engine.autocast, route_key)
             engine.backward(loss + aux)
+        if balancer:
+            balancer.add()  # this micro-batch's chosen-expert counts (recompute re-sets the same)
         loss_sum += loss.detach() / plan.grad_accum
         for name, value in engine.module.last_aux.items():
             aux_sum[name] = aux_sum.get(name, 0.0) + value.detach() / plan.grad_accum
-    return StepOutput(lr=lr, loss=loss_sum, aux=aux_sum, applied=engine.step())
+    applied = engine.step()
+    balancer.step(applied)  # after the optimizer step: one all-reduce of the counts, the update
+    return StepOutput(lr=lr, loss=loss_sum, aux=aux_sum, applied=applied)
