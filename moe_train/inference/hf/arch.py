@@ -74,19 +74,54 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("mixtral", "mixtral", "MixtralForCausalLM", "block_sparse_moe",
-               ("w1", "w3", "w2"), "none", ("topk",), False, "num_local_experts"),
-        Family("qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", "mlp",
-               ("gate_proj", "up_proj", "down_proj"), "head", ("topk", "switch"), True,
-               "num_experts"),
-        Family("qwen2_moe", "qwen2_moe", "Qwen2MoeForCausalLM", "mlp",
-               ("gate_proj", "up_proj", "down_proj"), "none", ("topk", "switch"), True,
-               "num_experts", shared_zero=True),
-        Family("olmoe", "olmoe", "OlmoeForCausalLM", "mlp",
-               ("gate_proj", "up_proj", "down_proj"), "none", ("topk",), False, "num_experts",
-               refused="OLMoE normalises q and k over the whole projection (all heads "
-               "together, q_norm [h dh]); moe-train's qk_norm is per head (Qwen3's), and OLMoE "
-               "always has it, so no moe-train body computes what it computes"),
+        Family(
+            "mixtral",
+            "mixtral",
+            "MixtralForCausalLM",
+            "block_sparse_moe",
+            ("w1", "w3", "w2"),
+            "none",
+            ("topk",),
+            False,
+            "num_local_experts",
+        ),
+        Family(
+            "qwen3_moe",
+            "qwen3_moe",
+            "Qwen3MoeForCausalLM",
+            "mlp",
+            ("gate_proj", "up_proj", "down_proj"),
+            "head",
+            ("topk", "switch"),
+            True,
+            "num_experts",
+        ),
+        Family(
+            "qwen2_moe",
+            "qwen2_moe",
+            "Qwen2MoeForCausalLM",
+            "mlp",
+            ("gate_proj", "up_proj", "down_proj"),
+            "none",
+            ("topk", "switch"),
+            True,
+            "num_experts",
+            shared_zero=True,
+        ),
+        Family(
+            "olmoe",
+            "olmoe",
+            "OlmoeForCausalLM",
+            "mlp",
+            ("gate_proj", "up_proj", "down_proj"),
+            "none",
+            ("topk",),
+            False,
+            "num_experts",
+            refused="OLMoE normalises q and k over the whole projection (all heads "
+            "together, q_norm [h dh]); moe-train's qk_norm is per head (Qwen3's), and OLMoE "
+            "always has it, so no moe-train body computes what it computes",
+        ),
     )  # fmt: skip
 }
 AUTO_ORDER = ("mixtral", "qwen3_moe", "qwen2_moe")  # the first that fits is chosen
@@ -129,7 +164,9 @@ def family_refusals(fam: Family, model: ModelConfig, router: RouterConfig) -> li
         if getattr(model, k) != want:
             out.append(f"model.{k}={getattr(model, k)!r}: {fam.architecture} has {k}={want!r} only")
     if model.qk_norm != fam.qk_norm:
-        out.append(f"model.qk_norm={model.qk_norm!r}: {fam.architecture} has qk_norm={fam.qk_norm!r}")
+        out.append(
+            f"model.qk_norm={model.qk_norm!r}: {fam.architecture} has qk_norm={fam.qk_norm!r}"
+        )
     if router.kind not in fam.routers:
         why = {
             "sam": "SAM's gate has a bias and routes within device groups",
@@ -166,7 +203,8 @@ def choose(model: ModelConfig, router: RouterConfig, arch: str | None = None) ->
         if bad:
             raise HFExportError(
                 f"{FAMILIES[arch].architecture} cannot hold this model exactly: "
-                + "; ".join(bad) + f". {REMOTE}"
+                + "; ".join(bad)
+                + f". {REMOTE}"
             )
         return FAMILIES[arch]
     reasons = {}
@@ -176,7 +214,9 @@ def choose(model: ModelConfig, router: RouterConfig, arch: str | None = None) ->
             return FAMILIES[name]
         reasons[name] = bad
     detail = " | ".join(f"{FAMILIES[n].architecture}: {'; '.join(r)}" for n, r in reasons.items())
-    raise HFExportError(f"no stock Hugging Face class holds this model exactly ({detail}). {REMOTE}")
+    raise HFExportError(
+        f"no stock Hugging Face class holds this model exactly ({detail}). {REMOTE}"
+    )
 
 
 def our_shapes(model: ModelConfig, router: RouterConfig) -> dict[Ref, tuple[int, ...]]:
