@@ -16,7 +16,7 @@ from moe_train.inference.hf.conversion import ConversionError, Ref
 from moe_train.inference.hf.export import WEIGHTS, export_hf, our_tensor, verify_folder
 from moe_train.model import MoETransformer
 from moe_train.routing import RouterConfig
-from tests.inference.hf_cases import BASE, CASES, SWITCH, TOPK, max_rel, tiny_model
+from tests.inference.hf_cases import BASE, CASES, SWITCH, TOPK, max_rel, perturbed, tiny_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -174,3 +174,42 @@ def test_export_from_a_trained_run_through_the_cli(tiny_run, tmp_path, capsys):
     )
     with torch.no_grad():
         assert max_rel(hf(idx).logits, run.model(idx)[0]) < 1e-5
+
+
+@pytest.mark.slow
+def test_lm_eval_scores_the_export_as_our_model_does(tmp_path, monkeypatch):
+    """lm-evaluation-harness on docs/lm_eval's local task (no download): its accuracy is the one
+    our model's own log-likelihoods give. Skipped without lm-eval (`pip install -e ".[eval]"`)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    from pathlib import Path
+
+    from lm_eval.tasks import TaskManager
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)  # the task's data_files path is relative to the repository root
+    model = perturbed(MoETransformer(replace(BASE, seq_len=64, tie_embeddings=True), SWITCH))
+    folder = tmp_path / "hf"
+    export_hf(model, folder, ByteTokenizer())  # seq_len 64: no question is cut on the left
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={folder},dtype=float32",
+        tasks=["moe_train_tiny_mc"],
+        task_manager=TaskManager(include_path=str(root / "docs" / "lm_eval")),
+        device="cpu",
+        batch_size=4,
+    )
+    acc = results["results"]["moe_train_tiny_mc"]["acc,none"]
+    tok, right, docs = ByteTokenizer(), 0, []
+    for line in (root / "docs" / "lm_eval" / "tiny_mc.jsonl").read_text().splitlines():
+        docs.append(json.loads(line))
+    for doc in docs:
+        scores = []
+        for choice in doc["choices"]:
+            ctx, cont = tok.encode(doc["question"]).tolist(), tok.encode(choice).tolist()
+            idx = torch.tensor([ctx + cont])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(idx)[0][0, :-1], dim=-1)
+            scores.append(float(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont))))
+        right += int(max(range(len(scores)), key=scores.__getitem__) == doc["answer"])
+    assert acc == pytest.approx(right / len(docs))
