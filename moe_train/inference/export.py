@@ -50,7 +50,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,8 @@ def export_model(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "architecture": "MoETransformer",
-        "model": asdict(model.cfg),
+        # ModelConfig's fields only (a run's TrainModelConfig adds trainer-side ones: init_from)
+        "model": {f.name: getattr(model.cfg, f.name) for f in fields(ModelConfig)},
         "router": asdict(model.router_cfg),
         "tokenizer": _tokenizer_entry(tokenizer),
         "source": source or {},
