@@ -63,10 +63,11 @@ def init_weights(module: MoETransformer, cfg: TrainConfig, device: torch.device)
     model.init_from, overwrite every one from the Hugging Face folder (each rank reads its boxes
     only: moe_train/inference/hf/load.py)."""
     materialize(module, device, cfg.seed)
-    if cfg.model.init_from:
+    folder = getattr(cfg.model, "init_from", None)  # a bare ModelConfig (tests) has none
+    if folder:
         from ..inference.hf.load import load_into
 
-        load_into(module, cfg.model.init_from)
+        load_into(module, folder)
 
 
 def build_engine(

@@ -26,17 +26,18 @@ def explicit_fields(overrides: Collection[str]) -> set[str]:
 def apply_init_from(cfg: TrainConfig, explicit: Collection[str] = ()) -> None:
     """Set cfg.model / cfg.router from cfg.model.init_from's config.json (nothing without it);
     ValueError naming both when an explicit override (`explicit`: "group.field") disagrees."""
-    if not cfg.model.init_from:
+    folder = getattr(cfg.model, "init_from", None)  # a bare ModelConfig (tests) has none
+    if not folder:
         return
     from ..inference.hf.load import read_hf_config
 
-    fam, model, router = read_hf_config(cfg.model.init_from)
+    fam, model, router = read_hf_config(folder)
     for group, fields, target in (("model", model, cfg.model), ("router", router, cfg.router)):
         for name, value in fields.items():
             if f"{group}.{name}" in explicit and getattr(target, name) != value:
                 raise ValueError(
                     f"{group}.{name}={getattr(target, name)!r} contradicts "
-                    f"{cfg.model.init_from}/config.json ({fam.architecture}: {value!r}); drop the "
+                    f"{folder}/config.json ({fam.architecture}: {value!r}); drop the "
                     f"override (model.init_from sets it) or start from another folder"
                 )
             setattr(target, name, value)

@@ -64,7 +64,7 @@ class Family:
     moe: str
     experts: tuple[str, str, str]
     qk_norm: str  # none | head: what the class always has
-    routers: tuple[str, ...]  # router.kind values it computes
+    renormalised: tuple[bool, ...]  # the top-k weightings it computes (Routing.renormalised)
     dense_layers: bool  # decoder_sparse_step / mlp_only_layers
     experts_field: str  # config.json's name for the expert count
     shared_zero: bool = False
@@ -81,7 +81,7 @@ FAMILIES: dict[str, Family] = {
             "block_sparse_moe",
             ("w1", "w3", "w2"),
             "none",
-            ("topk",),
+            (True,),
             False,
             "num_local_experts",
         ),
@@ -92,7 +92,7 @@ FAMILIES: dict[str, Family] = {
             "mlp",
             ("gate_proj", "up_proj", "down_proj"),
             "head",
-            ("topk", "switch"),
+            (True, False),
             True,
             "num_experts",
         ),
@@ -103,7 +103,7 @@ FAMILIES: dict[str, Family] = {
             "mlp",
             ("gate_proj", "up_proj", "down_proj"),
             "none",
-            ("topk", "switch"),
+            (True, False),
             True,
             "num_experts",
             shared_zero=True,
@@ -115,7 +115,7 @@ FAMILIES: dict[str, Family] = {
             "mlp",
             ("gate_proj", "up_proj", "down_proj"),
             "none",
-            ("topk",),
+            (True,),
             False,
             "num_experts",
             refused="OLMoE normalises q and k over the whole projection (all heads "
@@ -123,6 +123,22 @@ FAMILIES: dict[str, Family] = {
             "always has it, so no moe-train body computes what it computes",
         ),
     )  # fmt: skip
+}
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What a router kind is in HF's softmax top-k: k = router.experts_per_token(), and whether
+    the k weights are renormalised (Qwen's norm_topk_prob; Mixtral always renormalises)."""
+
+    renormalised: bool
+
+
+# router.kind -> its HF routing (a new mapped kind, e.g. sigmoid scores, is one entry here)
+ROUTINGS = {"topk": Routing(renormalised=True), "switch": Routing(renormalised=False)}
+WHY_NOT = {
+    "sam": "SAM's gate has a bias and routes within device groups",
+    "expert_choice": "expert choice is not causal (experts pick tokens across the batch)",
 }
 AUTO_ORDER = ("mixtral", "qwen3_moe", "qwen2_moe")  # the first that fits is chosen
 
@@ -167,15 +183,12 @@ def family_refusals(fam: Family, model: ModelConfig, router: RouterConfig) -> li
         out.append(
             f"model.qk_norm={model.qk_norm!r}: {fam.architecture} has qk_norm={fam.qk_norm!r}"
         )
-    if router.kind not in fam.routers:
-        why = {
-            "sam": "SAM's gate has a bias and routes within device groups",
-            "expert_choice": "expert choice is not causal (experts pick tokens across the batch)",
-        }.get(router.kind, "its routing is not a softmax top-k")
+    routing = ROUTINGS.get(router.kind)  # the table, not the registry: HF's routing per kind
+    if routing is None or routing.renormalised not in fam.renormalised:
+        why = WHY_NOT.get(router.kind, "its routing is not a softmax top-k")
+        kinds = [k for k, r in ROUTINGS.items() if r.renormalised in fam.renormalised]
         out.append(f"router.kind={router.kind!r}: {fam.architecture} routes "
-                   f"{' / '.join(fam.routers)} only ({why})")  # fmt: skip
-    if router.kind == "topk" and router.top_k > model.num_experts:
-        out.append(f"router.top_k={router.top_k} exceeds num_experts")
+                   f"{' / '.join(kinds)} only ({why})")  # fmt: skip
     if router.eval_capacity_factor is not None:
         out.append(
             f"router.eval_capacity_factor={router.eval_capacity_factor}: capacity drops tokens "
@@ -306,7 +319,8 @@ def hf_config(
     that differs from what was trained (jitter 0, no sliding window, the token ids)."""
     moe_layers = [i for i in range(model.n_layers) if model.is_moe_layer(i)]
     fe = model.expert_d_ff or model.d_ff
-    topk = 1 if router.kind == "switch" else router.top_k
+    routing = ROUTINGS[router.kind]
+    topk = int(router.experts_per_token())  # switch: 1
     cfg: dict[str, Any] = {
         "architectures": [fam.architecture],
         "model_type": fam.model_type,
@@ -341,7 +355,7 @@ def hf_config(
         cfg |= {
             "intermediate_size": model.d_ff,
             "moe_intermediate_size": fe,
-            "norm_topk_prob": router.kind == "topk",
+            "norm_topk_prob": routing.renormalised,
             "decoder_sparse_step": max(model.moe_every, 1),
             # the dense layers decoder_sparse_step alone does not make dense (first_dense)
             "mlp_only_layers": [i for i in dense if (i + 1) % max(model.moe_every, 1) == 0],
