@@ -34,7 +34,10 @@ class HFExportError(ValueError):
     reason and the alternative."""
 
 
-REMOTE = "use `--format hf-remote` (a modeling file of moe-train's own) or `--format moe-train`"
+REMOTE = (
+    "export it with `--format moe-train` (moe_train.from_pretrained loads it); a folder with a "
+    "modeling file of moe-train's own (`--format hf-remote`) is not built yet"
+)
 
 # ModelConfig fields that change nothing in an eval forward (written where HF has a field)
 MODEL_TRAINING_ONLY = ("dropout", "init_std", "seq_len", "init_from")
