@@ -34,6 +34,8 @@ class TrainModelConfig(ModelConfig):
 
     # (the type checker's ignore: this widens ModelConfig's int; start-up fills the number in)
     vocab_size: int | None = None  # type: ignore[assignment]  # null = the data's vocabulary rounded up to a multiple of 64
+    # a Hugging Face folder (Mixtral / Qwen3-MoE / Qwen2-MoE, safetensors) to start from: sets the model and router fields from its config.json and the weights from its tensors (docs/HF.md); null = random init
+    init_from: str | None = None
 
     def validate(self) -> None:
         at_least(self, "model", 1, "vocab_size", optional=True)

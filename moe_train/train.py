@@ -27,6 +27,7 @@ from .training.cadence import Every
 from .training.checkpointer import Checkpointer
 from .training.divergence import check_skipped_steps
 from .training.evaluation import Evaluator, evaluate
+from .training.init_from import apply_init_from, explicit_fields
 from .training.logger import TrainLogger
 from .training.optim import build_optimizer, lr_at
 from .training.run_dir import RunFolder
@@ -44,6 +45,7 @@ def train(cfg: TrainConfig) -> dict:
 
     Every check that can fail runs before the first step: the config, the layout, the run folder
     (one run at a time, one configuration: training.run_dir), the data, the checkpoint."""
+    apply_init_from(cfg)  # model.init_from: the fields its config.json fixes
     cfg.validate()
     num_experts = cfg.router.num_experts_for(cfg.model.num_experts)
     parallel = init_parallel(cfg.parallel, num_experts, cfg.router)
@@ -156,6 +158,9 @@ register_configs()
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base=None)
 def _hydra_main(dcfg: DictConfig) -> None:
     cfg: TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
+    from hydra.core.hydra_config import HydraConfig
+
+    apply_init_from(cfg, explicit_fields(HydraConfig.get().overrides.task))
     train(cfg)
 
 
