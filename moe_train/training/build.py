@@ -8,6 +8,7 @@ gradient strategy and when to materialise; deepspeed.initialize for DeepSpeed).
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..config import TrainConfig
 from ..data import TrainingData, open_data
@@ -58,7 +59,7 @@ def build_model(cfg: TrainConfig, parallel: ParallelState) -> MoETransformer:
     return materialize(build_meta_model(cfg, parallel), parallel.device, cfg.seed)
 
 
-def init_weights(module: MoETransformer, cfg: TrainConfig, device: torch.device) -> None:
+def init_weights(module: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
     """Materialise this rank's (possibly FSDP-sharded) parameters by moe_train.init, then, with
     model.init_from, overwrite every one from the Hugging Face folder (each rank reads its boxes
     only: moe_train/inference/hf/load.py)."""
