@@ -18,9 +18,10 @@ tmp="${TMPDIR:-/tmp}"
 # switch with full recompute: FSDP2 and checkpoint hooks are what changes between versions); they
 # compare gradient norms as well as losses: on the floor torch, gloo's reduce-scatter sums where
 # FSDP asks for an average, which moe-train probes and corrects (parallel/fsdp.py). Not SAM's
-# FSDP run: on torch 2.7 its 4-rank curve agrees with 1 process to 3e-7 for 13 steps, then one
-# routing near-tie falls the other way at step 17 (grad norm 2.3e-4 apart, loss 2.2e-4 at step
-# 20), which torch 2.13's summation order happens not to meet (1.3e-5 at step 20). Not here, for CI time: the CLI parity
+# FSDP run: on the floor torch its 4-rank curve agrees with 1 process to 3e-7 for 13 steps, then
+# one routing near-tie falls the other way at step 17 (grad norm 2.3e-4 apart, loss 2.2e-4 at
+# step 20), which the newest torch's summation order happens not to meet (1.3e-5 at step 20).
+# Not here, for CI time: the CLI parity
 # runs (torchrun over the same code paths as the ep parity suite), the DeepSpeed runs
 # (DeepSpeed's own version floor is tested in the main step), checkpoint resharding across
 # layouts (DCP resharding runs here in test_ep_parity and test_checkpoint), the state-byte counts
