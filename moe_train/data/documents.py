@@ -18,7 +18,7 @@ moe_train/model/attention.py `document_causal_mask`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -42,10 +42,10 @@ def positions(starts: np.ndarray, n: int) -> np.ndarray:
     return np.arange(n, dtype=np.int64) - starts[document_ids(starts, n)]
 
 
-def window_positions(starts_of: Callable[[int], np.ndarray], rows: int, n: int) -> torch.Tensor:
-    """[rows, n] int64: the positions of each row's tokens inside their document piece, from
-    `starts_of(row)`, the row's document starts (offsets in [0, n), the first 0)."""
-    out = np.empty((rows, n), dtype=np.int64)
-    for r in range(rows):
-        out[r] = positions(starts_of(r), n)
+def window_positions(starts: Sequence[np.ndarray], n: int) -> torch.Tensor:
+    """[len(starts), n] int64: the positions of each row's tokens inside their document piece,
+    from each row's document starts (offsets in [0, n), the first 0)."""
+    out = np.empty((len(starts), n), dtype=np.int64)
+    for r, row in enumerate(starts):
+        out[r] = positions(row, n)
     return torch.from_numpy(out)

@@ -160,9 +160,8 @@ class BatchSampler:
         carrier: RoPE positions and the block-diagonal mask follow from it)."""
         count = self.global_batch - sample_start if sample_count is None else sample_count
         _check_slice(sample_start, count, self.global_batch)
-        return window_positions(
-            lambda r: self.document_starts(step, sample_start + r), count, self.seq_len
-        )
+        rows = range(sample_start, sample_start + count)
+        return window_positions([self.document_starts(step, r) for r in rows], self.seq_len)
 
 
 def _windows(
@@ -260,8 +259,5 @@ def val_positions(
     data = _stream(tokens)
     for b in range(n):
         first = b * batch_size + sample_start
-        yield window_positions(
-            lambda r, first=first: data.document_starts((first + r) * seq_len, seq_len),
-            count,
-            seq_len,
-        )
+        starts = [data.document_starts((first + r) * seq_len, seq_len) for r in range(count)]
+        yield window_positions(starts, seq_len)
