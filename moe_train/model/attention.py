@@ -106,11 +106,22 @@ class Attention(nn.Module):
 
 
 def sdpa(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, dropout: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    causal: bool,
+    dropout: float,
+    expand_kv: bool | None = None,
 ) -> Tensor:
     """F.scaled_dot_product_attention with q [B, h, T, dh] and k, v [B, g, S, dh], g | h: query
-    head j reads key/value head j // (h / g) (SDPA's enable_gqa, no copy of k and v)."""
+    head j reads key/value head j // (h / g) (SDPA's enable_gqa, no copy of k and v). With a
+    mask on CUDA (`expand_kv` None = that case) k and v are copied to h heads instead: SDPA's
+    memory-efficient kernel, the one that takes a mask, has no grouped heads (unmeasured here)."""
     gqa = q.shape[1] != k.shape[1]
+    if gqa and (q.is_cuda and mask is not None if expand_kv is None else expand_kv):
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        gqa = False
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, enable_gqa=gqa
     )

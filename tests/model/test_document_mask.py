@@ -10,7 +10,7 @@ import torch
 
 from moe_train import ModelConfig, MoETransformer, RouterConfig
 from moe_train.model import LEGACY_BODY, KVCache, rope
-from moe_train.model.attention import document_causal_mask
+from moe_train.model.attention import document_causal_mask, sdpa
 
 # the modern body (RoPE, GQA, qk-norm) and the GPT-2 body (learned positions: they restart too)
 CFG = ModelConfig(
@@ -104,3 +104,14 @@ def test_positions_with_a_cache_or_of_another_shape_are_refused():
         model(tokens(1, 4), cache=KVCache(CFG), positions=torch.arange(4)[None])
     with pytest.raises(ValueError, match="positions"):
         model(tokens(2, 8), positions=torch.arange(8)[None])
+
+
+def test_grouped_heads_copied_for_a_masked_kernel_give_the_same_attention():
+    """The CUDA masked path copies k, v to every query head; the same numbers as enable_gqa."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, n, 8, 4, generator=g) for n in (4, 2, 2))
+    mask = document_causal_mask(torch.stack([restart_at(8, 3), restart_at(8, 6)]))
+    grouped = sdpa(q, k, v, mask, False, 0.0, expand_kv=False)
+    torch.testing.assert_close(sdpa(q, k, v, mask, False, 0.0, expand_kv=True), grouped)
+    alone = sdpa(q[:1, :, 3:], k[:1, :, 3:], v[:1, :, 3:], None, True, 0.0)
+    torch.testing.assert_close(grouped[:1, :, 3:6], alone[:, :, :3])  # row 0's second document
