@@ -99,7 +99,7 @@ class Attention(nn.Module):
         causal = kv is None or pos == 0
         if doc_mask is not None:
             if kv is not None:
-                raise ValueError("a document mask is for training; decoding with a KV cache")
+                raise ValueError("a document mask does not go with a KV cache (decoding)")
             mask, causal = doc_mask, False
         y = sdpa(q, k, v, mask, causal, p)  # [B, h, T, dh]
         return self.proj(y.transpose(1, 2).reshape(B, T, h * dh))

@@ -1,6 +1,6 @@
 """The trainer's options as the planner sees them: which fields of ParallelConfig, TrainerConfig,
-OptimConfig and DataConfig the plan reads, which it does not (and why), the trainer's own checks of a planned
-config on a world of GPUs, and a planned config written as `moe-train` overrides.
+OptimConfig and DataConfig the plan reads, which it does not (and why), the trainer's own checks
+of a planned config on a world of GPUs, and a planned config written as `moe-train` overrides.
 
 Every field of those four configs is in exactly one of PLANNED, NO_COST and NOT_MODELLED
 (tests/plan/test_plan_trainer_options.py fails on a new field until it is placed, and checks that
