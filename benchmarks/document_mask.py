@@ -119,7 +119,9 @@ def attention_rows(model: str, batch: int, reps: int, flex: bool) -> dict:
 
         block = create_block_mask(same_doc, B, None, T, T, device="cpu")
         compiled = torch.compile(flex_attention)
-        calls["flex_attention BlockMask (compiled)"] = lambda: compiled(q, k, v, block_mask=block)
+        qd, kd, vd = (t.detach() for t in (q, k, v))  # on CPU flex refuses inputs with grad
+        flex_call = lambda: compiled(qd, kd, vd, block_mask=block)  # noqa: E731
+        calls["flex_attention BlockMask (compiled)"] = flex_call
     with torch.no_grad():
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     out = {}

@@ -16,7 +16,9 @@ from ..data.sampler import Tokens, val_positions
 class MicroBatch(NamedTuple):
     """One micro-batch of this rank: x, y [micro, T] int64; token_offset, the global index of x's
     first token in the step's batch (it keys router noise); positions [micro, T] int64 inside
-    each document (data.document_mask) or None (one causal sequence per row)."""
+    each document (data.document_mask) or None (one causal sequence per row: also with
+    data.document_mask when no row holds a document start after its first token, so that such a
+    micro-batch takes the unmasked attention, which gives the same logits faster)."""
 
     x: Tensor
     y: Tensor
@@ -80,5 +82,9 @@ class BatchPlan:
             p = next(pos) if pos is not None else None
             yield x.to(self.device), y.to(self.device), self._to_device(p)
 
-    def _to_device(self, t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.to(self.device)
+    def _to_device(self, positions: Tensor | None) -> Tensor | None:
+        """positions [b, T] on the device; None when every row is one document piece (checked
+        on the host, before the copy: no device sync)."""
+        if positions is None or not bool((positions[:, 1:] == 0).any()):
+            return None
+        return positions.to(self.device)

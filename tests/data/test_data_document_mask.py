@@ -34,6 +34,14 @@ def expected_positions(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def positions_of(mb) -> torch.Tensor:
+    """A micro-batch's positions; None stands for one document per row."""
+    if mb.positions is None:
+        assert torch.equal(expected_positions(mb.x), torch.arange(16).expand_as(mb.x))
+        return torch.arange(16).expand_as(mb.x)
+    return mb.positions
+
+
 def plan(rank: int, world: int, micro: int, accum: int, masked: bool = True) -> BatchPlan:
     return BatchPlan(7, 8, 16, micro, accum, rank, world, CPU, document_mask=masked)
 
@@ -48,8 +56,18 @@ def test_positions_restart_at_documents_and_split_over_ranks_like_the_tokens(pre
         assert (one.positions == 0).sum() > 8  # some rows hold more than one document
         parts = [mb for rank in (0, 1) for mb in plan(rank, 2, 2, 2).micro_batches(data, step)]
         assert torch.equal(torch.cat([mb.x for mb in parts]), one.x)
-        assert torch.equal(torch.cat([mb.positions for mb in parts]), one.positions)
+        assert torch.equal(torch.cat([positions_of(mb) for mb in parts]), one.positions)
     assert all(mb.positions is None for mb in plan(0, 1, 8, 1, False).micro_batches(data, 0))
+
+
+def test_a_micro_batch_of_whole_windows_takes_the_unmasked_attention(tmp_path):
+    write_jsonl(tmp_path / "in" / "d.jsonl", [{"text": c * 80} for c in "abcdef"])
+    prepare_corpus([str(tmp_path / "in")], tmp_path / "out", progress=False, val_fraction=0.01)
+    data = open_data(DataConfig(dir=str(tmp_path / "out"), document_mask=True))
+    seen = {
+        mb.positions is None for s in range(8) for mb in plan(0, 1, 1, 8).micro_batches(data, s)
+    }
+    assert seen == {True, False}  # a row across the boundary keeps its positions, others not
 
 
 def test_validation_batches_carry_their_positions_too(prepared):
