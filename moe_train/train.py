@@ -66,7 +66,7 @@ def _train(cfg: TrainConfig, parallel: ParallelState, run_folder: RunFolder) -> 
     engine = build_engine(cfg, parallel, micro, accum)
     plan = BatchPlan(
         cfg.seed, trainer.global_batch_size, cfg.model.seq_len, micro, accum,
-        dims.rank, dims.world_size, parallel.device,
+        dims.rank, dims.world_size, parallel.device, cfg.data.document_mask,
     )  # fmt: skip
 
     train_state = TrainState()

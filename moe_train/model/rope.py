@@ -37,9 +37,10 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [B, T, heads, hd]; cos, sin: [T, hd] -> x rotated, in x's dtype, in one expression:
+    """x: [B, T, heads, hd]; cos, sin: [T, hd] (every row at the same positions) or [B, T, hd]
+    (per-row positions: document masking) -> x rotated, in x's dtype, in one expression:
     x cos + rotate_half(x) sin (on CPU faster than rotating the two halves as strided views)."""
-    c, s = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]  # [T, 1, hd]
+    c, s = cos.to(x.dtype).unsqueeze(-2), sin.to(x.dtype).unsqueeze(-2)  # [(B,) T, 1, hd]
     return x * c + rotate_half(x) * s
 
 
@@ -70,3 +71,7 @@ class RotaryEmbedding(nn.Module):
         """(cos, sin) [length, head_dim] of positions start .. start + length - 1, float32."""
         end = start + length
         return self.cos[start:end].float(), self.sin[start:end].float()
+
+    def at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """(cos, sin) [B, T, head_dim] float32 of per-row positions [B, T] (each < max_len)."""
+        return self.cos[positions].float(), self.sin[positions].float()

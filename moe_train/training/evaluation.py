@@ -30,8 +30,8 @@ def evaluate(
     Collective when mean_over_ranks is: every rank calls it."""
     engine.model.eval()
     losses = [
-        lm_loss(engine.model, x, y, engine.autocast, None)[0]  # eval mode: no router noise
-        for x, y in plan.eval_batches(tokens, max_batches)
+        lm_loss(engine.model, x, y, engine.autocast, None, pos)[0]  # eval mode: no router noise
+        for x, y, pos in plan.eval_batches(tokens, max_batches)
     ]
     engine.model.train()
     if not losses:

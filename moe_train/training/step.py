@@ -28,11 +28,15 @@ def lm_loss(
     y: Tensor,
     amp: Callable[[], AbstractContextManager],
     route_key: RouteKey | None,
+    positions: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(cross-entropy [], aux []) for tokens x -> targets y, both [b, T]; route_key keys the
-    router noise (None: none, in eval)."""
+    router noise (None: none, in eval); positions [b, T]: inside each document (document mask)."""
     with amp():
-        logits, aux = model(x, route_key)  # [b, T, vocab]
+        if positions is None:  # the fast default: plain causal attention
+            logits, aux = model(x, route_key)  # [b, T, vocab]
+        else:
+            logits, aux = model(x, route_key, positions=positions)
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), aux
 
 
@@ -59,10 +63,10 @@ def train_step(
     loss_sum = torch.zeros((), device=plan.device)
     aux_sum: dict[str, Tensor] = {}
     balancer = BiasBalancer(engine.module)  # aux-loss-free balancing: its routers' bias updates
-    for m, (x, y, token_offset) in enumerate(plan.micro_batches(tokens, step)):
+    for m, (x, y, token_offset, positions) in enumerate(plan.micro_batches(tokens, step)):
         route_key = RouteKey(noise_seed, token_offset)  # x's first token is global token_offset
         with engine.micro_batch(last=m == plan.grad_accum - 1):
-            loss, aux = lm_loss(engine.model, x, y, engine.autocast, route_key)
+            loss, aux = lm_loss(engine.model, x, y, engine.autocast, route_key, positions)
             engine.backward(loss + aux)
         if balancer:
             balancer.add()  # this micro-batch's chosen-expert counts (recompute re-sets the same)
