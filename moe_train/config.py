@@ -16,6 +16,7 @@ from .model import ModelConfig
 from .parallel import ParallelConfig
 from .precision import PRECISIONS
 from .routing import RouterConfig
+from .training.stop import parse_duration, signal_numbers
 from .validation import above, at_least, check_finite, in_range, one_of
 
 # configs/ at the repo root (editable install); absolute, so console scripts find it from any folder
@@ -107,6 +108,16 @@ class TrainerConfig:
     # stop with an error after this many consecutive skipped steps (non-finite loss or
     # gradients: the run diverged); None = never stop. fp16 skips a few while its scale settles
     max_skipped_steps: int | None = 50
+    # signals that stop the run after the current step with a checkpoint of it, exit status 75
+    # (Slurm's --signal, preemption, scancel, Ctrl-C); [] = the signals' default actions
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    # wall-clock limit ("3h50m", "90m" or seconds) from the start of the run: stop in time to
+    # save (one more step and 1.5 x the slowest save must fit) and exit 75; null = none
+    time_limit: str | None = None
+    # seconds a step (eval, save) may go without progress before every rank writes its stack
+    # and the report names the ranks behind, then exits 124; null = 300 s above the slowest
+    # of its kind seen (900 s for the first); 0 = no watchdog
+    stall_timeout_s: float | None = None
 
     def validate(self) -> None:
         check_finite(self, "trainer")
@@ -119,6 +130,10 @@ class TrainerConfig:
         at_least(self, "trainer", 0, "eval_batches")
         at_least(self, "trainer", 1, "micro_batch_size", "threads", optional=True)
         at_least(self, "trainer", 1, "max_skipped_steps", optional=True)
+        at_least(self, "trainer", 0, "stall_timeout_s", optional=True)
+        signal_numbers(self.stop_signals)
+        if self.time_limit is not None:
+            parse_duration(self.time_limit)
 
     def batch_split(self, data_world: int) -> tuple[int, int]:
         """(micro_batch_size, grad_accum) per rank so that world * micro * accum == global batch."""

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import fault_points
 from ..data import TrainingData
 from ..data.sampler import Tokens
 from ..engines import Engine
@@ -58,8 +59,20 @@ def train_step(
     for m, (x, y, token_offset) in enumerate(plan.micro_batches(tokens, step)):
         with engine.micro_batch(last=m == plan.grad_accum - 1):
             loss, aux = lm_loss(engine.model, x, y, engine.autocast, noise_seed, token_offset)
+            fault_points.reached("forward", step)
+            if fault_points.armed() and loss.requires_grad:  # a test's point inside backward
+                loss.register_hook(_backward_point(step))
             engine.backward(loss + aux)
         loss_sum += loss.detach() / plan.grad_accum
         for name, value in engine.module.last_aux.items():
             aux_sum[name] = aux_sum.get(name, 0.0) + value.detach() / plan.grad_accum
     return StepOutput(lr=lr, loss=loss_sum, aux=aux_sum, applied=engine.step())
+
+
+def _backward_point(step: int) -> Callable[[Tensor], None]:
+    """A gradient hook that reaches the `backward` fault point (it runs inside backward)."""
+
+    def hook(grad: Tensor) -> None:
+        fault_points.reached("backward", step)
+
+    return hook
