@@ -12,20 +12,20 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 tmp="${TMPDIR:-/tmp}"
 
 # What must work on the floor: process groups, DDP, FSDP2, DCP checkpoints, the training loop,
-# and the custom ops (torch.library). Of the CLI parity runs (4 ranks, 20-30 s each on 2 cores)
-# three cover the torch paths: gradient accumulation, sync after backward, and SAM's routing
-# groups; the routers themselves are torch-version-neutral tensor math, run for every router in
-# the main test step. Likewise three of the seven FSDP parity runs (SAM and both full-recompute
-# runs: FSDP2 and checkpoint hooks are what changes between versions), and none of the DeepSpeed
-# ones (DeepSpeed's version floor is tested in the main step). The FSDP runs compare gradient
-# norms as well as losses: on the floor torch, gloo's reduce-scatter sums where FSDP asks for an
-# average, which moe-train probes and corrects (parallel/fsdp.py); the losses alone hardly show
-# it. Not here, for time: test_checkpoint_layouts (DCP resharding runs here in test_ep_parity and
-# test_checkpoint) and the state-byte counts (the planner's arithmetic, torch-version-neutral).
-floor_tests=(tests/parallel tests/checkpoint/test_checkpoint.py tests/checkpoint/test_checkpoint_fallback.py
-  tests/training/test_cli_parity.py tests/engines/test_fp16_overflow.py tests/training/test_train.py
+# and the custom ops (torch.library). In-process: the training loop, precision, the ops and the
+# grouped GEMM. Ranks: the ep parity suite (ep x dp, DCP resharding, gradient sync), DDP/flat
+# gradient sync, and two of the FSDP parity runs (SAM's routing groups, and full recompute:
+# FSDP2 and checkpoint hooks are what changes between versions); they compare gradient norms as
+# well as losses: on the floor torch, gloo's reduce-scatter sums where FSDP asks for an average,
+# which moe-train probes and corrects (parallel/fsdp.py). Not here, for CI time: the CLI parity
+# runs (torchrun over the same code paths as the ep parity suite), the DeepSpeed runs
+# (DeepSpeed's own version floor is tested in the main step), checkpoint resharding across
+# layouts (DCP resharding runs here in test_ep_parity and test_checkpoint), the state-byte counts
+# (the planner's arithmetic, torch-version-neutral).
+floor_tests=(tests/parallel/test_ep_parity.py tests/parallel/test_grads.py tests/parallel/test_fsdp_parity.py
+  tests/checkpoint/test_checkpoint.py tests/engines/test_fp16_overflow.py tests/training/test_train.py
   tests/ops tests/training/test_precision.py tests/experts/test_grouped.py
-  -k "(not test_four_ranks_reproduce or switch-accum or topk-no-overlap or sam) and (not test_fsdp_on_four_ranks or sam or ckpt_full) and not deepspeed and not test_checkpoints_resume_across_layouts and not state_bytes")
+  -k "(not test_fsdp_on_four_ranks or sam or switch-ckpt_full) and not deepspeed")
 if [[ -n "${MOE_TRAIN_FLOOR_TESTS:-}" ]]; then
   read -r -a floor_tests <<<"$MOE_TRAIN_FLOOR_TESTS"
 fi

@@ -31,6 +31,7 @@ from moe_train.hardware import peak_tflops  # noqa: E402
 from moe_train.model import ModelConfig  # noqa: E402
 from moe_train.plan.costs import model_flops_per_token  # noqa: E402
 from moe_train.plan.params import count_params  # noqa: E402
+from moe_train.routing import RouteKey  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     def step(i: int) -> torch.Tensor:
         idx = torch.randint(0, a.vocab, (a.batch, a.seq_len + 1), device=dev, generator=gen)
         with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
-            logits, aux = model(idx[:, :-1], noise_seed=i)
+            logits, aux = model(idx[:, :-1], RouteKey(i))
             loss = F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten()) + aux
         opt.zero_grad(set_to_none=True)
         loss.backward()

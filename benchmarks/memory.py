@@ -55,6 +55,7 @@ def _rank(rank: int, world: int, model: str, fsdp: bool, optim: str, steps: int)
     import torch.nn.functional as F
 
     from moe_train.parallel import init_parallel
+    from moe_train.routing import RouteKey
     from moe_train.training.build import build_engine
 
     torch.set_num_threads(1)
@@ -66,7 +67,7 @@ def _rank(rank: int, world: int, model: str, fsdp: bool, optim: str, steps: int)
     for step in range(steps):
         x = torch.randint(0, V, (1, T + 1), generator=torch.Generator().manual_seed(step + rank))
         with engine.micro_batch(last=True):
-            logits, aux = engine.model(x[:, :-1], noise_seed=step)
+            logits, aux = engine.model(x[:, :-1], RouteKey(step))
             engine.backward(F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()) + aux)
         engine.step()
     out = {
@@ -112,9 +113,9 @@ def predicted(world: int, model: str, fsdp: bool, optim: str) -> int:
     from moe_train.plan import ClusterConfig, PlanOptions, make_plan
 
     cfg = _config(model, world, fsdp, optim)
-    cluster = ClusterConfig(world_size=world, ep=min(2, world), fsdp=fsdp, optimizer=optim)
+    cfg.trainer.global_batch_size = world  # one sequence per rank (state bytes do not depend on it)
     options = PlanOptions(meta_check=False, compare_routers=False, suggest=False)
-    return make_plan(cfg.model, cfg.router, cluster, options)["state_bytes_per_gpu"]
+    return make_plan(cfg, ClusterConfig(world_size=world), options)["state_bytes_per_gpu"]
 
 
 def main(argv: list[str] | None = None) -> dict:

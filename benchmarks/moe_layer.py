@@ -47,7 +47,7 @@ from _common import (  # noqa: E402
     publish,
 )
 
-from moe_train import MoELayer  # noqa: E402
+from moe_train import MoELayer, RouteKey  # noqa: E402
 from moe_train.model import DenseFFN  # noqa: E402
 from moe_train.parallel.launch_env import ensure_single_process_env  # noqa: E402
 from moe_train.routing import RouterConfig  # noqa: E402
@@ -103,7 +103,7 @@ def make_ours(layer: MoELayer, case: dict, backend: str, dev: torch.device, auto
         layer.zero_grad(set_to_none=True)  # as a training step does: no accumulation
         x.grad = None
         with torch.autocast(dev.type, torch.bfloat16, enabled=autocast):
-            y, losses = layer(x, noise_seed=1)
+            y, losses = layer(x, RouteKey(1))
             loss = y.float().square().mean() + sum(losses.values())
         loss.backward()
         return layer.last_stats.get("dropped_frac", float("nan")) if dev.type == "cpu" else 0.0

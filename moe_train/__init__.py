@@ -4,13 +4,14 @@ from .inference.export import from_pretrained
 from .inference.generate import generate
 from .layer import MoELayer
 from .model import ModelConfig, MoETransformer
-from .routing import Assignment, RouterConfig, build_router
+from .routing import Assignment, RouteKey, RouterConfig, build_router
 
 __all__ = [
     "Assignment",
     "MoELayer",
     "ModelConfig",
     "MoETransformer",
+    "RouteKey",
     "RouterConfig",
     "build_router",
     "from_pretrained",

@@ -1,40 +1,72 @@
-"""Layout-invariant initialisation, of whole models or only of this rank's shards.
+"""Layout-invariant initialisation: which generator each parameter draws from, and which part of
+the drawn value this rank keeps. The values themselves are the modules' own.
 
-Every parameter's initial value is a function of (seed, parameter name) and, for experts, the
-GLOBAL expert id, never of the order of a global RNG stream: one full tensor (one parameter, or
-one expert's slice) is drawn at a time on the CPU from its own generator and this rank's shard of
-it is copied in. So the model is the same on 1 process and on any ep x dp x fsdp layout, and no
-rank ever holds more than one parameter (one expert) in full.
+Rule (owned by the module): every module that holds parameters has
+`init_value(name, shape, generator) -> Tensor`, the full initial value of its parameter `name`
+(relative to that module) drawn from `generator`; the expert bank's gives ONE expert's slice.
+This file uses the nearest module on a parameter's path that has one (a router owns its gate).
+
+Key (owned here): a parameter draws from a CPU generator seeded by
+`mix_seed(seed, *scope, crc32(name))`, `name` relative to its scope: the innermost module on its
+path with an `init_scope` (an MoE layer: its layer id), else the root. Each expert draws from its
+own generator, `(..., global expert id)`. So a value depends on (seed, layer, name, expert) only,
+never on the order of a global RNG stream or on the layout, and an MoE layer built alone equals
+the same layer inside a model.
+
+Slice (owned here): one full tensor (one parameter, or one expert's slice) is drawn at a time and
+this rank's shard of it is copied in, so the model is the same on 1 process and on any
+ep x dp x fsdp layout and no rank holds more than one parameter (one expert) in full.
+
+Buffers: a module whose buffers are computed (RoPE's cos/sin tables) has `reset_buffers()`;
+materialize calls it after `to_empty`, so no table keeps the garbage of uninitialised memory.
 
 build on meta -> parallelize, which calls `materialize(model, device, seed)` at the right point
 (before replicating when replicated; after sharding with FSDP: only the local shards):
     with torch.device("meta"): model = MoETransformer(cfg, router, seed=seed, shard=shard)
     sync = parallelize(model, dims, groups, cfg, materialize=lambda m: materialize(m, device, seed))
-
-Rules (the model's, kept from before the meta path): LayerNorm weight 1, bias 0; the routers'
-gates by their router's rule (truncated normal, std sqrt(init_scale / d_model), bias 0); other
-matrices and embeddings normal(0, init_std), attention/FFN output projections
-init_std / sqrt(2 * n_layers); experts normal clamped to +-3 std, per global expert.
+A model (or layer) built on a real device takes the same path by itself (`deferred_init`), so
+every parameter is drawn exactly once.
 """
 
 from __future__ import annotations
 
-import math
 import zlib
-from typing import TYPE_CHECKING, TypeVar, cast
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-from .experts import ExpertBank
 from .ops.hashing import mix_seed
 from .parallel.placement import is_expert_param, keeping_expert_marks
-from .routing.base import Router
-
-if TYPE_CHECKING:
-    from .model import ModelConfig
 
 M = TypeVar("M", bound=nn.Module)
+
+
+@runtime_checkable
+class InitRule(Protocol):
+    """A module that owns the initial values of its parameters (see the module docstring)."""
+
+    def init_value(
+        self, name: str, shape: torch.Size, generator: torch.Generator | None = None
+    ) -> Tensor: ...
+
+
+@runtime_checkable
+class BufferRule(Protocol):
+    """A module whose buffers are computed, not learned (RoPE's tables): `reset_buffers()`
+    recomputes them in place. materialize calls it after `to_empty` (which leaves garbage)."""
+
+    def reset_buffers(self) -> None: ...
+
+
+@runtime_checkable
+class ExpertInitRule(InitRule, Protocol):
+    """The owner of stacked expert parameters [E_local, ...]: init_value gives one expert's slice;
+    local slice i is global expert first_expert + i."""
+
+    first_expert: int
 
 
 def _generator(*parts: int) -> torch.Generator:
@@ -45,46 +77,49 @@ def _name_key(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-def _owner(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
-    """The module that registers parameter `fqn`, and the parameter's name inside it."""
-    path, _, pname = fqn.rpartition(".")
-    return (model.get_submodule(path) if path else model), pname
-
-
-def _router_of(model: nn.Module, fqn: str) -> Router | None:
+def _path(model: nn.Module, fqn: str) -> list[tuple[nn.Module, str]]:
+    """(module, the parameter's name inside it) for every module on the path of parameter `fqn`,
+    innermost (the module that registers it) first, the root last."""
     parts = fqn.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        mod = model.get_submodule(".".join(parts[:i]))
-        if isinstance(mod, Router):
-            return mod
-    return None
+    return [
+        (model.get_submodule(".".join(parts[:i])), ".".join(parts[i:]))
+        for i in range(len(parts) - 1, -1, -1)
+    ]
 
 
-def dense_value(model: nn.Module, fqn: str, shape: torch.Size, seed: int) -> Tensor:
-    """The full initial value of dense parameter `fqn` (fp32, CPU)."""
-    owner, pname = _owner(model, fqn)
-    if isinstance(owner, nn.LayerNorm) or pname == "bias":
-        return torch.ones(shape) if pname == "weight" and len(shape) == 1 else torch.zeros(shape)
-    g = _generator(seed, _name_key(fqn))
-    router = _router_of(model, fqn)
-    if router is not None:
-        std = math.sqrt(router.cfg.init_scale / router.d_model)
-        return nn.init.trunc_normal_(
-            torch.empty(shape), std=std, a=-2 * std, b=2 * std, generator=g
+def parameter_key(model: nn.Module, fqn: str) -> tuple[int, ...]:
+    """The parts (after the seed) that key parameter `fqn`'s generator: the innermost
+    `init_scope` on its path and the name inside that scope (see the module docstring)."""
+    for module, name in _path(model, fqn):
+        scope = getattr(module, "init_scope", None)
+        if scope is not None:
+            return (*scope, _name_key(name))
+    return (_name_key(fqn),)
+
+
+def rule_owner(model: nn.Module, fqn: str) -> tuple[InitRule, str]:
+    """The nearest module on parameter `fqn`'s path with an `init_value` rule, and the name it
+    knows the parameter by."""
+    for module, name in _path(model, fqn):
+        if isinstance(module, InitRule):
+            return module, name
+    raise TypeError(
+        f"parameter {fqn!r}: no module on its path has an init_value(name, shape, generator) "
+        f"rule; give {type(model.get_submodule(fqn.rpartition('.')[0])).__name__} (or a module "
+        "above it) one, so moe_train.init knows its initial value"
+    )
+
+
+def _draw(owner: InitRule, name: str, shape: torch.Size, key: tuple[int, ...]) -> Tensor:
+    """owner's rule for `name`, drawn on the CPU from the generator of `key`."""
+    with torch.device("cpu"):
+        value = owner.init_value(name, shape, _generator(*key))
+    if value.shape != shape:
+        raise ValueError(
+            f"{type(owner).__name__}.init_value({name!r}) returned shape {tuple(value.shape)}, "
+            f"expected {tuple(shape)}"
         )
-    cfg = cast("ModelConfig", model.cfg)
-    std = cfg.init_std
-    if fqn.endswith(("proj.weight", "w_out.weight")):
-        std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-    return torch.randn(shape, generator=g) * std
-
-
-def expert_value(bank: ExpertBank, pname: str, expert: int, seed: int, fqn: str) -> Tensor:
-    """The initial value of global expert `expert`'s slice of stacked parameter `pname`."""
-    std = bank.out_std if pname == "w_out" else bank.init_std
-    shape = getattr(bank, pname).shape[1:]
-    g = _generator(seed, _name_key(fqn), expert)
-    return (torch.randn(shape, generator=g) * std).clamp_(-3 * std, 3 * std)
+    return value
 
 
 def _local_slice(full: Tensor, param: Tensor) -> Tensor:
@@ -111,17 +146,23 @@ def _local_slice(full: Tensor, param: Tensor) -> Tensor:
 
 @torch.no_grad()
 def init_parameters(model: nn.Module, seed: int) -> None:
-    """Fill every parameter (its local shard) with its layout-invariant initial value."""
+    """Fill every parameter (its local shard) with its layout-invariant initial value: each one
+    (each expert's slice) drawn once, by its module's rule, from its own generator."""
     for fqn, p in model.named_parameters(remove_duplicate=True):
         target = p.to_local() if hasattr(p, "to_local") else p
-        if is_expert_param(p):
-            bank, pname = _owner(model, fqn)
-            assert isinstance(bank, ExpertBank), fqn  # is_expert_param: an ExpertBank's own
+        owner, name = rule_owner(model, fqn)
+        key = (seed, *parameter_key(model, fqn))
+        if is_expert_param(p):  # [E_local, ...]: one draw per global expert
+            if not isinstance(owner, ExpertInitRule):
+                raise TypeError(
+                    f"expert parameter {fqn!r}: its rule's owner {type(owner).__name__} has no "
+                    "first_expert (the global id of its local expert 0); give it one"
+                )
             for i in range(p.shape[0]):
-                full = expert_value(bank, pname, bank.first_expert + i, seed, fqn)
+                full = _draw(owner, name, p.shape[1:], (*key, owner.first_expert + i))
                 target[i].copy_(_local_slice(full.unsqueeze(0), p)[0])
         else:
-            target.copy_(_local_slice(dense_value(model, fqn, p.shape, seed), p))
+            target.copy_(_local_slice(_draw(owner, name, p.shape, key), p))
 
 
 def materialize(model: M, device: torch.device, seed: int) -> M:
@@ -138,4 +179,28 @@ def materialize(model: M, device: torch.device, seed: int) -> M:
         for module, name in others:
             setattr(module, name, getattr(first, first_name))
     init_parameters(model, seed)
+    init_buffers(model)
     return model
+
+
+@torch.no_grad()
+def init_buffers(model: nn.Module) -> None:
+    """Recompute every computed buffer (each module with a BufferRule) in place."""
+    for module in model.modules():
+        if isinstance(module, BufferRule):
+            module.reset_buffers()
+
+
+@contextmanager
+def deferred_init(module: nn.Module, seed: int) -> Iterator[None]:
+    """Inside a module's __init__: the parameters built in this block go on `meta` (no module's
+    own init runs on real memory); on leaving it, unless the caller builds on meta too (a layer
+    inside a model: the outermost one initialises), `materialize` them on the caller's device.
+    So a module built on a real device draws each parameter exactly once, like the trainer's
+    build -> parallelize -> materialize."""
+    # the caller's device: a factory's (torch 2.7's get_default_device ignores `with torch.device`)
+    device = torch.empty(0).device
+    with torch.device("meta"):
+        yield
+    if device.type != "meta":
+        materialize(module, device, seed)

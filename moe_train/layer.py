@@ -7,9 +7,11 @@ from torch import Tensor, nn
 
 from .dispatch import Dispatcher
 from .experts import ExpertBank
-from .ops.hashing import mix_seed
+from .init import deferred_init
 from .parallel import ExpertShard, ParallelDims, ProcessGroups
-from .routing import RouterConfig, build_router
+from .routing import RouteKey, RouterConfig, build_router
+
+MOE_LAYER_SCOPE = 0x4D6F45  # "MoE": the init scope tag of a layer's parameters (init_scope)
 
 
 class MoELayer(nn.Module):
@@ -19,6 +21,11 @@ class MoELayer(nn.Module):
     `shard` says which experts this rank holds (E/ep of them; default all). Construction touches no
     process group: with ep > 1, `moe_train.parallel.parallelize` connects the groups afterwards.
     `last_stats` holds the last call's expert load, dropped fraction and all-to-all bytes.
+
+    Initialisation (moe_train.init): each parameter by its module's rule (router gate, expert
+    bank), from a generator keyed by (seed, layer_id, its name in the layer) and, for experts, the
+    global expert id. So `MoELayer(seed=s, layer_id=l)` built alone has the weights of layer l of
+    a model built with seed s, on any layout. Built on meta, it is left for `materialize`.
     """
 
     def __init__(
@@ -37,21 +44,21 @@ class MoELayer(nn.Module):
         super().__init__()
         self.router_cfg = router or RouterConfig()
         self.layer_id = layer_id
+        self.init_scope = (MOE_LAYER_SCOPE, layer_id)  # keys this layer's init (moe_train.init)
         self.num_experts = num_experts
-        self.router = build_router(self.router_cfg, d_model, num_experts)
         self.shard = shard or ExpertShard()  # which experts this rank holds
         self.dispatcher = Dispatcher(num_experts, self.shard)
-        self.experts = ExpertBank(
-            d_model,
-            d_ff,
-            num_local=self.dispatcher.num_local,
-            first_expert=self.dispatcher.first_expert,
-            activation=activation,
-            seed=seed,
-            layer_id=layer_id,
-            init_std=init_std,
-            out_std=out_std,
-        )
+        with deferred_init(self, seed):
+            self.router = build_router(self.router_cfg, d_model, num_experts)
+            self.experts = ExpertBank(
+                d_model,
+                d_ff,
+                num_local=self.dispatcher.num_local,
+                first_expert=self.dispatcher.first_expert,
+                activation=activation,
+                init_std=init_std,
+                out_std=out_std,
+            )
         # the last call's load [E], dropped, requested, tokens and dispatcher counters
         self._last: tuple[Tensor, Tensor, int, int] | None = None
         self._last_comm: dict[str, float | Tensor] = {}
@@ -61,26 +68,20 @@ class MoELayer(nn.Module):
         self.dispatcher.connect(dims, groups)
 
     def forward(
-        self,
-        x: Tensor,
-        noise_seed: int | None = None,
-        token_offset: int = 0,
-        group_size: int | None = None,
+        self, x: Tensor, route_key: RouteKey | None = None, group_size: int | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """x: [B, T, d] or [T, d] -> (y like x, named aux losses).
 
-        Routing groups default to the sequence length T for 3-D input. noise_seed/token_offset key
-        the layout-invariant router noise (token_offset = global index of the first token).
+        Routing groups default to the sequence length T for 3-D input. route_key (the caller's,
+        e.g. the train step's) keys the layout-invariant router noise; this layer mixes in its
+        layer id. Without one, training noise is fresh and eval has none (Router.forward).
         """
         shape = x.shape
         if x.dim() == 3 and group_size is None:
             group_size = shape[1]
         tokens = x.reshape(-1, shape[-1])  # [N, d]
-        if noise_seed is not None:
-            noise_seed = mix_seed(noise_seed, self.layer_id)
-        a = self.router(
-            tokens, noise_seed=noise_seed, token_offset=token_offset, group_size=group_size
-        )
+        key = None if route_key is None else route_key.for_layer(self.layer_id)
+        a = self.router(tokens, key, group_size=group_size)
         y, comm = self.dispatcher(tokens, a, self.experts)
         self._last = (a.expert_load.detach(), a.dropped.detach(), a.requested, a.num_tokens)
         self._last_comm = comm

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .pipeline import split_documents
+from .pipeline import pieces_of, split_documents
 from .readers import BINARY_SNIFF
 from .tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, train_bpe
 from .tokens import DataError, TokenWriter
@@ -94,16 +94,6 @@ def _char_boundary(chunk: bytes, i: int) -> int:
     return i
 
 
-def _pieces(text: str, size: int) -> list[str]:
-    out, start = [], 0
-    while start < len(text):
-        end = text.rfind("\n", start, start + size) + 1 if start + size < len(text) else 0
-        end = end if end > start else min(len(text), start + size)
-        out.append(text[start:end])
-        start = end
-    return out
-
-
 def _encoder(tok: Tokenizer) -> Callable[[bytes], np.ndarray]:
     """chunk of UTF-8 bytes -> [n] ids, NUL bytes dropped (they never reach the tokenizer)."""
     if isinstance(tok, ByteTokenizer):
@@ -111,7 +101,7 @@ def _encoder(tok: Tokenizer) -> Callable[[bytes], np.ndarray]:
 
     def encode(chunk: bytes) -> np.ndarray:
         text = chunk.replace(b"\0", b"").decode("utf-8", errors="replace")
-        pieces = _pieces(text, _ENCODE_PIECE)
+        pieces = pieces_of(text, _ENCODE_PIECE)
         ids = tok.encode_batch(pieces) if pieces else []  # type: ignore[attr-defined]
         return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
 

@@ -319,7 +319,7 @@ class _ShardWriter:
             ids = np.frombuffer(chunk, dtype=np.uint8)
             self.writers[split].add(ids)
             return len(ids)
-        pieces = _pieces(chunk.decode("utf-8", errors="replace"), _ENCODE_PIECE)
+        pieces = pieces_of(chunk.decode("utf-8", errors="replace"), _ENCODE_PIECE)
         n = 0
         for ids in self.tok.encode_batch(pieces) if pieces else []:
             self.writers[split].add(ids)
@@ -344,7 +344,7 @@ class _ShardWriter:
             w.abort()
 
 
-def _pieces(text: str, size: int) -> list[str]:
+def pieces_of(text: str, size: int) -> list[str]:
     """text in pieces of about `size` characters, cut after newlines (encoded in parallel)."""
     out, start = [], 0
     while start < len(text):

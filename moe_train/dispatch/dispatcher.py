@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -16,13 +16,25 @@ from ..parallel.dims import ParallelDims
 from ..parallel.groups import ProcessGroups
 from ..parallel.placement import ExpertShard
 from ..routing import Assignment
-from .all_to_all import Splits, all_to_all, all_to_all_rows, dispatch_all_to_all, exchange_counts
+from .all_to_all import (
+    Splits,
+    all_to_all,
+    all_to_all_start,
+    all_to_all_wait,
+    exchange_counts,
+    pack_slots,
+    received_weights,
+    start_rows,
+    unpack_slots,
+    wait_rows,
+)
 from .layout import plan_send, sort_by_expert
 
 # rows sorted by local expert, counts per local expert ([E_local] int64 tensor) -> outputs
 ExpertFn = Callable[[Tensor, Tensor], Tensor]
 
-_META_BYTES_PER_SLOT = 2 * 8 + 4  # (row, local expert) int64 + weight float32
+_META_BYTES_PER_SLOT = 3 * 4  # (row, local expert, weight bits) packed as int32
+ROWS, META = "MoE dispatch rows", "MoE slot metadata and weights"
 
 STAT_KEYS = (
     "slots",
@@ -57,6 +69,9 @@ class Hop:
 
     me: my index in the group; node_of: group index -> node, to count inter-node bytes;
     first: the hop that takes the token payload off this rank (counted as dispatch rows).
+    own_local: the slots bound for my own index skip the exchange and run from x while the rest
+    travels (the hops whose receiver runs experts; the cross-node hop of the hierarchical
+    all-to-all sends its own chunk through the exchange, so the intra-node hop runs once).
     """
 
     group: dist.ProcessGroup
@@ -64,6 +79,7 @@ class Hop:
     me: int
     node_of: Callable[[int], int]
     first: bool
+    own_local: bool = True
 
 
 class Dispatcher:
@@ -175,7 +191,9 @@ class Dispatcher:
         assert rpn is not None and self.inter_group is not None and self.intra_group is not None
         me_node, me_local = divmod(self.ep_rank, rpn)
         inside = Hop(self.intra_group, self.num_local, me_local, lambda r: 0, first=False)
-        across = Hop(self.inter_group, self.num_local * rpn, me_node, lambda n: n, first=True)
+        across = Hop(
+            self.inter_group, self.num_local * rpn, me_node, lambda n: n, True, own_local=False
+        )
 
         def intra(rows: Tensor, s: Slots) -> Tensor:
             return self._hop(rows, s, inside, leaf, stats)
@@ -183,41 +201,96 @@ class Dispatcher:
         return self._hop(x, slots, across, intra, stats)
 
     def _hop(self, x: Tensor, slots: Slots, hop: Hop, inner: Inner, stats: dict) -> Tensor:
-        """One all-to-all round trip: rows of x to the group ranks holding the slots' experts (once
-        per (row, destination)), `inner` on the receiver, partial sums back, and the sum per row.
-        x: [T, d]; slots [S] with expert ids local to this hop."""
+        """One all-to-all round trip: rows of x to the other group ranks holding the slots'
+        experts (once per (row, destination)), `inner` on the receiver, partial sums back, and the
+        sum per row. x: [T, d]; slots [S] with expert ids local to this hop.
+
+        The slots bound for this rank's own experts never enter the exchange: `inner` computes
+        them straight from x while the other ranks' rows are in flight (async all-to-all; in
+        backward their gradient's reverse all-to-all likewise overlaps their backward)."""
         T, d = x.shape
-        n = dist.get_world_size(hop.group)
+        n, me = dist.get_world_size(hop.group), hop.me
         plan = plan_send(slots.token, slots.expert, T, hop.experts_per_dest, n)
         counts = torch.stack([plan.row_splits, plan.slot_splits], 1)  # [n, 2] rows, slots
-        recv_counts = exchange_counts(counts, hop.group)
-        splits = Splits(
-            send_rows=plan.row_splits.tolist(),
-            recv_rows=recv_counts[:, 0].tolist(),
-            send_slots=plan.slot_splits.tolist(),
-            recv_slots=recv_counts[:, 1].tolist(),
-        )
+        to_peers = counts.clone()
+        if hop.own_local:
+            to_peers[me] = 0  # mine stay here
+        recv_counts = exchange_counts(to_peers, hop.group)  # [n, 2] from each source
+        full = read_splits(counts, recv_counts)  # the hop's one device-to-host read
+        splits = full
+        r0 = r1 = s0 = s1 = 0  # my own chunk of rows and slots (empty: it travels too)
+        if hop.own_local:
+            splits = replace(
+                full,
+                send_rows=[0 if i == me else c for i, c in enumerate(full.send_rows)],
+                send_slots=[0 if i == me else c for i, c in enumerate(full.send_slots)],
+            )
+            r0, s0 = sum(full.send_rows[:me]), sum(full.send_slots[:me])
+            r1, s1 = r0 + full.send_rows[me], s0 + full.send_slots[me]
 
-        # dispatch: one row per (row of x, destination); slot metadata and weights alongside
-        sent = ops.dispatch(x, plan.row_token)
-        recv_x, recv_w = dispatch_all_to_all(sent, slots.weight[plan.slot_order], splits, hop.group)
-        meta = torch.stack([plan.slot_row, plan.slot_local_expert], 1)  # [S, 2]
-        meta = all_to_all_rows(
-            meta, splits.send_slots, splits.recv_slots, hop.group, "MoE slot metadata"
+        # send rows and slots: everything but my own chunk (rows and slots ordered by dest)
+        row_token = plan.row_tokens(sum(full.send_rows))  # [R]
+        remote_token = torch.cat([row_token[:r0], row_token[r1:]])
+        w_sorted = slots.weight[plan.slot_order]  # [S] by destination
+        w_sent = torch.cat([w_sorted[:s0], w_sorted[s1:]])
+        packed = pack_slots(
+            torch.cat([plan.slot_row[:s0], plan.slot_row[s1:]]),
+            torch.cat([plan.slot_local_expert[:s0], plan.slot_local_expert[s1:]]),
+            w_sent,
         )
+        g = hop.group
+        sent = ops.dispatch(x, remote_token)  # [R - R_me, d]
+        rows_in, rows_pending = all_to_all_start(sent, splits.send_rows, splits.recv_rows, g, ROWS)
+        meta, meta_pending = start_rows(packed, splits.send_slots, splits.recv_slots, g, META)
 
-        # receiver: slot -> row of recv_x; run the experts behind this hop, partial sums per row
-        source = torch.repeat_interleave(
-            torch.arange(n, device=x.device), recv_counts[:, 1].to(x.device)
-        )
-        row_start = torch.cumsum(recv_counts[:, 0], 0) - recv_counts[:, 0]
-        row = row_start.to(x.device)[source] + meta[:, 0]  # [S_in] row of recv_x
-        partial = inner(recv_x, Slots(row, meta[:, 1], recv_w))  # [R_in, d]
+        # my own experts on my own slots, while the rows travel
+        own = None
+        if hop.own_local:
+            mine = slots_of_rank(slots, plan.slot_order[s0:s1], plan.slot_local_expert[s0:s1])
+            own = inner(x, mine)  # [T, d]
 
-        # reverse all-to-all, then sum each row's partial outputs over destinations
-        back = all_to_all(partial, splits.recv_rows, splits.send_rows, hop.group, "MoE return rows")
-        _count(stats, hop, splits, d * x.element_size())
-        return ops.combine(back, None, plan.row_token, T)
+        # receiver: slot -> row of the received rows; the experts behind this hop
+        recv_x = all_to_all_wait(rows_in, rows_pending, splits.send_rows, splits.recv_rows, g)
+        wait_rows(meta_pending)
+        slot_row, local_expert, weight = unpack_slots(meta)
+        recv_w = received_weights(w_sent, weight, splits.send_slots, splits.recv_slots, g)
+        partial = inner(recv_x, Slots(receiver_rows(slot_row, splits), local_expert, recv_w))
+
+        # reverse all-to-all, then sum each row's partial outputs over destinations and mine
+        back = all_to_all(partial, splits.recv_rows, splits.send_rows, g, "MoE return rows")
+        _count(stats, hop, full, d * x.element_size())
+        y = ops.combine(back, None, remote_token, T)
+        return y if own is None else y + own
+
+
+def slots_of_rank(slots: Slots, picked: Tensor, local_expert: Tensor) -> Slots:
+    """The slots `picked` (indices into slots), with their expert ids local to the rank."""
+    return Slots(slots.token[picked], local_expert, slots.weight[picked])
+
+
+def read_splits(send_counts: Tensor, recv_counts: Tensor) -> Splits:
+    """send_counts, recv_counts: [n, 2] (rows, slots) per peer -> Splits, in ONE device-to-host
+    read of the stacked counts (four separate reads would each wait for the device)."""
+    send_rows, send_slots, recv_rows, recv_slots = (
+        torch.cat([send_counts, recv_counts.to(send_counts.device)], 1).t().tolist()
+    )
+    return Splits(send_rows, recv_rows, send_slots, recv_slots)
+
+
+def receiver_rows(slot_row: Tensor, s: Splits) -> Tensor:
+    """slot_row: [S_in] row of each received slot within its source's chunk -> [S_in] row of the
+    received buffer (chunks in source order), on the device without a host sync."""
+    dev = slot_row.device
+    n = len(s.recv_rows)
+    source = torch.repeat_interleave(
+        torch.arange(n, device=dev),
+        torch.tensor(s.recv_slots, device=dev),
+        output_size=sum(s.recv_slots),
+    )
+    starts = [0] * n
+    for i in range(1, n):
+        starts[i] = starts[i - 1] + s.recv_rows[i - 1]
+    return torch.tensor(starts, device=dev)[source] + slot_row
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..ops.hashing import mix_seed
 from ..parallel.placement import mark_expert
 from .grouped import activate, grouped_ffn, loop_ffn, pick_backend
 
@@ -19,8 +18,10 @@ class ExpertBank(nn.Module):
 
     w_in:  [E_local, d, h]   (swiglu: [E_local, d, 2h], gate and up halves)
     w_out: [E_local, h, d]
-    Expert `first_expert + i` is initialised from a generator seeded by (seed, layer_id, global id),
-    so the same experts come out whatever the parallel layout.
+    Init rule (`init_value`): one expert's slice is normal(0, std) clamped to +-3 std, std =
+    init_std for w_in and out_std for w_out. Inside an MoE layer moe_train.init draws every expert
+    from a generator keyed by its GLOBAL id, so the same experts come out whatever the layout; a
+    bank built alone (`reset_parameters`) draws from the global RNG.
     `backend`: "auto" (grouped GEMM where torch runs it natively, else the loop), "grouped" or
     "loop" (moe_train.experts.grouped); set it on an instance to force one.
     """
@@ -34,17 +35,16 @@ class ExpertBank(nn.Module):
         num_local: int,
         first_expert: int = 0,
         activation: str = "gelu",
-        seed: int = 0,
-        layer_id: int = 0,
         init_std: float = 0.02,
         out_std: float | None = None,
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation: got {activation!r}; allowed: gelu, swiglu")
+            raise ValueError(
+                f"model.activation: got {activation!r}; allowed: {', '.join(ACTIVATIONS)}"
+            )
         self.d_model, self.d_ff, self.num_local = d_model, d_ff, num_local
         self.first_expert, self.activation = first_expert, activation
-        self.seed, self.layer_id = seed, layer_id
         self.init_std = init_std
         self.out_std = out_std if out_std is not None else init_std
         width = 2 * d_ff if activation == "swiglu" else d_ff
@@ -52,18 +52,23 @@ class ExpertBank(nn.Module):
         self.w_out = mark_expert(nn.Parameter(torch.empty(num_local, d_ff, d_model)))
         self.reset_parameters()
 
+    def init_value(
+        self, name: str, shape: torch.Size, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """One expert's initial slice of `name` (w_in [d, h|2h] or w_out [h, d]), drawn from
+        `generator`: normal(0, std) clamped to +-3 std."""
+        std = self.out_std if name == "w_out" else self.init_std
+        return (torch.randn(shape, generator=generator) * std).clamp_(-3 * std, 3 * std)
+
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        if self.w_in.is_meta:  # shape-only model (the planner): nothing to initialise
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Every local expert by `init_value`, from `generator` (default: the global RNG). Nothing
+        on meta (a bank inside a model or layer: moe_train.init draws it, keyed per expert)."""
+        if self.w_in.is_meta:
             return
-        for i in range(self.num_local):
-            g = torch.Generator().manual_seed(
-                mix_seed(self.seed, self.layer_id, self.first_expert + i)
-            )
-            w_in = torch.randn(self.w_in.shape[1:], generator=g) * self.init_std
-            w_out = torch.randn(self.w_out.shape[1:], generator=g) * self.out_std
-            self.w_in[i].copy_(w_in.clamp_(-3 * self.init_std, 3 * self.init_std))
-            self.w_out[i].copy_(w_out.clamp_(-3 * self.out_std, 3 * self.out_std))
+        for name, p in self.named_parameters():
+            for i in range(self.num_local):
+                p[i].copy_(self.init_value(name, p.shape[1:], generator))
 
     def ffn(self, x: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
         """One expert's FFN on its rows x: [n, d] with w_in [d, h|2h], w_out [h, d] -> [n, d]."""

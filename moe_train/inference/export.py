@@ -10,17 +10,20 @@
 `moe_train.from_pretrained(DIR)` loads it back (same logits as the checkpoint).
 
 Tensor names (float32, PyTorch's [out, in] layout for nn.Linear weights; V vocabulary, S seq_len,
-d d_model, f d_ff (expert_d_ff for experts; 2f for swiglu's input side: gate then up halves),
-E experts per MoE layer, U router gate units):
+d d_model, h n_heads, g n_kv_heads (h when null), dh head_dim (d / h when null), f d_ff (expert_d_ff
+for experts; 2f for swiglu's input side: gate then up halves), E experts per MoE layer, U router
+gate units):
 
     tok_emb.weight                    [V, d]
-    pos_emb.weight                    [S, d]    learned positions
-    blocks.{i}.ln1.weight / .bias     [d]       LayerNorm before attention
-    blocks.{i}.attn.qkv.weight        [3d, d]   rows: q, k, v; each d rows are n_heads heads of d/h
-    blocks.{i}.attn.proj.weight       [d, d]
-    blocks.{i}.ln2.weight / .bias     [d]       LayerNorm before the FFN
+    pos_emb.weight                    [S, d]    model.position=learned only (rope: no tensor;
+                                                its tables are recomputed, never stored)
+    blocks.{i}.ln1.weight (/ .bias)   [d]       norm before attention (bias: layernorm only)
+    blocks.{i}.attn.qkv.weight        [(h+2g)dh, d]  rows: q (h heads), k (g), v (g), dh each
+    blocks.{i}.attn.q_norm.weight     [dh]      model.qk_norm=head only (also k_norm)
+    blocks.{i}.attn.proj.weight       [d, h dh]
+    blocks.{i}.ln2.weight (/ .bias)   [d]       norm before the FFN
   dense layers (model.is_moe_layer(i) false):
-    blocks.{i}.ffn.w_in.weight        [f, d]    ([2f, d] for swiglu)
+    blocks.{i}.ffn.w_in.weight        [f, d]    ([2f, d] for swiglu: gate rows, then up)
     blocks.{i}.ffn.w_out.weight       [d, f]
   MoE layers:
     blocks.{i}.ffn.router.gate.weight [U, d]    router logits = x @ gate.T (+ bias), in float32
@@ -28,13 +31,17 @@ E experts per MoE layer, U router gate units):
     blocks.{i}.ffn.experts.w_in       [E, d, f] expert e's input matrix is w_in[e] (x @ w_in[e]);
                                                 [E, d, 2f] for swiglu
     blocks.{i}.ffn.experts.w_out      [E, f, d] (note: [in, out], unlike nn.Linear)
-    ln_f.weight / .bias               [d]
+    ln_f.weight (/ .bias)             [d]
     head.weight                       [V, d]    only when model.tie_embeddings is false (else
                                                 the head is tok_emb.weight)
 
-A block is x += attn(ln1(x)); x += ffn(ln2(x)); logits = ln_f(x) @ head.T. Attention is causal
-softmax attention, scaled by 1/sqrt(d/h). GELU is the tanh approximation. How the router turns
-logits into expert weights is its kind's (router.kind, docs/ROUTING.md).
+A block is x += attn(ln1(x)); x += ffn(ln2(x)); logits = ln_f(x) @ head.T. Norms: RMSNorm
+(weight * x / sqrt(mean(x^2) + eps), in float32) or LayerNorm (model.norm). Attention is causal
+softmax attention scaled by 1/sqrt(dh), query head j reading key/value head j // (h / g); RoPE
+(model.position=rope) rotates q and k in HF Llama's rotate-half layout (moe_train/model/rope.py).
+GELU is the tanh approximation; SwiGLU is silu(gate) * up. How the router turns logits into expert
+weights is its kind's (router.kind, docs/ROUTING.md). config.json's "model" names the body; one
+without the body keys (an export older than them) is GPT-2's body (moe_train.model.LEGACY_BODY).
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from typing import Any
 
 import torch
 
-from ..model import ModelConfig, MoETransformer
+from ..model import ModelConfig, MoETransformer, with_legacy_body
 from ..routing import RouterConfig
 from .cli import fail, run_arguments
 
@@ -115,7 +122,9 @@ def from_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> M
     from safetensors.torch import load_file
 
     config = read_config(folder)
-    model = MoETransformer(ModelConfig(**config["model"]), RouterConfig(**config["router"]))
+    # an export older than the body keys was trained with the GPT-2 body (LEGACY_BODY)
+    model_cfg = ModelConfig(**with_legacy_body(config["model"]))
+    model = MoETransformer(model_cfg, RouterConfig(**config["router"]))
     state = load_file(str(Path(folder) / WEIGHTS_FILE))
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed = {"head.weight"} if model.cfg.tie_embeddings else set()

@@ -4,12 +4,13 @@
 
 Decoding keeps a KV cache (the attention keys and values of every position so far), so each new
 token costs one position's compute and the whole generation is linear in its length. Routing while
-decoding: the prompt goes through the model in one pass, routed as in training; every new token is
-then routed on its own, so capacity never drops it (the model is dropless for generation). For a
+decoding: in eval mode, so with router.eval_capacity_factor (null, the default: dropless, no
+jitter, no random routing); the prompt goes through the model in one pass, every new token is then
+routed on its own, and the cached steps give the full forward's logits. For a
 router that is not causal (expert choice: experts choose among all tokens of a group, future ones
 included) the cache cannot reproduce the routing, and the window is recomputed for every token.
 When the sequence reaches model.seq_len, the last 3/4 of the window is re-encoded and decoding goes
-on (learned positions cannot go beyond seq_len).
+on from position 0 (learned positions and the RoPE tables hold model.seq_len positions).
 """
 
 from __future__ import annotations

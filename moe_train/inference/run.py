@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from ..checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from ..config import TrainConfig
 from ..data.tokenizers import TOKENIZER_FILE, HFTokenizer, Tokenizer
-from ..model import MoETransformer
+from ..model import MoETransformer, with_legacy_body
 
 CONFIG_FILE = "config.yaml"
 
@@ -42,14 +42,20 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:
-    """The TrainConfig a run saved at start (run_dir/config.yaml), checked against the schema."""
+    """The TrainConfig a run saved at start (run_dir/config.yaml), checked against the schema.
+    A config written before a body field existed gets the value the run trained with (the GPT-2
+    body's: moe_train.model.LEGACY_BODY), never the new default."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise RunError(
             f"{run_dir}: no {CONFIG_FILE}; give the run folder of a `moe-train` run "
             "(trainer.run_dir, e.g. runs/switch-d128x4-e8)"
         )
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
+    saved = OmegaConf.to_container(OmegaConf.load(path))
+    if not isinstance(saved, dict):
+        raise RunError(f"{path}: not a moe-train config (a mapping of config groups)")
+    saved["model"] = with_legacy_body(saved.get("model") or {})  # a run older than the body keys
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
     cfg: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     if cfg.model.vocab_size is None:
         raise RunError(f"{path}: model.vocab_size is null; the run never started training")

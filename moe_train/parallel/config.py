@@ -30,9 +30,10 @@ class ParallelConfig:
         one all-gather per step fewer, the unsharded low-precision weights stay in memory).
     ranks_per_node: ranks per node for the hierarchical all-to-all; None = LOCAL_WORLD_SIZE from
         torchrun, or the whole world.
-    overlap_grad_sync: reduce dense gradients during the backward pass (DistributedDataParallel
-        over the dense parameters, experts ignored); the expert gradients are reduced over their
-        dp group after backward. False: everything is reduced after backward in flat buckets.
+    overlap_grad_sync: reduce gradients during the backward pass: dense ones by
+        DistributedDataParallel (experts ignored), expert ones over their dp group by gradient
+        hooks as each expert bank's backward finishes (async, bucketed; waited for at the step).
+        False: everything is reduced after backward in flat buckets. FSDP overlaps on its own.
     """
 
     ep: int = 1
@@ -40,7 +41,7 @@ class ParallelConfig:
     backend: str = "auto"
     hierarchical_a2a: bool = False
     ranks_per_node: int | None = None
-    overlap_grad_sync: bool = True  # dense grads all-reduced by DDP during backward
+    overlap_grad_sync: bool = True  # dense (DDP) and expert (hooks) grads reduced in backward
     fsdp: bool = False
     reshard_after_forward: bool = True
 

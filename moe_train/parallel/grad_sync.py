@@ -4,8 +4,9 @@ One run reduces its gradients one way, chosen once from the layout and parallel.
 parallel.overlap_grad_sync:
 - `FlatSync`: replicated dense parameters, everything all-reduced after backward in flat buckets
   (also the one-process case, where every collective is skipped);
-- `DDPSync`: DistributedDataParallel all-reduces the dense gradients while backward runs, the
-  experts are reduced over their dp group after it;
+- `DDPSync`: DistributedDataParallel all-reduces the dense gradients while backward runs, and
+  gradient hooks all-reduce the experts' over their dp group as each bank's backward finishes
+  (grad_hooks.py), waited for in `sync()`;
 - `FSDPSync`: FSDP2 reduce-scatters in backward; experts are rescaled after it (fsdp.py).
 
 The native engine holds one and asks it, per step: `no_sync(last)` around each micro-batch,
@@ -24,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .dims import ParallelDims
 from .fsdp import GradDivisors, finish_gradients, set_gradient_sync
+from .grad_hooks import ExpertGradReducer
 from .grads import clip_replicated_, clip_sharded_, sync_all_gradients, sync_expert_gradients
 from .groups import ProcessGroups
 
@@ -78,22 +80,31 @@ class FlatSync:
 
 
 class DDPSync(FlatSync):
-    """Dense gradients all-reduced by `ddp` while backward runs (parallel.overlap_grad_sync);
-    the experts, which DDP ignores, after backward over their dp group."""
+    """Dense gradients all-reduced by `ddp` while backward runs (parallel.overlap_grad_sync); the
+    experts, which DDP ignores, by the hooks of an ExpertGradReducer in the same backward (dp > 1;
+    with dp = 1 nothing is reduced, `sync` only scales). Both reduce on the last micro-batch."""
 
     def __init__(self, ddp: DDP, module: nn.Module, dims: ParallelDims, groups: ProcessGroups):
         super().__init__(module, dims, groups)
         self.ddp = ddp
+        self.experts: ExpertGradReducer | None = None
+        if dims.dp > 1:
+            self.experts = ExpertGradReducer(module, groups.dp, dims.world_size)
 
     @property
     def model(self) -> nn.Module:
         return self.ddp
 
     def no_sync(self, last: bool) -> AbstractContextManager:
+        if self.experts is not None:
+            self.experts.arm(last)
         return contextlib.nullcontext() if last else self.ddp.no_sync()  # reduce once, at the end
 
     def sync(self) -> None:
-        sync_expert_gradients(self.module, self.dims, self.groups)
+        if self.experts is not None:
+            self.experts.finish()
+        else:
+            sync_expert_gradients(self.module, self.dims, self.groups)
 
 
 class FSDPSync:

@@ -1,40 +1,29 @@
-"""The planner's own configuration: the cluster and layout, the plan options, and the resolved ep."""
+"""The planner's own configuration: the machine (ClusterConfig) and the plan options.
+
+Everything about the training run itself (ep, FSDP, recompute, batch, precision, optimizer) is the
+trainer's own TrainConfig, composed from the same config groups and overrides as `moe-train`
+(moe_train.plan.options says which of its fields the plan reads).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ..validation import above, at_least, check_finite, one_of
 
 GiB = 2**30
 ARCHITECTURES = ("decoder_only", "encoder_decoder")
-# optimizer-state bytes per parameter in the trainer (fp32 weights and gradients are 4 + 4 more):
-# AdamW two fp32 moments; Adafactor only factored statistics (a row and a column per matrix,
-# about 4 (r + c) bytes per r x c matrix: counted exactly in state_bytes_per_gpu, as 0 here)
-OPTIMIZERS = {"adamw": 8, "adafactor": 0}
-CHECKPOINTING = ("none", "moe", "full")  # trainer.activation_checkpointing, cheapest first
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # trainer.precision (auto: 16-bit on a GPU)
-# the trainer option each searched ClusterConfig field stands for (suggestions name these)
-TRAINER_OPTIONS = {
-    "world_size": "cluster.world_size",  # the GPUs torchrun / Slurm launch
-    "ep": "parallel.ep",
-    "fsdp": "parallel.fsdp",
-    "reshard_after_forward": "parallel.reshard_after_forward",
-    "activation_checkpointing": "trainer.activation_checkpointing",
-    "micro_batch_size": "trainer.micro_batch_size",
-    "optimizer": "optim",
-}
 
 
 @dataclass
 class EncDecConfig:
     """How to count a T5-style encoder-decoder (Switch) from a ModelConfig."""
 
-    encoder_layers: int | None = None  # None = n_layers // 2; the decoder gets the rest
-    d_kv: int | None = None  # per-head width; None = d_model / n_heads
-    rms_norm: bool = True  # scale only (T5); False = LayerNorm with bias
-    relative_buckets: int = 32  # relative position bias: buckets x heads per stack
-    tie_embeddings: bool = True
+    encoder_layers: int | None = None  # null = model.n_layers // 2; the decoder gets the rest
+    d_kv: int | None = None  # per-head width; null = d_model / n_heads (T5/Switch use 64)
+    rms_norm: bool = True  # T5 RMSNorm: a scale, no bias (false: LayerNorm with bias)
+    relative_buckets: int = 32  # T5 relative position bias: buckets x heads per stack
+    tie_embeddings: bool = True  # shared input embedding / LM head
 
     def validate(self) -> None:
         """encoder_layers is checked against model.n_layers where it is used (params.py)."""
@@ -46,12 +35,15 @@ class EncDecConfig:
 
 @dataclass
 class PlanOptions:
-    json: bool = False
-    architecture: str = "decoder_only"  # decoder_only | encoder_decoder
+    """What the plan shows and how it counts."""
+
+    json: bool = False  # true: print one JSON object instead of the tables
+    architecture: str = "decoder_only"  # decoder_only (what moe-train trains) | encoder_decoder
+    # read only when architecture=encoder_decoder (T5/Switch counting)
     encoder_decoder: EncDecConfig = field(default_factory=EncDecConfig)
-    meta_check: bool = True
-    compare_routers: bool = True
-    suggest: bool = True
+    meta_check: bool = True  # cross-check the count on the meta device (one rank's experts)
+    compare_routers: bool = True  # the all-to-all / compute table for every router kind
+    suggest: bool = True  # when it does not fit: search the trainer's options for what fits
 
     def validate(self) -> None:
         check_finite(self, "plan")
@@ -61,68 +53,36 @@ class PlanOptions:
 
 @dataclass
 class ClusterConfig:
-    """The machine and the parallel layout. Bandwidths in GB/s (1e9 bytes) per GPU per direction.
+    """The machine: GPUs, their memory, links and speed. Bandwidths in GB/s (1e9 bytes) per GPU
+    per direction. The training layout is the trainer's (parallel.*, trainer.*, optim)."""
 
-    The trainer's own options are read from the training config groups by the command line
-    (plan_from_config): ep from parallel.ep (when > 1; else cluster.ep, else the largest that
-    fits), fsdp and reshard_after_forward from parallel.*, activation_checkpointing and precision
-    from trainer.*, optimizer from optim (optim.name). See TRAINER_OPTIONS."""
-
-    gpu: str = "A100-SXM4-80GB"  # the GPU model; its peak FLOP/s (moe_train.hardware) is shown
-    world_size: int = 8
-    gpus_per_node: int = 8
-    gpu_memory_gb: float = 80.0  # GiB
-    reserved_gb: float = 2.0  # GiB: CUDA context, NCCL buffers, fragmentation
-    intra_node_gbps: float = 150.0
-    inter_node_gbps: float = 20.0
-    tflops: float = 150.0  # achieved, per GPU
-    ep: int | None = None  # None = largest divisor of num_experts that divides world_size
-    micro_batch_size: int = 1
-    grad_accum: int = 1
-    seq_len: int | None = None  # None = model.seq_len
+    gpu: str = "A100-SXM4-80GB"  # the GPU model; the header shows its peak FLOP/s when known
+    world_size: int = 8  # GPUs (torchrun / Slurm launch them; the trainer has no such field)
+    gpus_per_node: int = 8  # GPUs per node (ep groups of consecutive ranks fill nodes first)
+    gpu_memory_gb: float = 80.0  # GiB (2^30 bytes) per GPU
+    reserved_gb: float = 2.0  # GiB per GPU: CUDA context, NCCL buffers, allocator fragmentation
+    intra_node_gbps: float = 150.0  # GB/s per GPU per direction inside a node (achieved)
+    inter_node_gbps: float = 20.0  # GB/s per GPU per direction across nodes (achieved)
+    tflops: float = 150.0  # achieved TFLOP/s per GPU
+    # true: the GPU's scaled_dot_product_attention runs a fused kernel (flash / memory-efficient)
+    # that keeps no seq_len^2 scores; false counts them (torch's math kernel: an upper bound)
     flash_attention: bool = False
-    # the trainer's options (filled from parallel.*, trainer.*, optim by the command line)
-    fsdp: bool = False
-    reshard_after_forward: bool = True
-    activation_checkpointing: str = "none"
-    precision: str = "auto"
-    optimizer: str = "adamw"
-    engine: str = "native"  # trainer.engine: native | deepspeed
-    zero_stage: int = 1  # trainer.zero_stage (deepspeed engine only)
 
-    @property
-    def compute_bytes(self) -> int:
-        """Bytes of an activation / gathered weight in compute precision (auto: 16-bit)."""
-        return 4 if self.precision == "fp32" else 2
-
-    @property
-    def sharded(self) -> bool:
-        """FSDP shards only with more than one rank (one process trains unsharded)."""
-        return self.fsdp and self.world_size > 1
-
-    def validate(self, num_experts: int) -> None:
+    def validate(self) -> None:
         """Raise ValueError naming cluster.<field> for values no cluster has."""
         check_finite(self, "cluster")
-        at_least(
-            self, "cluster", 1, "world_size", "gpus_per_node", "micro_batch_size", "grad_accum"
-        )
-        at_least(self, "cluster", 1, "seq_len", optional=True)
+        at_least(self, "cluster", 1, "world_size", "gpus_per_node")
         above(self, "cluster", 0, "gpu_memory_gb", "intra_node_gbps", "inter_node_gbps", "tflops")
         at_least(self, "cluster", 0, "reserved_gb")
-        one_of(self, "trainer", "activation_checkpointing", CHECKPOINTING)
-        one_of(self, "trainer", "precision", PRECISIONS)
-        one_of(self, "trainer", "engine", ("native", "deepspeed"))
-        one_of(self, "trainer", "zero_stage", (0, 1, 2))
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"optim.name: got {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}"
-            )
-        ep = self.ep
-        if ep is not None and (ep < 1 or num_experts % ep or self.world_size % ep):
-            raise ValueError(
-                f"cluster.ep: ep={ep} must divide both num_experts={num_experts} and world_size="
-                f"{self.world_size}; choose among {ep_choices(num_experts, self.world_size)}"
-            )
+
+
+@dataclass
+class PlannerConfig:
+    """configs/plan.yaml's schema: the machine and the plan options (the training options are
+    moe-train's own configs, composed beside it)."""
+
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # the machine (cluster=NAME)
+    plan: PlanOptions = field(default_factory=PlanOptions)  # what the plan shows
 
 
 def ep_choices(num_experts: int, world: int) -> list[int]:
@@ -130,10 +90,3 @@ def ep_choices(num_experts: int, world: int) -> list[int]:
     return [
         e for e in range(1, min(num_experts, world) + 1) if num_experts % e == 0 and world % e == 0
     ]
-
-
-def resolve_ep(cluster: ClusterConfig, num_experts: int) -> ClusterConfig:
-    """The cluster with ep set: as given, or the largest that divides experts and world."""
-    if cluster.ep is not None:
-        return cluster
-    return replace(cluster, ep=max(ep_choices(num_experts, cluster.world_size)))

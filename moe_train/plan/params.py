@@ -48,17 +48,31 @@ def ffn_mult(activation: str) -> int:
     return 3 if activation == "swiglu" else 2
 
 
+def attention_widths(model: Any) -> tuple[int, int]:
+    """(query width h * dh, key/value width kv * dh) of MoETransformer's attention."""
+    h = model.n_heads
+    dh = getattr(model, "head_dim", None) or model.d_model // h
+    kv = getattr(model, "n_kv_heads", None) or h
+    return h * dh, kv * dh
+
+
 def _decoder_terms(model: Any) -> dict[str, int]:
-    """MoETransformer: learned positions, LayerNorm with bias, qkv + proj without bias."""
+    """MoETransformer: bias-free qkv [d, q + 2 kv] + proj [q, d] (GQA, head_dim); RMSNorm (a
+    weight) or LayerNorm (weight and bias), two per block + final, + qk-norm's two [dh] per
+    layer; a position table only for learned positions (RoPE has none)."""
     d, V, L = model.d_model, model.vocab_size, model.n_layers
+    q, kv = attention_widths(model)
     untied = 0 if model.tie_embeddings else V * d
+    positions = model.seq_len * d if getattr(model, "position", "learned") == "learned" else 0
+    per_norm = d if getattr(model, "norm", "layernorm") == "rmsnorm" else 2 * d
+    qk_norm = 2 * (q // model.n_heads) if getattr(model, "qk_norm", "none") == "head" else 0
     return {
         "layers": L,
         "moe_layers": sum(model.is_moe_layer(i) for i in range(L)),
-        "embedding": V * d + model.seq_len * d + untied,
-        "attention": L * 4 * d * d,  # qkv [d, 3d] + proj [d, d]
-        "norms": L * 2 * 2 * d + 2 * d,  # weight + bias: two per block + final
-        "lookup_only": model.seq_len * d + untied,
+        "embedding": V * d + positions + untied,
+        "attention": L * (d * (q + 2 * kv) + q * d),  # qkv + proj
+        "norms": (2 * L + 1) * per_norm + L * qk_norm,
+        "lookup_only": positions + untied,
     }
 
 

@@ -35,13 +35,15 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
 
 
 def _headline(plan: dict[str, Any], names: dict[str, str]) -> str:
-    c = plan["cluster"]
+    c, o, b = plan["cluster"], plan["trainer_options"], plan["batch"]
+    chosen = " (the largest: no parallel.ep given)" if plan.get("ep_chosen_by_planner") else ""
     return (
         f"moe-train-plan  model={names.get('model', '?')}  router={names.get('router', '?')}  "
-        f"architecture={plan['architecture']}  world={c['world_size']}  ep={c['ep']}  "
-        f"dp(expert)={plan['dp_expert']}  fsdp={c['fsdp']}  micro_batch={c['micro_batch_size']}"
-        f"x{c['seq_len'] or '?'}  accum={c['grad_accum']}  ckpt={c['activation_checkpointing']}  "
-        f"optim={c['optimizer']}\n"
+        f"architecture={plan['architecture']}  world={c['world_size']}  "
+        f"ep={o['parallel.ep']}{chosen}  dp(expert)={plan['dp_expert']}  "
+        f"fsdp={o['parallel.fsdp']}  batch={b['global_batch_size']} = {c['world_size']} GPUs x "
+        f"micro {b['micro_batch_size']} x accum {b['grad_accum']} (x{b['seq_len']} tokens)  "
+        f"ckpt={o['trainer.activation_checkpointing']}  optim={o['optim.name']}\n"
     )
 
 
@@ -80,7 +82,7 @@ def _params(plan: dict[str, Any]) -> str:
 
 
 def _meta_check(plan: dict[str, Any]) -> str:
-    mc, ep = plan["meta_check"], plan["cluster"]["ep"]
+    mc, ep = plan["meta_check"], plan["trainer_options"]["parallel.ep"]
     verdict = "matches" if mc["match"] else "MISMATCH"
     return (
         f"meta-device check (decoder-only module, rank 0 of ep={ep}): dense "
@@ -150,24 +152,24 @@ def _changes(suggestion: dict[str, Any]) -> str:
 
 def _suggestion(plan: dict[str, Any]) -> list[str]:
     s = plan["suggestion"]
-    c = plan["cluster"]
+    c, optim = plan["cluster"], plan["trainer_options"]["optim.name"]
     if s is None:
         return [
-            f"No layout up to 64x the GPUs fits with optim={c['optimizer']} (FSDP, every ep, "
+            f"No layout up to 64x the GPUs fits with optim={optim} (FSDP, every ep, "
             "activation checkpointing and micro batch searched): the state alone needs "
             f"{format_bytes(plan['state_bytes_per_gpu'])} per GPU; shrink the model or use "
-            "optim=adafactor.\n"
+            "another optimizer (optim=adafactor).\n"
         ]
     out = []
     if s["cluster"]["world_size"] > c["world_size"]:
         out.append(
-            f"With optim={c['optimizer']} no layout fits on {c['world_size']} GPUs (every ep, "
+            f"With optim={optim} no layout fits on {c['world_size']} GPUs (every ep, "
             "FSDP, activation checkpointing and micro batch searched): fp32 weights, gradients "
             f"and optimizer state alone take {format_bytes(plan['state_floor_bytes_per_gpu'])} "
             "per GPU however they are sharded."
         )
     out += [
-        "Trainer options that fit (moe-train overrides):",
+        "Trainer options that fit (moe-train overrides; cluster.world_size is the GPUs to launch):",
         f"  {_changes(s)}  ({format_bytes(s['memory_per_gpu_bytes'])} per GPU, "
         f"step ~{format_seconds(s['step_seconds'])})",
     ]

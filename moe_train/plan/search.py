@@ -1,116 +1,146 @@
-"""The layout search (the cheapest change that fits) and the router comparison on one layout."""
+"""The layout search (the cheapest change of the trainer's options that fits) and the router
+comparison on one layout. Candidates are the trainer's own configs, changed with
+dataclasses.replace() and checked by the trainer's own validate()."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from ..config import CHECKPOINTING, CONFIG_DIR, OptimConfig, TrainConfig
 from ..routing import router_class, router_kinds
-from .config import CHECKPOINTING, TRAINER_OPTIONS, ClusterConfig, ep_choices
+from .config import ClusterConfig, ep_choices
 from .costs import estimate_step, memory
+from .options import as_overrides, changed_options, num_experts, per_rank_batch, validate_setup
 from .params import ParamCount
 
-
-def _halvings(x: int) -> list[int]:
-    out = [x]
-    while out[-1] > 1:
-        out.append(out[-1] // 2)
-    return out
+Setup = tuple[TrainConfig, ClusterConfig]
 
 
-def _sharding_options(cluster: ClusterConfig) -> list[tuple[bool, bool]]:
-    """(fsdp, reshard_after_forward) from the configured one towards more sharding."""
-    if cluster.fsdp:
-        return sorted({(True, cluster.reshard_after_forward), (True, True)})
-    return [(False, cluster.reshard_after_forward), (True, False), (True, True)]
+def optim_group(name: str) -> OptimConfig:
+    """The OptimConfig that `optim=<name>` composes in moe-train (configs/optim/<name>.yaml)."""
+    node = OmegaConf.load(f"{CONFIG_DIR}/optim/{name}.yaml")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptimConfig), node))  # type: ignore[return-value]
 
 
-def _layouts(cluster: ClusterConfig, num_experts: int, world: int) -> list[ClusterConfig]:
-    """Every candidate on `world` GPUs: ep x FSDP (and its reshard policy) x activation
-    checkpointing (from the configured level up) x micro batch (grad_accum grows to keep the
-    tokens per GPU per step). All are trainer options (config.TRAINER_OPTIONS)."""
-    mb0 = cluster.micro_batch_size
-    levels = CHECKPOINTING[CHECKPOINTING.index(cluster.activation_checkpointing) :]
-    return [
-        replace(
-            cluster,
-            world_size=world,
-            ep=ep,
-            fsdp=fsdp,
-            reshard_after_forward=reshard,
-            activation_checkpointing=ckpt,
-            micro_batch_size=mb,
-            grad_accum=cluster.grad_accum * mb0 // mb,
-        )
-        for ep, (fsdp, reshard), ckpt, mb in itertools.product(
-            ep_choices(num_experts, world), _sharding_options(cluster), levels, _halvings(mb0)
-        )
-    ]
+def _sharding_options(cfg: TrainConfig) -> list[tuple[bool, bool]]:
+    """(parallel.fsdp, parallel.reshard_after_forward) from the configured one towards more
+    sharding."""
+    reshard = cfg.parallel.reshard_after_forward
+    if cfg.parallel.fsdp:
+        return sorted({(True, reshard), (True, True)})
+    return [(False, reshard), (True, False), (True, True)]
 
 
-def options(changes: dict[str, Any], ep: int | None = None) -> list[str]:
-    """The trainer's command-line overrides for a suggestion's changes (parallel.ep always: the
-    trainer's default is 1, the plan's the largest that divides experts and world)."""
-    if ep is not None and "ep" not in changes:
-        changes = {**changes, "ep": ep}
-    order = list(TRAINER_OPTIONS)  # GPUs first, then the trainer's groups in a fixed order
-    changes = dict(
-        sorted(changes.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99)
-    )
-    out = []
-    for key, value in changes.items():
-        name = TRAINER_OPTIONS.get(key, f"cluster.{key}")
-        shown = str(value).lower() if isinstance(value, bool) else value
-        out.append(f"{name}={shown}")
-    return out
+def _micro_batches(cfg: TrainConfig, cluster: ClusterConfig) -> list[int]:
+    """trainer.micro_batch_size values from the configured one down: the divisors of the
+    sequences per GPU (the accumulation grows to keep the global batch)."""
+    micro, accum = per_rank_batch(cfg, cluster)
+    per_rank = micro * accum
+    return [m for m in range(micro, 0, -1) if per_rank % m == 0]
+
+
+def _on_world(cfg: TrainConfig, cluster: ClusterConfig, scale: int) -> Setup:
+    """`scale` times the GPUs, each with the sequences per step it has now (the global batch
+    grows with the world)."""
+    if scale == 1:
+        return cfg, cluster
+    trainer = replace(cfg.trainer, global_batch_size=cfg.trainer.global_batch_size * scale)
+    return replace(cfg, trainer=trainer), replace(cluster, world_size=cluster.world_size * scale)
+
+
+def candidates(cfg: TrainConfig, cluster: ClusterConfig) -> Iterator[Setup]:
+    """Every layout of `cfg` on cluster.world_size GPUs that the trainer accepts: parallel.ep x
+    FSDP (and its reshard policy) x activation checkpointing (from the configured level up) x
+    micro batch."""
+    levels = CHECKPOINTING[CHECKPOINTING.index(cfg.trainer.activation_checkpointing) :]
+    micro0, _ = per_rank_batch(cfg, cluster)
+    for ep, (fsdp, reshard), ckpt, micro in itertools.product(
+        ep_choices(num_experts(cfg), cluster.world_size),
+        _sharding_options(cfg),
+        levels,
+        _micro_batches(cfg, cluster),
+    ):
+        parallel = replace(cfg.parallel, ep=ep, fsdp=fsdp, reshard_after_forward=reshard)
+        trainer = replace(cfg.trainer, activation_checkpointing=ckpt)
+        if micro != micro0:
+            trainer = replace(trainer, micro_batch_size=micro)
+        candidate = replace(cfg, parallel=parallel, trainer=trainer)
+        try:
+            validate_setup(candidate, cluster)
+        except ValueError:
+            continue  # a layout the trainer refuses (SAM's groups, FSDP with DeepSpeed, ...)
+        yield candidate, cluster
+
+
+def options(base: Setup, new: Setup) -> list[str]:
+    """The overrides that train `new` where `base` was planned; parallel.ep always (the trainer's
+    default is 1, the plan's may be the largest that divides experts and world)."""
+    changes = changed_options(base, new)
+    if "parallel.ep" not in changes:
+        changes = {"parallel.ep": new[0].parallel.ep, **changes}
+    order = ["cluster.", "parallel.", "trainer.", "optim"]
+    ranked = sorted(changes, key=lambda k: next(i for i, p in enumerate(order) if k.startswith(p)))
+    return as_overrides({k: changes[k] for k in ranked})
+
+
+def describe(base: Setup, new: Setup, pc: ParamCount) -> dict[str, Any]:
+    """A candidate as the plan's JSON holds it: its overrides, layout and costs."""
+    cfg, cluster = new
+    est = estimate_step(pc, cfg, cluster)
+    micro, accum = per_rank_batch(cfg, cluster)
+    return {
+        "changes": changed_options(base, new),
+        "options": options(base, new),
+        "cluster": asdict(cluster),
+        "parallel": asdict(cfg.parallel),
+        "optim": cfg.optim.name,
+        "activation_checkpointing": cfg.trainer.activation_checkpointing,
+        "global_batch_size": cfg.trainer.global_batch_size,
+        "micro_batch_size": micro,
+        "grad_accum": accum,
+        "step_seconds": est["compute"]["seconds"] + est["a2a"]["seconds"],
+        "memory_per_gpu_bytes": est["memory"]["total"],
+        "margin_bytes": est["memory"]["margin"],
+    }
 
 
 def suggest(
-    pc: ParamCount, model: Any, router: Any, cluster: ClusterConfig, max_scale: int = 64
+    pc: ParamCount,
+    cfg: TrainConfig,
+    cluster: ClusterConfig,
+    max_scale: int = 64,
+    base: Setup | None = None,
 ) -> list[dict[str, Any]]:
-    """Layouts that fit, cheapest first: fewest GPUs, then fewest changed knobs, then step time.
+    """Layouts of `cfg` that fit, cheapest first: fewest GPUs, then fewest changed options, then
+    step time; their changes are counted and printed against `base` (default: `cfg` itself).
 
-    Knobs: activation checkpointing, FSDP and its reshard policy, ep, micro batch (grad_accum grows
-    to keep the tokens per GPU per step), and the world size (x2 up to x max_scale)."""
-    E = router.num_experts_for(model.num_experts)
+    Options searched: activation checkpointing, FSDP and its reshard policy, ep, micro batch
+    (the accumulation grows to keep the global batch), and the world size (x2 up to x max_scale,
+    each GPU keeping its sequences per step)."""
+    base = base or (cfg, cluster)
     found: list[tuple[tuple, dict[str, Any]]] = []
     scale = 1
     while scale <= max_scale and not found:
-        world = cluster.world_size * scale
-        for c in _layouts(cluster, E, world):
-            mem = memory(pc, model, router, c)
-            if not mem["fits"]:
+        for new in candidates(*_on_world(cfg, cluster, scale)):
+            if not memory(pc, *new)["fits"]:
                 continue
-            changes = {
-                k: v for k, v in asdict(c).items() if v != getattr(cluster, k) and k != "grad_accum"
-            }
-            est = estimate_step(pc, model, router, c)
-            step = est["compute"]["seconds"] + est["a2a"]["seconds"]
-            found.append(
-                (
-                    (world, len(changes), step),
-                    {
-                        "changes": changes,
-                        "options": options(changes, c.ep),
-                        "cluster": asdict(c),
-                        "step_seconds": step,
-                        "memory_per_gpu_bytes": mem["total"],
-                        "margin_bytes": mem["margin"],
-                    },
-                )
-            )
+            d = describe(base, new, pc)
+            found.append(((new[1].world_size, len(d["changes"]), d["step_seconds"]), d))
         scale *= 2
     return [f for _, f in sorted(found, key=lambda kv: kv[0])]
 
 
-def router_variants(model: Any, router: Any, cluster: ClusterConfig) -> list[tuple[str, Any]]:
+def router_variants(cfg: TrainConfig) -> list[tuple[str, Any]]:
     """(name, RouterConfig): the configured router, then every registered kind with its
-    `compare_as` fields and the fields that fit it to cluster.ep (SAM: one group per rank).
+    `compare_as` fields and the fields that fit it to parallel.ep (SAM: one group per rank).
     Kinds with compare_as = None, or whose variant does not validate on this model, are left out."""
+    router, model, ep = cfg.router, cfg.model, cfg.parallel.ep
     variants = [(router.kind + " (configured)", router)]
-    ep = cluster.ep or 1
     configured = router_class(router.kind)
     for kind in router_kinds():
         cls = router_class(kind)
@@ -129,13 +159,13 @@ def router_variants(model: Any, router: Any, cluster: ClusterConfig) -> list[tup
 
 
 def compare_routers(
-    pc_fn: Callable[[Any], ParamCount], model: Any, router: Any, cluster: ClusterConfig
+    pc_fn: Callable[[Any], ParamCount], cfg: TrainConfig, cluster: ClusterConfig
 ) -> list[dict[str, Any]]:
     """Comm/compute of each router kind on the same model and layout."""
     rows = []
-    for name, r in router_variants(model, router, cluster):
+    for name, r in router_variants(cfg):
         pc = pc_fn(r)
-        est = estimate_step(pc, model, r, cluster)
+        est = estimate_step(pc, replace(cfg, router=r), cluster)
         k = r.experts_per_token()
         rows.append(
             {

@@ -4,11 +4,12 @@ trainer's rule (moe_train.parallel.memory), so the prediction is exact, not a fo
 
 from __future__ import annotations
 
-from typing import Any
-
+from ..config import TrainConfig
 from ..parallel.memory import model_shapes, predicted_state_bytes, predicted_zero_state_bytes
 from .config import ClusterConfig
+from .costs import compute_bytes
 from .meta_check import build_one_rank
+from .options import NOT_MODELLED as NOT_MODELLED_OPTIONS
 
 NOT_MODELLED = [
     "pipeline and tensor parallelism (the trainer has neither)",
@@ -17,21 +18,22 @@ NOT_MODELLED = [
     "the optimizer's temporaries during its step (foreach/fused AdamW, Adafactor's statistics)",
     "overlap of communication with compute (times are added, not overlapped)",
     "uneven expert load (all-to-all and compute assume uniform routing)",
+    "the costs of these trainer options: "
+    + ", ".join(f"{key} ({why})" for key, why in NOT_MODELLED_OPTIONS.items()),
 ]
 
 
-def state_bytes_per_gpu(model: Any, router: Any, cluster: ClusterConfig) -> dict[str, int]:
+def state_bytes_per_gpu(cfg: TrainConfig, cluster: ClusterConfig) -> dict[str, int]:
     """Parameter + gradient + optimizer-state bytes of the GPU holding the most (rank 0), as the
     trainer measures them (metrics.jsonl `mem/state_bytes`); integers. trainer.engine=deepspeed
     with ZeRO 1/2: DeepSpeed's flat partitions (moe_train.parallel.memory.predicted_zero_state_bytes).
     """
-    ep = cluster.ep or 1
-    shapes = model_shapes(build_one_rank(model, router, ep, rank=0))
-    if cluster.engine == "deepspeed" and cluster.zero_stage > 0 and cluster.world_size > 1:
+    ep, world, trainer = cfg.parallel.ep, cluster.world_size, cfg.trainer
+    shapes = model_shapes(build_one_rank(cfg.model, cfg.router, ep, rank=0))
+    if trainer.engine == "deepspeed" and trainer.zero_stage > 0 and world > 1:
         return predicted_zero_state_bytes(
-            shapes, zero_stage=cluster.zero_stage, world=cluster.world_size, ep=ep,
-            lp_bytes=4 if cluster.precision == "fp32" else cluster.compute_bytes,
-        )  # fmt: skip
+            shapes, zero_stage=trainer.zero_stage, world=world, ep=ep, lp_bytes=compute_bytes(cfg)
+        )
     return predicted_state_bytes(
-        shapes, optimizer=cluster.optimizer, fsdp=cluster.fsdp, world=cluster.world_size, ep=ep
+        shapes, optimizer=cfg.optim.name, fsdp=cfg.parallel.fsdp, world=world, ep=ep
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from .assignment import Assignment
 from .base import Router
 from .config import RouterConfig
-from .context import RouteContext
+from .context import RouteContext, RouteKey
 from .registry import register_router, router_class, router_kinds, unregister_router
 
 # isort: off
@@ -33,6 +33,7 @@ __all__ = [
     "ExpertChoiceRouter",
     "PrototypeRouter",
     "RouteContext",
+    "RouteKey",
     "Router",
     "RouterConfig",
     "SAMRouter",

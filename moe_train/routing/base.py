@@ -17,7 +17,7 @@ from .. import ops
 from .assignment import Assignment
 from .capacity import expert_capacity, keep_within_capacity
 from .config import RouterConfig
-from .context import RouteContext
+from .context import RouteContext, RouteKey
 from .losses import z_loss
 from .noise import jitter_seed
 
@@ -93,15 +93,28 @@ class Router(nn.Module):
         self.num_experts = num_experts
         units = type(self).gate_units(cfg, num_experts)
         self.gate = nn.Linear(d_model, units, bias=self.gate_bias, dtype=torch.float32)
-        self.generator: torch.Generator | None = None  # seeds noise when no noise_seed is passed
+        self.generator: torch.Generator | None = None  # seeds training noise without a RouteKey
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Switch init: truncated normal, std = sqrt(init_scale / fan_in)."""
+    def init_value(
+        self, name: str, shape: torch.Size, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """The initial value of `name` (gate.weight, gate.bias) drawn from `generator`. Switch's
+        init: truncated normal (at 2 std), std = sqrt(init_scale / d_model); bias 0."""
+        if name == "gate.bias":
+            return torch.zeros(shape)
         std = math.sqrt(self.cfg.init_scale / self.d_model)
-        nn.init.trunc_normal_(self.gate.weight, std=std, a=-2 * std, b=2 * std)
-        if self.gate.bias is not None:
-            nn.init.zeros_(self.gate.bias)
+        weight = torch.empty(shape)
+        return nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std, generator=generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The gate by `init_value`, from `generator` (default: the global RNG). Nothing on meta
+        (a router inside an MoE layer: moe_train.init draws it from its layout-invariant key)."""
+        if self.gate.weight.is_meta:
+            return
+        for name, p in self.named_parameters():
+            p.copy_(self.init_value(name, p.shape, generator))
 
     # ---- helpers for subclasses -------------------------------------------------------------
     def group_size(self, T: int, override: int | None = None) -> int:
@@ -113,12 +126,17 @@ class Router(nn.Module):
             )
         return gs
 
+    @property
+    def capacity_factor(self) -> float | None:
+        """This forward's capacity factor: router.capacity_factor in training,
+        router.eval_capacity_factor in eval mode (None = dropless)."""
+        return self.cfg.capacity_factor_for(self.training)
+
     def capacity(self, group_tokens: int, slots_per_token: int) -> int | None:
-        if self.cfg.capacity_factor is None:
+        cf = self.capacity_factor
+        if cf is None:
             return None
-        return expert_capacity(
-            group_tokens, slots_per_token, self.num_experts, self.cfg.capacity_factor
-        )
+        return expert_capacity(group_tokens, slots_per_token, self.num_experts, cf)
 
     def keep(
         self,
@@ -153,15 +171,13 @@ class Router(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(
-        self,
-        x: Tensor,
-        noise_seed: int | None = None,
-        token_offset: int = 0,
-        group_size: int | None = None,
+        self, x: Tensor, route_key: RouteKey | None = None, group_size: int | None = None
     ) -> Assignment:
-        """x: [T, d]. noise_seed/token_offset key the layout-invariant noise (see noise.py): the
-        token at row t is global token `token_offset + t`. group_size is the per-call default (the
-        layer passes the sequence length), used when cfg.group_size is None."""
+        """x: [T, d]. route_key keys the layout-invariant noise (noise.py): row t is global token
+        `route_key.token_offset + t`. Without one, a training router draws a fresh seed from
+        `self.generator` (the global RNG when None); an eval router draws no noise. group_size is
+        the per-call default (the layer passes the sequence length), used when cfg.group_size is
+        None."""
         if x.dim() != 2 or x.shape[1] != self.d_model:
             raise ValueError(f"router expects x of shape [T, {self.d_model}], got {tuple(x.shape)}")
         T = x.shape[0]
@@ -170,12 +186,17 @@ class Router(nn.Module):
             if T == 0:
                 return self.empty(self.logits(x32))
             gs = self.group_size(T, group_size)
-            if noise_seed is None:
-                noise_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-            ctx = RouteContext(T, gs, noise_seed, token_offset)
+            if route_key is None:
+                route_key = RouteKey(self.fresh_seed() if self.training else 0)
+            ctx = RouteContext(T, gs, route_key)
             eps = self.cfg.effective_jitter if self.training else 0.0
             # jitter keyed by (seed, global token, feature), fused into the gate (noise.py)
-            return self.route(self.logits(x32, jitter_seed(noise_seed), token_offset, eps), ctx)
+            seed = jitter_seed(route_key.seed)
+            return self.route(self.logits(x32, seed, route_key.token_offset, eps), ctx)
+
+    def fresh_seed(self) -> int:
+        """A noise seed for a training call without a RouteKey, from `self.generator`."""
+        return int(torch.randint(0, 2**62, (1,), generator=self.generator))
 
     def logits(self, x32: Tensor, seed: int = 0, first_row: int = 0, eps: float = 0.0) -> Tensor:
         """Gate logits [T, units] in float32 (even if the module was cast to bf16) of the input

@@ -25,6 +25,11 @@ class RouterConfig:
     num_groups: SAM device groups G; E/G experts each.
     capacity_factor: slots per expert = ceil(tokens * k / E * capacity_factor); None = dropless.
         For expert_choice it is c in C = T * c / E (the paper uses 2) and may not be None.
+        Applies in training forwards; eval-mode forwards use eval_capacity_factor.
+    eval_capacity_factor: the capacity factor of eval-mode forwards (training's periodic
+        validation, moe-train-eval, generation); None = dropless, so a model is scored as a
+        server runs it (DeepSpeed's name). expert_choice: None = capacity_factor (it has no
+        dropless form: c is how many tokens each expert picks).
     drop_policy: which slots an over-full expert keeps: by router `score` or by token `position`.
     normalize: topk only: renormalise the k weights `before_drop` (GShard/lingvo: a token whose
         2nd choice is dropped keeps g1/(g1+g2)) or `after_drop` over the surviving slots
@@ -40,6 +45,7 @@ class RouterConfig:
     top_k: int = 2
     num_groups: int = 1
     capacity_factor: float | None = 1.25
+    eval_capacity_factor: float | None = None
     drop_policy: str = "score"
     normalize: str = "before_drop"
     group_size: int | None = None
@@ -66,6 +72,11 @@ class RouterConfig:
             return self.random_routing
         return router_class(self.kind).default_random_routing(self)
 
+    def capacity_factor_for(self, training: bool) -> float | None:
+        """The capacity factor of a training (capacity_factor) or eval-mode forward
+        (eval_capacity_factor); None = dropless. expert_choice reads its own (its class)."""
+        return self.capacity_factor if training else self.eval_capacity_factor
+
     def experts_per_token(self) -> float:
         """Experts a token runs through on average before capacity (k for token choice; c for
         expert choice). Delegates to the router class."""
@@ -87,7 +98,7 @@ class RouterConfig:
             )
         if num_experts < 1:
             raise ValueError(f"router.num_experts: must be >= 1, got {num_experts}")
-        above(self, "router", 0, "capacity_factor", optional=True)  # null = dropless
+        above(self, "router", 0, "capacity_factor", "eval_capacity_factor", optional=True)
         at_least(self, "router", 0, "z_loss_coef", "balance_coef", "alignment_coef", "init_scale")
         in_range(self, "router", 0, 1, "jitter_eps", optional=True)
         at_least(self, "router", 1, "top_k")

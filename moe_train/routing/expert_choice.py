@@ -48,9 +48,18 @@ class ExpertChoiceRouter(Router):
         c = cls.experts_per_token(cfg)
         return ep * (1 - (1 - min(1.0, c / num_experts)) ** (num_experts // ep))
 
+    @property
+    def capacity_factor(self) -> float | None:
+        """c of this forward: router.eval_capacity_factor in eval mode when set, else
+        router.capacity_factor (expert choice has no dropless form)."""
+        if not self.training and self.cfg.eval_capacity_factor is not None:
+            return self.cfg.eval_capacity_factor
+        return self.cfg.capacity_factor
+
     def picks_per_expert(self, gs: int) -> int:
-        assert self.cfg.capacity_factor is not None  # check_config
-        return min(gs, expert_capacity(gs, 1, self.num_experts, self.cfg.capacity_factor))
+        c = self.capacity_factor
+        assert c is not None  # check_config
+        return min(gs, expert_capacity(gs, 1, self.num_experts, c))
 
     def route(self, logits: Tensor, ctx: RouteContext) -> Assignment:
         T, E = logits.shape

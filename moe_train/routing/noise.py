@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from ..ops.hashing import mix_seed
 
-JITTER_STREAM = 1  # noise stream of the input jitter (random routing uses its own)
+# The noise streams of one RouteKey, listed in one place so no two noises share a stream.
+JITTER_STREAM = 1  # the input jitter (jitter_seed)
+RANDOM_ROUTING_STREAM = 2  # GShard's random 2nd expert (RouteContext.uniform, topk.py)
 
 
 def jitter_seed(noise_seed: int) -> int:
@@ -18,4 +20,4 @@ def jitter_seed(noise_seed: int) -> int:
     return mix_seed(noise_seed, JITTER_STREAM) & ((1 << 63) - 1)
 
 
-__all__ = ["JITTER_STREAM", "jitter_seed"]
+__all__ = ["JITTER_STREAM", "RANDOM_ROUTING_STREAM", "jitter_seed"]

@@ -12,11 +12,10 @@ from .base import Router
 from .config import RouterConfig
 from .context import RouteContext
 from .losses import balance_loss
+from .noise import RANDOM_ROUTING_STREAM
 from .ranks import distinct_pick_ranks
 from .registry import register_router
 from .select import topk_lowest_index
-
-RANDOM_ROUTING_STREAM = 2  # noise stream of the random 2nd expert (RouteContext.uniform)
 
 
 @register_router("topk")

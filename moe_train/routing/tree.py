@@ -113,7 +113,7 @@ class TreeRouter(Router):
 
     def node_capacity(self, ctx: RouteContext, device: torch.device) -> Tensor | None:
         """[E] capacity of each node: ceil(group_tokens / 2^level * cf), exact."""
-        cf = self.cfg.capacity_factor
+        cf = self.capacity_factor  # eval mode: router.eval_capacity_factor
         if cf is None:
             return None
         D = self.cfg.tree_depth

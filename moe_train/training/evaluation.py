@@ -31,7 +31,7 @@ def evaluate(
     Collective when mean_over_ranks is: every rank calls it."""
     engine.model.eval()
     losses = [
-        lm_loss(engine.model, x, y, engine.autocast, 0, 0)[0]
+        lm_loss(engine.model, x, y, engine.autocast, None)[0]  # eval mode: no router noise
         for x, y in plan.eval_batches(tokens, max_batches)
     ]
     engine.model.train()

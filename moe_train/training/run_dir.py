@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ..checkpoint import checkpoint_candidates
 from ..config_help import dotted
 from ..data.tokenizers import copy_tokenizer_files
+from ..model import with_legacy_body
 from ..parallel.objects import from_main
 
 if TYPE_CHECKING:
@@ -133,6 +134,8 @@ def check_same_config(run_dir: Path, cfg: TrainConfig) -> None:
     if not saved_path.is_file() or not has_checkpoint(run_dir):
         return
     saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
+    if isinstance(saved, dict) and isinstance(saved.get("model"), dict):
+        saved["model"] = with_legacy_body(saved["model"])  # an older run: the GPT-2 body's values
     now = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     changes = config_changes(saved, now)  # type: ignore[arg-type]
     if changes:

@@ -15,6 +15,7 @@ from ..data import TrainingData
 from ..data.sampler import Tokens
 from ..engines import Engine
 from ..ops.hashing import mix_seed
+from ..routing import RouteKey
 from .batches import BatchPlan
 from .optim import set_lr
 
@@ -26,12 +27,12 @@ def lm_loss(
     x: Tensor,
     y: Tensor,
     amp: Callable[[], AbstractContextManager],
-    noise_seed: int,
-    token_offset: int,
+    route_key: RouteKey | None,
 ) -> tuple[Tensor, Tensor]:
-    """(cross-entropy [], aux []) for tokens x -> targets y, both [b, T]."""
+    """(cross-entropy [], aux []) for tokens x -> targets y, both [b, T]; route_key keys the
+    router noise (None: none, in eval)."""
     with amp():
-        logits, aux = model(x, noise_seed=noise_seed, token_offset=token_offset)  # [b, T, vocab]
+        logits, aux = model(x, route_key)  # [b, T, vocab]
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), aux
 
 
@@ -57,8 +58,9 @@ def train_step(
     loss_sum = torch.zeros((), device=plan.device)
     aux_sum: dict[str, Tensor] = {}
     for m, (x, y, token_offset) in enumerate(plan.micro_batches(tokens, step)):
+        route_key = RouteKey(noise_seed, token_offset)  # x's first token is global token_offset
         with engine.micro_batch(last=m == plan.grad_accum - 1):
-            loss, aux = lm_loss(engine.model, x, y, engine.autocast, noise_seed, token_offset)
+            loss, aux = lm_loss(engine.model, x, y, engine.autocast, route_key)
             fault_points.reached("forward", step)
             if fault_points.armed() and loss.requires_grad:  # a test's point inside backward
                 loss.register_hook(_backward_point(step))

@@ -15,21 +15,22 @@ def test_plan_send_sends_each_token_once_per_destination_rank():
     expert = torch.tensor([0, 1, 0, 3, 2, 3])
     plan = plan_send(token, expert, num_tokens=4, experts_per_rank=2, ep=2)
     assert plan.row_splits.tolist() == [2, 3]  # rank 0: tokens 0,1; rank 1: tokens 1,2,3
-    assert plan.row_token.tolist() == [0, 1, 1, 2, 3]
+    row_token = plan.row_tokens()
+    assert row_token.tolist() == [0, 1, 1, 2, 3]
     assert plan.slot_splits.tolist() == [3, 3]
     # every slot points at the row of its token inside its destination chunk
     starts = [0, 2]
     for s, slot in enumerate(plan.slot_order.tolist()):
         dest = int(expert[slot]) // 2
         row = starts[dest] + int(plan.slot_row[s])
-        assert int(plan.row_token[row]) == int(token[slot])
+        assert int(row_token[row]) == int(token[slot])
         assert int(plan.slot_local_expert[s]) == int(expert[slot]) - 2 * dest
 
 
 def test_plan_send_with_no_slots_and_idle_ranks():
     empty = torch.zeros(0, dtype=torch.int64)
     plan = plan_send(empty, empty, num_tokens=3, experts_per_rank=2, ep=4)
-    assert plan.row_splits.tolist() == [0, 0, 0, 0] and plan.row_token.numel() == 0
+    assert plan.row_splits.tolist() == [0, 0, 0, 0] and plan.row_tokens().numel() == 0
 
 
 def test_local_dispatch_matches_dense_sum_and_reports_stats():

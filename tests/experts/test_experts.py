@@ -1,4 +1,4 @@
-"""The expert bank: layout-invariant init, segment forward, empty experts."""
+"""The expert bank: its init rule, segment forward, empty experts."""
 
 from __future__ import annotations
 
@@ -11,27 +11,35 @@ D, H = 8, 12
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_same_global_expert_same_weights_whatever_the_layout(activation):
-    full = ExpertBank(D, H, num_local=8, first_expert=0, activation=activation, seed=3, layer_id=2)
-    half = ExpertBank(D, H, num_local=4, first_expert=4, activation=activation, seed=3, layer_id=2)
-    assert torch.equal(full.w_in[4:], half.w_in)
-    assert torch.equal(full.w_out[4:], half.w_out)
-    # and the init really depends on the expert id, the seed and the layer
-    assert not torch.equal(full.w_in[0], full.w_in[1])
-    other_seed = ExpertBank(D, H, num_local=8, activation=activation, seed=4, layer_id=2)
-    other_layer = ExpertBank(D, H, num_local=8, activation=activation, seed=3, layer_id=3)
-    assert not torch.equal(full.w_in, other_seed.w_in)
-    assert not torch.equal(full.w_in, other_layer.w_in)
+def test_the_rule_is_one_experts_clamped_normal_slice(activation):
+    """init_value is the bank's rule (moe_train.init keys it per global expert, as
+    tests/model/test_init.py checks): one expert's slice, std init_std for w_in and out_std for
+    w_out, clamped to +-3 std."""
+    bank = ExpertBank(D, H, num_local=2, activation=activation, init_std=0.5, out_std=0.05)
     width = 2 * H if activation == "swiglu" else H
-    assert full.w_in.shape == (8, D, width) and full.w_out.shape == (8, H, D)
+    assert bank.w_in.shape == (2, D, width) and bank.w_out.shape == (2, H, D)
+    big = torch.Size([400, 500])
+    for name, std in (("w_in", 0.5), ("w_out", 0.05)):
+        value = bank.init_value(name, big, torch.Generator().manual_seed(0))
+        assert value.abs().max() <= 3 * std  # clamped
+        assert (value.abs() == 3 * std).sum() > 0  # and the clamp really cut the tails
+        assert abs(float(value.std()) - std) < 0.02 * std
+    same = bank.init_value("w_in", bank.w_in.shape[1:], torch.Generator().manual_seed(1))
+    again = bank.init_value("w_in", bank.w_in.shape[1:], torch.Generator().manual_seed(1))
+    assert torch.equal(same, again)  # a function of the generator alone
 
 
-def test_init_ignores_the_global_rng():
-    torch.manual_seed(1)
-    a = ExpertBank(D, H, num_local=2)
-    torch.manual_seed(2)
-    b = ExpertBank(D, H, num_local=2)
-    assert torch.equal(a.w_in, b.w_in)
+def test_a_bank_built_alone_draws_from_the_global_rng_and_on_meta_draws_nothing():
+    torch.manual_seed(0)
+    a = ExpertBank(D, H, num_local=3, init_std=0.3)
+    torch.manual_seed(0)
+    b = ExpertBank(D, H, num_local=3, init_std=0.3)
+    assert torch.equal(a.w_in, b.w_in) and torch.equal(a.w_out, b.w_out)
+    assert not torch.equal(a.w_in[0], a.w_in[1])  # each expert its own draw
+    state = torch.get_rng_state()
+    with torch.device("meta"):  # inside a model or layer: moe_train.init draws it later
+        ExpertBank(D, H, num_local=3)
+    assert torch.equal(state, torch.get_rng_state())
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_train import MoELayer, MoETransformer, RouterConfig
+from moe_train import MoELayer, MoETransformer, RouteKey, RouterConfig
 from moe_train.experts.grouped import grouped_mm_supported, pick_backend
 from moe_train.model import ModelConfig
 
@@ -31,7 +31,7 @@ def layer_step(layer: MoELayer, x: torch.Tensor, bf16: bool) -> list[torch.Tenso
     layer.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_()
     with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
-        y, losses = layer(x, noise_seed=5)
+        y, losses = layer(x, RouteKey(5))
         loss = y.float().square().mean() + sum(losses.values())
     loss.backward()
     grads = [
@@ -91,7 +91,7 @@ def test_dropless_local_layer_never_waits_for_the_gpu(kind):
     torch.cuda.set_sync_debug_mode("error")
     try:
         with torch.autocast(DEV, torch.bfloat16):
-            y, losses = layer(x, noise_seed=7)
+            y, losses = layer(x, RouteKey(7))
             loss = y.float().square().mean() + sum(losses.values())
         loss.backward()
     finally:
@@ -116,7 +116,7 @@ def test_three_training_steps_in_bf16_match_fp32_on_the_cpu():
         for step, idx in enumerate(batches):
             idx = idx.to(dev)
             with torch.autocast(dev, torch.bfloat16, enabled=bf16):
-                logits, aux = model(idx[:, :-1], noise_seed=step)
+                logits, aux = model(idx[:, :-1], RouteKey(step))
                 loss = F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten()) + aux
             opt.zero_grad(set_to_none=True)
             loss.backward()

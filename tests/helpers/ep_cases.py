@@ -27,7 +27,7 @@ from moe_train.parallel import (
     init_parallel,
     parallelize,
 )
-from moe_train.routing import RouterConfig
+from moe_train.routing import RouteKey, RouterConfig
 
 D, FF, SEQ = 16, 24, 8
 
@@ -104,14 +104,14 @@ def check_layer(
     assert isinstance(sync, FlatSync) and sync.model is lay
 
     Xr = X.clone().requires_grad_()
-    y_ref, aux_ref = ref(Xr, noise_seed=seed)
+    y_ref, aux_ref = ref(Xr, RouteKey(seed))
     loss_ref = (y_ref * C).sum() / (batch * SEQ) + sum(aux_ref.values())
     loss_ref.backward()
 
     per = batch // world
     lo = rank * per
     x = X[lo : lo + per].clone().requires_grad_()
-    y, aux = lay(x, noise_seed=seed, token_offset=lo * SEQ)
+    y, aux = lay(x, RouteKey(seed, lo * SEQ))
     loss = (y * C[lo : lo + per]).sum() / (per * SEQ) + sum(aux.values())
     loss.backward()
     sync.sync()
@@ -150,7 +150,7 @@ def expected_rows(
     per = 8 // state.dims.world_size
     lo = state.dims.rank * per
     x = X[lo : lo + per].reshape(-1, D)
-    a = ref.router(x, noise_seed=mix_seed(seed, 3), token_offset=lo * SEQ, group_size=SEQ)
+    a = ref.router(x, RouteKey(mix_seed(seed, 3), lo * SEQ), group_size=SEQ)
     ep = state.dims.ep
     per_rank = num_experts // ep
     dest = a.expert // per_rank
@@ -174,6 +174,8 @@ def tiny_model_cfg(num_experts: int = 8) -> ModelConfig:
         d_model=D,
         n_layers=2,
         n_heads=2,
+        n_kv_heads=1,  # the modern body with grouped-query attention and qk-norm
+        qk_norm="head",
         d_ff=FF,
         num_experts=num_experts,
         moe_every=1,
@@ -219,7 +221,7 @@ def train_steps(
     losses, norms = [], []
     for step in steps:
         x, y, offset = batch_slice(state, step, seed=seed)
-        logits, aux = sync.model(x, noise_seed=mix_seed(seed, step, 7), token_offset=offset)
+        logits, aux = sync.model(x, RouteKey(mix_seed(seed, step, 7), offset))
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
         )
@@ -243,7 +245,7 @@ def eval_logits(state: ParallelState | None, sync: GradSync, step: int = 99) -> 
     """This rank's logits on the batch of `step` (eval mode, no noise)."""
     sync.model.eval()
     x, _, offset = batch_slice(state, step)
-    logits, _ = sync.model(x, noise_seed=5, token_offset=offset)
+    logits, _ = sync.model(x, RouteKey(5, offset))
     sync.model.train()
     return logits
 

@@ -16,7 +16,9 @@ NUM_EXPERTS = 8
 
 
 def make_cfg(kind: str, **kw) -> RouterConfig:
-    """Small defaults: top_k 2, SAM 2 groups of 4, dropless except expert choice (c = 2)."""
+    """Small defaults: top_k 2, SAM 2 groups of 4, dropless except expert choice (c = 2). The
+    capacity given applies in eval mode too (eval_capacity_factor, unless given): these tests
+    route in eval mode to leave the noise out and test capacity there."""
     base = dict(
         kind=kind,
         top_k=2,
@@ -24,6 +26,7 @@ def make_cfg(kind: str, **kw) -> RouterConfig:
         capacity_factor=2.0 if kind == "expert_choice" else None,
     )
     base.update(kw)
+    base.setdefault("eval_capacity_factor", base["capacity_factor"])
     return RouterConfig(**base)
 
 

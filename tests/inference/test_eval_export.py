@@ -96,7 +96,7 @@ def test_export_loads_with_the_checkpoints_logits(tiny_run, tmp_path):
     model = export_and_compare(tiny_run, tmp_path / "export")
     tensors = load_file(str(tmp_path / "export" / "model.safetensors"))
     assert "head.weight" not in tensors  # tied to tok_emb.weight
-    assert tensors["blocks.0.ffn.experts.w_in"].shape == (4, 64, 128)  # [E, d, f], all experts
+    assert tensors["blocks.0.ffn.experts.w_in"].shape == (4, 64, 2 * 96)  # [E, d, 2f], all experts
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     assert config["model"]["vocab_size"] == 256 and config["router"]["kind"] == "switch"
     assert config["tokenizer"] == {"type": "bytes", "vocab_size": 256, "eot_id": 0}

@@ -3,18 +3,27 @@ and `moe-train-generate` on a trained run."""
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import replace
+
 import pytest
 import torch
+from torch import Tensor
 
 from moe_train import ModelConfig, MoETransformer, RouterConfig, generate
 from moe_train.inference.generate import sample_next, uses_cache
-from moe_train.model import KVCache
+from moe_train.model import LEGACY_BODY, KVCache
 from tests.helpers.runs import cli
 
+# the modern body with GQA and qk-norm (RoPE offsets in the cache); GPT2: learned positions
 CFG = ModelConfig(
-    vocab_size=64, seq_len=24, d_model=32, n_layers=2, n_heads=4, d_ff=48, num_experts=4,
-    moe_every=1,
+    vocab_size=64, seq_len=24, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, qk_norm="head",
+    d_ff=48, num_experts=4, moe_every=1,
 )  # fmt: skip
+GPT2 = replace(CFG, **LEGACY_BODY)
+generate_mod = importlib.import_module(
+    "moe_train.inference.generate"
+)  # the module, not the function
 # dropless, so the full forward drops no token that the one-token decode steps would keep
 ROUTERS = {
     "switch": RouterConfig(kind="switch", capacity_factor=None),
@@ -25,14 +34,16 @@ ROUTERS = {
 }
 
 
-def model_for(router: RouterConfig) -> MoETransformer:
+def model_for(router: RouterConfig, cfg: ModelConfig = CFG) -> MoETransformer:
     torch.manual_seed(3)
-    return MoETransformer(CFG, router, seed=3).eval()
+    return MoETransformer(cfg, router, seed=3).eval()
 
 
-@pytest.mark.parametrize("kind", sorted(ROUTERS))
-def test_cached_decoding_gives_the_full_forward_logits(kind):
-    model = model_for(ROUTERS[kind])
+@pytest.mark.parametrize(
+    ("kind", "body"), [(kind, "modern") for kind in sorted(ROUTERS)] + [("topk", "gpt2")]
+)
+def test_cached_decoding_gives_the_full_forward_logits(kind, body):
+    model = model_for(ROUTERS[kind], CFG if body == "modern" else GPT2)
     idx = torch.randint(0, CFG.vocab_size, (2, CFG.seq_len))
     with torch.no_grad():
         full, _ = model(idx)  # [2, T, V]
@@ -73,11 +84,36 @@ def test_greedy_generation_with_and_without_the_cache_agree():
     assert torch.equal(cached[:, :3], prompt)
 
 
-def test_generation_slides_past_seq_len():
-    model = model_for(ROUTERS["switch"])
+@pytest.mark.parametrize("body", ["modern", "gpt2"])
+def test_generation_slides_past_seq_len_and_every_cached_step_is_the_full_forward(
+    body, monkeypatch
+):
+    """Past seq_len generate re-encodes the window's last 3/4 from position 0 (RoPE offsets
+    restart): each step's logits equal a full forward of the tokens its cache holds."""
+    model = model_for(ROUTERS["switch"], CFG if body == "modern" else GPT2)
+    caches: list[KVCache] = []  # kept alive: each cache's id stays its own
+    held: dict[int, Tensor] = {}  # id(cache) -> the tokens it holds
+    checked = []
+    real = generate_mod._forward_last
+
+    def forward_last(model, idx, cache):
+        logits = real(model, idx, cache)
+        if cache is not None:
+            if id(cache) not in held:
+                caches.append(cache)
+            held[id(cache)] = torch.cat([held.get(id(cache), idx[:, :0]), idx], dim=1)
+            full = model(held[id(cache)])[0][:, -1]
+            torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+            checked.append(held[id(cache)].shape[1])
+        return logits
+
+    monkeypatch.setattr(generate_mod, "_forward_last", forward_last)
     gen = torch.Generator().manual_seed(0)
-    out = generate(model, torch.zeros(1, 1, dtype=torch.long), 3 * CFG.seq_len, generator=gen)
-    assert out.shape == (1, 1 + 3 * CFG.seq_len)
+    prompt = torch.randint(0, CFG.vocab_size, (2, 5), generator=gen)
+    out = generate(model, prompt, 3 * CFG.seq_len, generator=gen)
+    assert out.shape == (2, 5 + 3 * CFG.seq_len)
+    assert len(held) > 2 and checked[0] == 5  # slid at least twice; the prompt in one pass
+    assert max(checked) == CFG.seq_len and min(checked[1:]) < CFG.seq_len
     assert int(out.max()) < CFG.vocab_size
 
 

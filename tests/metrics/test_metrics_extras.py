@@ -11,10 +11,11 @@ import sys
 import pytest
 import torch
 
+from moe_train.config import TrainConfig
 from moe_train.data import TokenFile, write_tokens
 from moe_train.hardware import peak_tflops
 from moe_train.metrics import read_metrics
-from moe_train.model import ModelConfig
+from moe_train.model import LEGACY_BODY, ModelConfig
 from moe_train.parallel import ParallelConfig, ParallelState
 from moe_train.plan import ClusterConfig, PlanOptions, make_plan, model_flops_per_token
 from moe_train.routing import RouterConfig
@@ -36,13 +37,15 @@ def test_known_gpu_peaks():
 
 
 def test_model_flops_are_the_planners():
-    model = ModelConfig(vocab_size=256, seq_len=64, d_model=64, n_layers=2, n_heads=4, d_ff=128)
+    model = ModelConfig(vocab_size=256, seq_len=64, d_model=64, n_layers=2, n_heads=4, d_ff=128,
+                        **LEGACY_BODY)  # fmt: skip
     router = RouterConfig(kind="topk", top_k=2)
-    cluster = ClusterConfig(world_size=1, ep=1, seq_len=64)
+    cfg, cluster = TrainConfig(model=model, router=router), ClusterConfig(world_size=1)
     options = PlanOptions(meta_check=False, compare_routers=False, suggest=False)
-    planned = make_plan(model, router, cluster, options)["compute"]["model_flops_per_token"]
+    planned = make_plan(cfg, cluster, options)["compute"]["model_flops_per_token"]
     assert model_flops_per_token(model, router) == planned
-    # 6 x active matmul parameters + attention: the position table is looked up, not multiplied
+    # GPT-2's body: 6 x active matmul parameters + attention; the position table is looked up,
+    # not multiplied (the modern body's terms: tests/plan/test_plan_costs.py)
     dense = 256 * 64 + 2 * 4 * 64 * 64 + 64 * 128 * 2 + 64 * 8  # emb, attn, dense FFN, 8-way gate
     dense += 2 * 2 * 2 * 64 + 2 * 64  # LayerNorms (the planner counts them in N)
     active = dense + 2 * (64 * 128 * 2)  # k=2 experts of the one MoE layer

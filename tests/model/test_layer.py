@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_train import MoELayer, RouterConfig
+from moe_train import MoELayer, RouteKey, RouterConfig
 from tests.helpers.routing import KINDS
 
 D, H, E = 16, 24, 8
@@ -39,7 +39,7 @@ def test_layer_equals_naive_loop(kind, shape):
     layer, seen = make_layer(kind, activation="swiglu" if kind == "sam" else "gelu")
     layer.train()  # noise on: the hook gives us the very Assignment the layer used
     x = torch.randn(*shape)
-    y, losses = layer(x, noise_seed=11)
+    y, losses = layer(x, RouteKey(11))
     assert y.shape == x.shape
     (a,) = seen
     tokens = x.reshape(-1, D)
@@ -81,7 +81,7 @@ def test_gradients_reach_router_and_every_used_expert(kind):
     layer, seen = make_layer(kind)
     layer.train()
     x = torch.randn(2, 16, D, requires_grad=True)
-    y, losses = layer(x, noise_seed=3)
+    y, losses = layer(x, RouteKey(3))
     (y.square().sum() + sum(losses.values())).backward()
     (a,) = seen
     assert layer.router.gate.weight.grad.abs().sum() > 0
@@ -129,5 +129,5 @@ def test_same_seed_same_output():
         layer, _ = make_layer("topk", jitter_eps=0.1)
         layer.train()
         x = torch.randn(2, 8, D)
-        outs.append(layer(x, noise_seed=9)[0])
+        outs.append(layer(x, RouteKey(9))[0])
     assert torch.equal(outs[0], outs[1])

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_train import ModelConfig, MoELayer, MoETransformer, RouterConfig
+from moe_train import ModelConfig, MoELayer, MoETransformer, RouteKey, RouterConfig
 from tests.helpers.distributed import forbid_torch_distributed
 from tests.helpers.routing import KINDS
 
@@ -53,7 +53,7 @@ def test_shapes_and_aux_is_sum_of_layer_losses(kind):
     assert len(model.moe_layers()) == 2
     seen = capture_layer_losses(model)
     idx = batch()[:, :-1]
-    logits, aux = model(idx, noise_seed=1)
+    logits, aux = model(idx, RouteKey(1))
     assert logits.shape == (4, 16, 32)
     assert aux.dim() == 0
     assert len(seen) == 2
@@ -73,7 +73,7 @@ def test_a_few_steps_lower_the_loss(kind):
     idx, tgt = data[:, :-1], data[:, 1:]
     losses = []
     for step in range(12):
-        logits, aux = model(idx, noise_seed=step)
+        logits, aux = model(idx, RouteKey(step))
         ce = F.cross_entropy(logits.reshape(-1, 32), tgt.reshape(-1))
         losses.append(ce.item())
         opt.zero_grad()
@@ -105,7 +105,7 @@ def test_same_seed_same_model_and_output():
     for _ in range(2):
         torch.manual_seed(3)
         model = MoETransformer(tiny(), router("topk", jitter_eps=0.1))
-        outs.append(model(batch()[:, :-1], noise_seed=4))
+        outs.append(model(batch()[:, :-1], RouteKey(4)))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
@@ -118,7 +118,7 @@ def test_bf16_autocast_runs_and_router_stays_float32(kind):
         layer.router.register_forward_hook(lambda mod, args, out: seen.append(out))
     data = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, aux = model(data[:, :-1], noise_seed=0)
+        logits, aux = model(data[:, :-1], RouteKey(0))
         ce = F.cross_entropy(logits.float().reshape(-1, 32), data[:, 1:].reshape(-1))
     assert logits.dtype == torch.bfloat16  # autocast really was on
     (ce + aux).backward()
@@ -154,11 +154,38 @@ def test_half_batch_with_token_offset_matches_the_full_batch(kind):
     )
     model.train()
     idx = batch()[:, :-1]
-    full, _ = model(idx, noise_seed=8)
-    half, _ = model(idx[2:], noise_seed=8, token_offset=2 * 16)
+    full, _ = model(idx, RouteKey(8))
+    half, _ = model(idx[2:], RouteKey(8, 2 * 16))
     torch.testing.assert_close(half, full[2:], atol=1e-5, rtol=1e-5)
-    wrong, _ = model(idx[2:], noise_seed=8, token_offset=0)
+    wrong, _ = model(idx[2:], RouteKey(8, 0))
     assert not torch.allclose(wrong, full[2:], atol=1e-5, rtol=1e-5)
+
+
+def test_one_route_key_reaches_every_router_mixed_with_its_layer_id_once():
+    model = MoETransformer(tiny(n_layers=3), router("topk", jitter_eps=0.1)).train()
+    keys = []
+    for layer in model.moe_layers():
+        layer.router.register_forward_pre_hook(lambda mod, args: keys.append(args[1]))
+    model(batch()[:, :-1], RouteKey(8, 32))
+    want = [RouteKey(8, 32).for_layer(layer_id) for layer_id in range(3)]
+    assert keys == want and len(set(keys)) == 3  # every layer its own noise, same offset
+    assert RouteKey(8, 32).for_layer(1) != RouteKey(9, 32).for_layer(1)
+
+
+def test_without_a_key_eval_has_no_noise_and_training_fresh_noise():
+    """The library call `model(idx)`: eval routes noise-free (the same as under any key) and
+    draws nothing from the global RNG; training draws a fresh seed each call."""
+    model = MoETransformer(tiny(), router("topk", jitter_eps=0.3, capacity_factor=0.5))
+    idx = batch()[:, :-1]
+    model.eval()
+    state = torch.get_rng_state()
+    plain, _ = model(idx)
+    assert torch.equal(state, torch.get_rng_state())
+    assert torch.equal(plain, model(idx, RouteKey(123, 64))[0])
+    model.train()
+    first, second = model(idx)[0], model(idx)[0]
+    assert not torch.equal(first, second)
+    assert not torch.equal(state, torch.get_rng_state())
 
 
 # ---- built from configs alone: no process group, any device --------------------------------------

@@ -47,6 +47,7 @@ def _two_steps(rank: int, world: int) -> dict:
     from moe_train.model import ModelConfig
     from moe_train.parallel import init_parallel
     from moe_train.parallel.placement import expert_banks
+    from moe_train.routing import RouteKey
     from moe_train.training.build import build_engine
 
     cfg = TrainConfig(
@@ -67,7 +68,7 @@ def _two_steps(rank: int, world: int) -> dict:
     losses = []
     for step in range(3):
         with engine.micro_batch(last=True):
-            logits, aux = engine.model(x[:, :-1], noise_seed=step)
+            logits, aux = engine.model(x[:, :-1], RouteKey(step))
             ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
             engine.backward(ce + aux)
         losses.append(float(ce))

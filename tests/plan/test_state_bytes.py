@@ -36,6 +36,7 @@ def _small():
 def _measure(rank: int, world: int) -> dict:
     """One step per layout; each rank's engine.state_bytes(), reduced to the max by the parent."""
     from moe_train.parallel import init_parallel
+    from moe_train.routing import RouteKey
     from moe_train.training.build import build_engine
 
     out = {}
@@ -48,7 +49,7 @@ def _measure(rank: int, world: int) -> dict:
         engine = build_engine(cfg, state, micro_batch=1, grad_accum=1)
         x = torch.randint(0, 256, (1, 129), generator=torch.Generator().manual_seed(rank))
         with engine.micro_batch(last=True):
-            logits, aux = engine.model(x[:, :-1], noise_seed=0)
+            logits, aux = engine.model(x[:, :-1], RouteKey(0))
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
             engine.backward(loss + aux)
         engine.step()
@@ -60,8 +61,8 @@ def _measure(rank: int, world: int) -> dict:
 
 def _predicted(fsdp: bool, optim: str) -> int:
     cfg = _small()
-    cluster = ClusterConfig(world_size=4, ep=2, fsdp=fsdp, optimizer=optim)
-    plan = make_plan(cfg.model, cfg.router, cluster, PlanOptions(compare_routers=False))
+    cfg.parallel.ep, cfg.parallel.fsdp, cfg.optim.name = 2, fsdp, optim
+    plan = make_plan(cfg, ClusterConfig(world_size=4), PlanOptions(compare_routers=False))
     return plan["state_bytes_per_gpu"]
 
 

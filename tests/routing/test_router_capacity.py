@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moe_train.routing import RouteKey
 from tests.helpers.routing import (
     KINDS,
     TOKEN_CHOICE,
@@ -116,7 +117,7 @@ def test_dropless_drops_nothing(kind):
 def test_load_and_dropped_counts(kind, train):
     kw = {"max_experts_per_token": 1} if kind == "expert_choice" else {"capacity_factor": 0.5}
     r = make_router(kind, group_size=GS, **kw).train(train)
-    a = r(tokens(T), noise_seed=3)
+    a = r(tokens(T), RouteKey(3))
     assert a.expert_load.shape == (r.num_experts,)
     assert torch.equal(a.expert_load, torch.bincount(a.expert, minlength=r.num_experts))
     assert int(a.dropped) == a.requested - a.num_slots

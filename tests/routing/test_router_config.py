@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_train.routing import RouterConfig, build_router
+from moe_train.routing import RouteKey, RouterConfig, build_router
 from tests.helpers.routing import KINDS, make_router, tokens
 
 
@@ -82,7 +82,7 @@ def test_valid_edge_configs_build(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_gate_gets_gradient_from_weights_and_losses(kind, train):
     r = make_router(kind, capacity_factor=None if kind != "expert_choice" else 2.0).train(train)
-    a = r(tokens(32), noise_seed=1)
+    a = r(tokens(32), RouteKey(1))
     (g_w,) = torch.autograd.grad(a.weight.square().sum(), r.gate.weight, retain_graph=True)
     assert torch.isfinite(g_w).all() and g_w.abs().sum() > 0
     total = sum(a.losses.values())

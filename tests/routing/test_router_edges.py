@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moe_train.routing import RouteContext, RouterConfig, build_router
+from moe_train.routing import RouteContext, RouteKey, RouterConfig, build_router
 from moe_train.routing.capacity import expert_capacity
 from moe_train.routing.select import topk_lowest_index
 from tests.helpers.routing import D_MODEL, KINDS, make_router, per_token, tokens
@@ -22,8 +22,8 @@ from tests.helpers.routing import D_MODEL, KINDS, make_router, per_token, tokens
 @pytest.mark.parametrize("kind", KINDS)
 def test_zero_tokens_give_an_empty_assignment_and_zero_losses(kind, group_size):
     r = make_router(kind, group_size=group_size).train()
-    names = set(r(tokens(32), noise_seed=1).losses)  # the losses of a non-empty call
-    a = r(torch.randn(0, D_MODEL), noise_seed=1, group_size=16)
+    names = set(r(tokens(32), RouteKey(1)).losses)  # the losses of a non-empty call
+    a = r(torch.randn(0, D_MODEL), RouteKey(1), group_size=16)
     assert (a.num_tokens, a.num_slots, a.requested, int(a.dropped)) == (0, 0, 0, 0)
     assert a.token.dtype == a.expert.dtype == torch.int64 and a.weight.dtype == torch.float32
     assert torch.equal(a.expert_load, torch.zeros(r.num_experts, dtype=torch.int64))
@@ -35,7 +35,7 @@ def test_zero_tokens_give_an_empty_assignment_and_zero_losses(kind, group_size):
 
 def test_routing_state_is_not_stored_on_the_module():
     r = make_router("topk", random_routing=True).train()
-    r(tokens(32), noise_seed=3, token_offset=64)
+    r(tokens(32), RouteKey(3, 64))
     assert not hasattr(r, "noise_seed") and not hasattr(r, "token_offset")
 
 
@@ -184,7 +184,7 @@ def test_normalize_after_capacity_drops():
 def test_normalize_after_random_routing_drops():
     before, after = topk_pair(random_routing=True, capacity_factor=None)
     x = tokens(64, scale=6.0)
-    a, b = before.train()(x, noise_seed=5), after.train()(x, noise_seed=5)
+    a, b = before.train()(x, RouteKey(5)), after.train()(x, RouteKey(5))
     check_normalisation(a, b, torch.softmax(before.gate(x), -1).detach())
 
 
@@ -215,7 +215,7 @@ def test_capacity_mask_reads_nothing_back_to_the_host():
     token = torch.arange(T)
     expert = torch.randint(0, r.num_experts, (T,))
     priority = torch.rand(T)
-    ctx = RouteContext(T, gs, noise_seed=0, token_offset=0)
+    ctx = RouteContext(T, gs, RouteKey(0, 0))
     with CountSyncs() as mode:
         keep = r.keep(token, expert, priority, r.capacity(gs, 1), ctx)
     assert mode.syncs == 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_train.routing import Assignment
+from moe_train.routing import Assignment, RouteKey
 from tests.helpers.routing import KINDS, make_router, same_assignment, tokens
 
 T, GS = 64, 32
@@ -71,8 +71,8 @@ def test_noise_is_keyed_by_global_token_position(kind, kw):
     r = router_for(kind, group_size=GS, **kw).train()
     x = tokens(T, scale=6.0)
     seed = 2024
-    full = r(x, noise_seed=seed, token_offset=0)
-    half = r(x[GS:], noise_seed=seed, token_offset=GS)
+    full = r(x, RouteKey(seed, 0))
+    half = r(x[GS:], RouteKey(seed, GS))
     in_second = full.token >= GS
     tail = Assignment(
         full.token[in_second] - GS,
@@ -83,7 +83,7 @@ def test_noise_is_keyed_by_global_token_position(kind, kw):
     )
     same_assignment(half, tail)
     # the noise is really there: another seed or offset changes the routing, eval has none
-    other = r(x[GS:], noise_seed=seed, token_offset=0)
+    other = r(x[GS:], RouteKey(seed, 0))
     clean = r.eval()(x[GS:])
     for b in (other, clean):
         assert b.num_slots != half.num_slots or not torch.allclose(
@@ -97,7 +97,7 @@ def test_same_seed_same_result(kind):
     outs = []
     for _ in range(2):
         r = router_for(kind, jitter_eps=0.1).train()
-        outs.append(r(x, noise_seed=7))
+        outs.append(r(x, RouteKey(7)))
     same_assignment(outs[0], outs[1], atol=0)
     for name in outs[0].losses:
         assert torch.equal(outs[0].losses[name], outs[1].losses[name])

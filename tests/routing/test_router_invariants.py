@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moe_train.ops.hashing import counter_uniform, mix_seed
+from moe_train.routing import RouteKey
 from tests.helpers.routing import make_router, per_token, sorted_slots, tokens
 
 T = 64
@@ -49,7 +50,7 @@ def test_topk_random_routing_rule_is_2_g2_greater_than_u():
     T_big, seed, offset = 2048, 1234, 77
     r = make_router("topk", top_k=2, random_routing=True).train()
     x = tokens(T_big, scale=6.0)
-    a = r(x, noise_seed=seed, token_offset=offset)
+    a = r(x, RouteKey(seed, offset))
     probs = gate_probs(r, x)
     top_p, top_e = probs.topk(2, dim=-1)
     g = top_p / top_p.sum(dim=-1, keepdim=True)  # [T, 2] renormalised g1, g2

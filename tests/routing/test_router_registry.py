@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from moe_train.config import TrainConfig
 from moe_train.model import ModelConfig, MoETransformer
 from moe_train.parallel import ParallelConfig
 from moe_train.plan import ClusterConfig, PlanOptions, count_params, distinct_ranks, make_plan
@@ -108,11 +109,12 @@ def test_toy_router_in_the_model_and_the_planner(toy):
     assert pc.router == 16 * 8 + 8
     # default expected ranks: one uniform pick over 2 ranks -> one rank
     assert distinct_ranks(toy, 8, 2) == pytest.approx(1.0)
-    cluster = ClusterConfig(world_size=2, ep=2, seq_len=16)
-    plan = make_plan(SMALL, toy, cluster, PlanOptions(suggest=False))
+    cluster, cfg = ClusterConfig(world_size=2), TrainConfig(model=SMALL, router=toy)
+    cfg.parallel.ep = 2
+    plan = make_plan(cfg, cluster, PlanOptions(suggest=False))
     assert plan["meta_check"]["match"] and plan["params"]["experts_per_token"] == 1
     assert plan["routers"][0]["router"] == "toy (configured)"
-    switch = make_plan(SMALL, RouterConfig(), cluster, PlanOptions(meta_check=False))
+    switch = make_plan(replace(cfg, router=RouterConfig()), cluster, PlanOptions(meta_check=False))
     assert "toy" in [row["router"] for row in switch["routers"]]  # compared like the built-ins
 
 

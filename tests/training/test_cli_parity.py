@@ -1,6 +1,7 @@
 """The acceptance test of the distributed system: `moe-train` on 4 gloo ranks (ep=2 x dp=2) gives
 the per-step losses of 1 process, within 1e-4 relative over 20 steps, for every router kind
-(with test_fsdp_parity, which runs each kind sharded).
+(with test_fsdp_parity, which runs each kind sharded); model=tiny is the modern body (RMSNorm,
+RoPE, SwiGLU, GQA), one case runs GPT-2's.
 
 Nothing is switched off: jitter and GShard's random second expert are keyed by the global token
 index, so they are the same whatever the layout.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 
+from moe_train.model import LEGACY_OVERRIDES
 from tests.helpers.cli_runs import STEPS, run
 
 pytestmark = pytest.mark.distributed
@@ -27,6 +29,8 @@ CASES = {
     "topk-no-overlap": ["parallel.ep=2", "parallel.overlap_grad_sync=false"],
     # Adafactor on replicated (not sharded) parameters: per-expert statistics, any ep
     "switch-adafactor": ["parallel.ep=2", "optim=adafactor"],
+    # the GPT-2 body (LayerNorm, learned positions, GELU, MHA); every other case: the modern one
+    "switch-gpt2": ["parallel.ep=2", *LEGACY_OVERRIDES],
 }
 
 

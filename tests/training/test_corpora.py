@@ -59,6 +59,7 @@ def mix(corpora, *extra: str) -> list[str]:
             *extra]  # fmt: skip
 
 
+@pytest.mark.slow  # moe-train-eval in a process of its own
 def test_a_mixture_logs_and_evaluates_each_source(tmp_path, corpora, capsys):
     run_dir = tmp_path / "run"
     train(compose_cfg(*TINY, f"trainer.run_dir={run_dir}", "trainer.max_steps=4",
