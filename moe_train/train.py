@@ -156,7 +156,7 @@ def _train(
     logger.close()
     seconds = logger.elapsed()
 
-    if stopped is not None:
+    if stopped is not None and train_state.step < trainer.max_steps:  # at the last: done
         return _stopped(train_state, parallel, run_dir, stopped, seconds)
     if dims.is_main:
         print(
