@@ -98,7 +98,9 @@ class TrainerConfig:
     async_checkpoint: bool = False  # write checkpoints in the background (DCP, own gloo group)
     run_dir: str = "runs/default"  # the run folder: config.yaml, metrics.jsonl, checkpoints
     resume: bool = True  # continue from run_dir's latest checkpoint when there is one
-    progress: bool = True  # a progress bar with loss, step time, tokens/s (and MFU on GPUs)
+    # rank 0 shows progress: a bar (loss, step time, tokens/s, MFU on GPUs) when stdout is a
+    # terminal, else one plain line per log_every step with what metrics.jsonl records
+    progress: bool = True
     tensorboard: bool = True  # when tensorboard is installed
     wandb: bool = False  # also log to Weights & Biases (needs wandb; WANDB_MODE=offline works)
     wandb_project: str = "moe-train"  # the W&B project

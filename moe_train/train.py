@@ -27,6 +27,7 @@ from .training.batches import BatchPlan
 from .training.build import build_engine, build_model, open_training_data
 from .training.cadence import Every
 from .training.checkpointer import Checkpointer
+from .training.console import rank_console
 from .training.divergence import check_skipped_steps
 from .training.evaluation import Evaluator, evaluate
 from .training.logger import TrainLogger
@@ -67,11 +68,12 @@ def train(cfg: TrainConfig) -> dict:
     signals = StopSignals(signal_numbers(cfg.trainer.stop_signals), rank=parallel.dims.rank)
     signals.install()
     try:
-        run_folder = RunFolder.open(cfg, parallel)
-        try:
-            return _train(cfg, parallel, run_folder, signals, started)
-        finally:
-            run_folder.close()
+        with rank_console(parallel.dims.rank):  # ranks > 0: only stderr, each line "[rank r]"
+            run_folder = RunFolder.open(cfg, parallel)
+            try:
+                return _train(cfg, parallel, run_folder, signals, started)
+            finally:
+                run_folder.close()
     finally:
         signals.restore()
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from pathlib import Path
 
 from ..engines import Engine
 from .cadence import Every
-from .stop import SAVE_SAFETY, TIME_MARGIN_S, write_save_seconds
+from .stop import SAVE_SAFETY, SIGNAL_LEAD_ENV, TIME_MARGIN_S, write_save_seconds
 from .train_state import TrainState
 
 
@@ -65,12 +67,26 @@ class Checkpointer:
         if self.main:
             write_save_seconds(self.run_dir, self.save_seconds)
             if first:
-                print(
-                    f"checkpoint step {train_state.step} saved in {seconds:.1f} s: a stop (a "
-                    "signal, trainer.time_limit) needs one step and this save after its signal; "
-                    "give the batch system's warning (Slurm: --signal=B:USR1@SECONDS) at least "
-                    f"{_grace(seconds):.0f} s"
-                )
+                self._say_grace(train_state.step, seconds)
+
+    def _say_grace(self, step: int, seconds: float) -> None:
+        """Rank 0, after the first save: the grace a stop needs; a warning when the batch
+        system's lead (SIGNAL_LEAD_ENV, set by launch/slurm/train.sbatch) is shorter."""
+        grace = _grace(seconds)
+        print(
+            f"checkpoint step {step} saved in {seconds:.1f} s: a stop (a signal, "
+            "trainer.time_limit) needs one step and this save after its signal; give the batch "
+            f"system's warning (Slurm: --signal=B:USR1@SECONDS) at least {grace:.0f} s",
+            flush=True,
+        )
+        lead = os.environ.get(SIGNAL_LEAD_ENV)
+        if lead and lead.isdigit() and int(lead) < grace:
+            warnings.warn(
+                f"the stop signal comes {lead} s before the time limit ({SIGNAL_LEAD_ENV}), less "
+                f"than the {grace:.0f} s a save needs: the checkpoint of a time-limit stop may "
+                "not finish; raise --signal=B:USR1@SECONDS and SIGNAL_LEAD_S",
+                stacklevel=2,
+            )
 
 
 def _grace(save_s: float) -> float:

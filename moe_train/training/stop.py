@@ -39,6 +39,9 @@ EXIT_RESUME = 75
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT")
 STOPPED_FILE = "stopped"
 SAVE_SECONDS_FILE = "save_seconds"
+# seconds between the batch system's stop signal and its hard kill (launch/slurm/train.sbatch
+# sets it from SIGNAL_LEAD_S): the first save's measured time is checked against it
+SIGNAL_LEAD_ENV = "MOE_TRAIN_SIGNAL_LEAD_S"
 SAVE_SAFETY = 1.5  # the save after the last step is budgeted at 1.5 x the slowest one measured
 TIME_MARGIN_S = 5.0  # and this much more: exiting, flushing logs
 _UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}

@@ -10,6 +10,8 @@ MOE_TRAIN_FAULT (moe_train/fault_points.py), not by timing. 1 process runs in th
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 from pathlib import Path
@@ -18,6 +20,7 @@ import pytest
 
 from moe_train.checkpoint import latest_checkpoint, verify_checkpoint
 from moe_train.metrics import read_metrics
+from moe_train.parallel.launch_env import free_port
 from moe_train.train import train
 from moe_train.training.stop import STOPPED_FILE
 from tests.helpers.distributed import run_ranks
@@ -63,34 +66,87 @@ CHAIN_1 = [
 ]
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """The uninterrupted 1-process run every probe is compared with, its stdout captured (not a
+    terminal, trainer.progress on: the log lines of a Slurm file)."""
+    root = tmp_path_factory.mktemp("reference")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        summary = segment(root / "run", str(root / "corpus"), None, "trainer.progress=true")
+    assert not summary.get("stopped")
+    return {"losses": losses(root / "run"), "stdout": stdout.getvalue(), "run_dir": root / "run"}
+
+
+LINE = re.compile(r"^step=(\d+)/(\d+)((?: \w+=\S+)+)$")
+
+
+def test_a_log_file_gets_one_plain_line_per_log_step_with_what_metrics_jsonl_records(reference):
+    out = reference["stdout"]
+    assert "\r" not in out and "it/s" not in out  # no progress bar in a file
+    lines = [m for m in map(LINE.match, out.splitlines()) if m]
+    train_lines, val_lines = {}, {}
+    for m in lines:
+        fields = dict(kv.split("=") for kv in m[3].split())
+        (val_lines if "val_loss" in fields else train_lines)[int(m[1])] = fields
+    assert all(int(m[2]) == STEPS for m in lines)
+    records = {}
+    for r in read_metrics(reference["run_dir"]):
+        records.setdefault(r["step"], {}).update(r)
+    assert sorted(train_lines) == list(range(1, STEPS + 1))  # log_every=1
+    assert sorted(val_lines) == [4, 8]  # eval_every=4 and the last step
+    for step, fields in train_lines.items():
+        r = records[step]
+        drops = [v for k, v in r.items() if k.endswith("/dropped_frac")]
+        expected = {**r, "dropped_frac": sum(drops) / len(drops)}
+        assert set(fields) == {
+            "loss",
+            "lr",
+            "grad_norm",
+            "step_ms",
+            "tokens_per_s",
+            "dropped_frac",
+        }, fields  # fmt: skip  (no mfu on CPUs)
+        for key, text in fields.items():  # the value printed, to its printed precision
+            digits = len(text.split(".")[1].split("e")[0]) if "." in text else 0
+            assert float(text) == pytest.approx(expected[key], rel=1e-3, abs=10**-digits), key
+    for step, fields in val_lines.items():
+        assert float(fields["val_loss"]) == pytest.approx(records[step]["val_loss"], abs=1e-4)
+
+
 @pytest.mark.slow
-def test_one_process_stops_at_every_point_and_resumes_to_the_same_curve(tmp_path):
+def test_one_process_stops_at_every_point_and_resumes_to_the_same_curve(tmp_path, reference):
     cache = str(tmp_path / "corpus")
-    reference = segment(tmp_path / "reference", cache, None)
-    assert not reference.get("stopped")
     run_dir = tmp_path / "stopped"
     for fault, steps, extra in CHAIN_1:
         check_stop(run_dir, segment(run_dir, cache, fault, *extra), steps)
     final = segment(run_dir, cache, None)
     assert final["steps"] == STEPS and not final.get("stopped")
     assert not (run_dir / STOPPED_FILE).exists()
-    assert losses(run_dir) == losses(tmp_path / "reference")  # every logged loss, bit for bit
+    assert losses(run_dir) == reference["losses"]  # every logged loss, bit for bit
     assert len(losses(run_dir)) == STEPS
 
 
-def _chain_on_ranks(rank: int, world: int, root: str, cache: str, layout: list, chain: list):
-    """Every segment of `chain` on this rank (the process group is made and torn down by each
-    train call), then the last one to the end; returns each segment's summary."""
+def _chain_on_ranks(
+    rank: int, world: int, root: str, cache: str, layout: list, chain: list, ports: list
+):
+    """Every segment of `chain` on this rank, then the last one to the end; returns each
+    segment's summary. Each train call makes and tears down its process group, each on a port
+    of its own (as a requeued job's fresh processes do: no store of the last segment lingers)."""
     run_dir = Path(root) / "run"
     out = []
-    for fault, _, extra in [*chain, (None, None, ())]:
+    for (fault, _, extra), port in zip([*chain, (None, None, ())], ports):
+        os.environ["MASTER_PORT"] = str(port)
         out.append(segment(run_dir, cache, fault, *layout, *extra))
     return out
 
 
 def check_chain_on_ranks(tmp_path: Path, single_curve: dict, layout: list, chain: list) -> None:
     cache = str(tmp_path / "corpus")
-    summaries = run_ranks(_chain_on_ranks, 2, str(tmp_path), cache, layout, chain, timeout=600)
+    ports = [free_port() for _ in range(len(chain) + 1)]
+    summaries = run_ranks(
+        _chain_on_ranks, 2, str(tmp_path), cache, layout, chain, ports, timeout=300
+    )
     run_dir = tmp_path / "run"
     for s0, s1 in zip(*summaries):  # the same step, stopped or not, on both ranks
         assert (s0["steps"], bool(s0.get("stopped"))) == (s1["steps"], bool(s1.get("stopped")))
@@ -105,16 +161,8 @@ def check_chain_on_ranks(tmp_path: Path, single_curve: dict, layout: list, chain
         assert multi[step] == pytest.approx(loss, rel=1e-4), f"step {step}"
 
 
-@pytest.fixture(scope="module")
-def single_curve(tmp_path_factory):
-    """The uninterrupted 1-process run every layout is compared with."""
-    root = tmp_path_factory.mktemp("single")
-    segment(root / "run", str(root / "corpus"), None)
-    return losses(root / "run")
-
-
 @pytest.mark.distributed
-def test_fsdp_two_ranks_stop_when_one_rank_is_signalled(tmp_path, single_curve):
+def test_fsdp_two_ranks_stop_when_one_rank_is_signalled(tmp_path, reference):
     """Each signal reaches one rank only; both stop at the same step. Async saves."""
     chain = [
         ("forward@1:1", {2}, ()),  # rank 1's forward
@@ -124,15 +172,15 @@ def test_fsdp_two_ranks_stop_when_one_rank_is_signalled(tmp_path, single_curve):
         ("async_save@6:0", {6, 7}, ()),
     ]
     layout = ["parallel.fsdp=true", "trainer.async_checkpoint=true", "trainer.ckpt_every=2"]
-    check_chain_on_ranks(tmp_path, single_curve, layout, chain)
+    check_chain_on_ranks(tmp_path, reference["losses"], layout, chain)
 
 
 @pytest.mark.distributed
-def test_ep2_two_ranks_stop_when_one_rank_is_signalled(tmp_path, single_curve):
+def test_ep2_two_ranks_stop_when_one_rank_is_signalled(tmp_path, reference):
     chain = [
         ("backward@0:0", {1}, ()),  # inside rank 0's backward (its all-to-all's reverse)
         ("save@3:1", {3}, ()),  # rank 1, inside the synchronous save of step 3
         ("eval@4:1", {4}, ()),  # rank 1's validation after step 4
         (None, {4}, ("trainer.time_limit=0.001s",)),
     ]
-    check_chain_on_ranks(tmp_path, single_curve, ["parallel.ep=2"], chain)
+    check_chain_on_ranks(tmp_path, reference["losses"], ["parallel.ep=2"], chain)
