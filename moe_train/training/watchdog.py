@@ -44,8 +44,18 @@ TRACE_BUFFER = "2000"  # entries of NCCL's flight recorder (TORCH_NCCL_TRACE_BUF
 
 def enable_flight_recorder() -> None:
     """Before the process group exists: keep NCCL's last collectives (the flight recorder) so a
-    stall report can include them; the user's own settings win."""
-    os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", TRACE_BUFFER)
+    stall report can include them; the user's own settings win. The variable is
+    TORCH_FR_BUFFER_SIZE in new torch (2.11 and 2.13 warn that TORCH_NCCL_TRACE_BUFFER_SIZE is
+    deprecated); older releases read only TORCH_NCCL_TRACE_BUFFER_SIZE."""
+    import torch
+
+    if "TORCH_NCCL_TRACE_BUFFER_SIZE" in os.environ:
+        return
+    major, minor = (int(p) for p in torch.__version__.split(".")[:2])
+    old = (major, minor) < (2, 11)
+    os.environ.setdefault(
+        "TORCH_NCCL_TRACE_BUFFER_SIZE" if old else "TORCH_FR_BUFFER_SIZE", TRACE_BUFFER
+    )
 
 
 class Watchdog:

@@ -181,6 +181,34 @@ def test_ep2_two_ranks_stop_when_one_rank_is_signalled(tmp_path, reference):
         ("backward@0:0", {1}, ()),  # inside rank 0's backward (its all-to-all's reverse)
         ("save@3:1", {3}, ()),  # rank 1, inside the synchronous save of step 3
         ("eval@4:1", {4}, ()),  # rank 1's validation after step 4
-        (None, {4}, ("trainer.time_limit=0.001s",)),
+        (None, {5}, ("trainer.time_limit=0.001s",)),  # one step after the resume at 4
     ]
     check_chain_on_ranks(tmp_path, reference["losses"], ["parallel.ep=2"], chain)
+
+
+def _stall(rank: int, world: int, root: str, cache: str) -> dict:
+    os.environ["MOE_TRAIN_FAULT"] = "forward@2:1=sleep:120"  # rank 1 hangs inside step 2
+    return train(tiny_cfg(Path(root) / "run", cache, *RUN, "trainer.stall_timeout_s=5"))
+
+
+_stall.skip_teardown = True  # type: ignore[attr-defined]  # the watchdog ends both processes
+
+
+@pytest.mark.distributed
+def test_a_rank_stuck_in_a_step_is_named_and_every_rank_exits(tmp_path):
+    """Rank 1 sleeps in step 2's forward while rank 0 waits for it in the gradient all-reduce:
+    both watchdogs fire after trainer.stall_timeout_s, write their stacks, the report names rank
+    1 (fewer collectives issued at the same step) and both processes exit 124, no hang."""
+    from moe_train.training.watchdog import EXIT_STALLED, STALL_DIR
+
+    codes: list[int | None] = []
+    args = (str(tmp_path), str(tmp_path / "corpus"))
+    run_ranks(_stall, 2, *args, timeout=240, allow_missing=True, exit_codes=codes)
+    assert codes == [EXIT_STALLED, EXIT_STALLED]
+    stall = tmp_path / "run" / STALL_DIR
+    report = (stall / "report.txt").read_text()
+    assert "ranks behind: 1 (the others wait for them)" in report, report
+    assert "rank 0: step 2, step for" in report and "rank 1: step 2, step for" in report
+    stack = (stall / "rank_00001.txt").read_text()
+    assert "fault_points.py" in stack and "in reached" in stack  # where rank 1 is: the sleep
+    assert "Thread" in (stall / "rank_00000.txt").read_text()  # every thread's stack
