@@ -8,6 +8,8 @@ rank_<r>.nccl_trace.pkl), waits up to REPORT_WAIT_S for the other ranks' files, 
 rank that reported writes stall/report.txt naming the ranks behind: those at an earlier step,
 or at the same step with fewer collectives issued (a rank blocked in a collective has issued
 it; the one it waits for has not), and the ranks that wrote nothing (dead, or holding the GIL).
+A rank that sees another's report (the stall folder exists: one stat a second) reports at once,
+so ranks whose own limit is longer (waiting inside a save or an eval) are in the report too.
 Then the process exits with EXIT_STALLED, rather than holding its GPUs until the time limit.
 
 Why files in the run folder and no per-step heartbeat: the progress a rank reports is read in
@@ -125,7 +127,9 @@ class Watchdog:
         while not self._stop.wait(tick):
             kind, step, since = self.kind, self.step, self.since
             stuck = time.monotonic() - since
-            if stuck > self.limit(kind):
+            # another rank's report: this one reports too, whatever its own limit (a rank that
+            # waits in a save or an eval for a rank stuck in a step has a longer one)
+            if stuck > self.limit(kind) or (stuck > tick and self.dir.is_dir()):
                 self._report(kind, step, stuck)
 
     # --- the report -------------------------------------------------------------------------
