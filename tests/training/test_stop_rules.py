@@ -125,7 +125,7 @@ def test_ranks_above_0_prefix_every_stderr_line(capsys):
         sys.stderr.write("rank 0 as it is\n")
     err = capsys.readouterr().err.splitlines()
     assert err[-1] == "rank 0 as it is"
-    assert all(line.startswith("[rank 2] ") for line in err[:-1]) and len(err) == 5
+    assert all(line.startswith("[rank 2] ") for line in err[:-1]) and len(err) == 4
     assert "[rank 2] two" in err and "[rank 2] lines" in err
     out = io.StringIO()
     stream = RankPrefixed(out, 1)
