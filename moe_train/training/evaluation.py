@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .. import fault_points
 from ..data import TrainingData
 from ..data.sampler import Tokens
 from ..engines import Engine
@@ -87,6 +88,7 @@ class Evaluator:
     def after_step(self, train_state: TrainState, engine: Engine) -> None:
         if not self.cadence.due(train_state.step):
             return
+        fault_points.reached("eval", train_state.step)
         losses = validation_losses(
             engine, self.tokens, self.plan, self.max_batches, self.mean_over_ranks
         )

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import fault_points
 from ..data import TrainingData
 from ..data.sampler import Tokens
 from ..engines import Engine
@@ -67,6 +68,9 @@ def train_step(
         route_key = RouteKey(noise_seed, token_offset)  # x's first token is global token_offset
         with engine.micro_batch(last=m == plan.grad_accum - 1):
             loss, aux = lm_loss(engine.model, x, y, engine.autocast, route_key, positions)
+            fault_points.reached("forward", step)
+            if fault_points.armed() and loss.requires_grad:  # a test's point inside backward
+                loss.register_hook(_backward_point(step))
             engine.backward(loss + aux)
         if balancer:
             balancer.add()  # this micro-batch's chosen-expert counts (recompute re-sets the same)
@@ -76,3 +80,12 @@ def train_step(
     applied = engine.step()
     balancer.step(applied)  # after the optimizer step: one all-reduce of the counts, the update
     return StepOutput(lr=lr, loss=loss_sum, aux=aux_sum, applied=applied)
+
+
+def _backward_point(step: int) -> Callable[[Tensor], None]:
+    """A gradient hook that reaches the `backward` fault point (it runs inside backward)."""
+
+    def hook(grad: Tensor) -> None:
+        fault_points.reached("backward", step)
+
+    return hook
