@@ -88,6 +88,9 @@ OTHER_VALUES: dict[str, Any] = {
     "data.mix": [MixSource(path="data/web")],
     "data.sampling": "epoch",
     "data.cache_dir": "cache/elsewhere",
+    "trainer.stop_signals": ["SIGUSR1"],
+    "trainer.time_limit": "3h50m",
+    "trainer.stall_timeout_s": 600.0,
 }
 
 
