@@ -170,14 +170,12 @@ def test_what_we_cannot_compute_is_refused_by_name(hf_folders, tmp_path, change,
         read_hf_config(tmp_path)
 
 
-def test_qwen_shared_experts_and_unrenormalised_topk_are_refused(hf_folders, tmp_path):
-    _, folder = hf_folders["qwen2_moe"]
-    config = json.loads((folder / "config.json").read_text())
-    for change, message in (
-        ({"shared_expert_intermediate_size": 8}, "shared experts are not in moe-train yet"),
-        ({"num_experts_per_tok": 2}, "top-2 without renormalisation"),
-        ({"qkv_bias": True}, "qkv_bias=True"),
+def test_qkv_bias_and_a_shared_expert_outside_qwen2_are_refused(hf_folders, tmp_path):
+    for fam, change, message in (
+        ("qwen2_moe", {"qkv_bias": True}, "qkv_bias=True"),
+        ("qwen3_moe", {"shared_expert_intermediate_size": 8}, "Qwen3MoeForCausalLM has no shared"),
     ):
+        config = json.loads((hf_folders[fam][1] / "config.json").read_text())
         (tmp_path / "config.json").write_text(json.dumps(config | change))
         with pytest.raises(HFImportError, match=message):
             read_hf_config(tmp_path)

@@ -14,9 +14,14 @@ family maps it: nothing is dropped silently.
     topk (renormalised over k)        yes (every layer)    norm_topk_prob=true
     switch (top-1, weight = prob)     no (renormalises)    num_experts_per_tok=1, norm_topk_prob=false
     qk_norm=head (per-head RMSNorm)   no                   Qwen3-MoE (always has it)
-    qk_norm=none                      yes                  Qwen2-MoE (qkv_bias=false, an empty
-                                                           shared expert: exact zeros)
+    topk, normalize_topk=false        no                   norm_topk_prob=false
+    qk_norm=none                      yes                  Qwen2-MoE (qkv_bias=false)
     dense layers (moe_every, first_dense)  no              decoder_sparse_step, mlp_only_layers
+    shared experts (shared_experts)   no                   Qwen2-MoE shared_expert (gate_proj, up_proj
+                                                           = w_in's halves, down_proj = w_out),
+                                                           shared_expert_gate = w_gate; ungated:
+                                                           gate 0 (sigmoid = 1/2), down_proj 2 w_out;
+                                                           none: an empty shared expert (exact zeros)
 """
 
 from __future__ import annotations
@@ -51,15 +56,17 @@ ROUTER_TRAINING_ONLY = (
 MODEL_MAPPED = (
     "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
     "num_experts", "expert_d_ff", "moe_every", "first_dense", "activation", "norm", "norm_eps",
-    "position", "rope_theta", "qk_norm", "tie_embeddings",
+    "position", "rope_theta", "qk_norm", "tie_embeddings", "shared_experts", "shared_d_ff",
+    "shared_gate",
 )  # fmt: skip
-ROUTER_MAPPED = ("kind", "top_k", "eval_capacity_factor")
+ROUTER_MAPPED = ("kind", "top_k", "normalize_topk", "eval_capacity_factor")
 
 
 @dataclass(frozen=True)
 class Family:
     """One stock class. `moe` is the MoE block's module name, `experts` the per-expert
-    (gate, up, down) names, `shared_zero` whether it needs an empty shared expert (Qwen2-MoE)."""
+    (gate, up, down) names, `shared` whether every MoE block has a gated shared expert (Qwen2-MoE:
+    ours map onto it, and a model without them gets an empty one)."""
 
     name: str  # the --arch value
     model_type: str
@@ -70,7 +77,7 @@ class Family:
     renormalised: tuple[bool, ...]  # the top-k weightings it computes (Routing.renormalised)
     dense_layers: bool  # decoder_sparse_step / mlp_only_layers
     experts_field: str  # config.json's name for the expert count
-    shared_zero: bool = False
+    shared: bool = False
     refused: str = ""  # why no model of ours maps onto it ("" = it can)
 
 
@@ -109,7 +116,7 @@ FAMILIES: dict[str, Family] = {
             (True, False),
             True,
             "num_experts",
-            shared_zero=True,
+            shared=True,
         ),
         Family(
             "olmoe",
@@ -132,9 +139,15 @@ FAMILIES: dict[str, Family] = {
 @dataclass(frozen=True)
 class Routing:
     """What a router kind is in HF's softmax top-k: k = router.experts_per_token(), and whether
-    the k weights are renormalised (Qwen's norm_topk_prob; Mixtral always renormalises)."""
+    the k weights are renormalised (Qwen's norm_topk_prob; Mixtral always renormalises; topk:
+    router.normalize_topk, see `renormalised`)."""
 
     renormalised: bool
+
+
+def renormalised(router: RouterConfig) -> bool:
+    """Whether this router's k weights are renormalised (topk: router.normalize_topk)."""
+    return ROUTINGS[router.kind].renormalised and (router.kind != "topk" or router.normalize_topk)
 
 
 # router.kind -> its HF routing (a new mapped kind, e.g. sigmoid scores, is one entry here)
@@ -186,12 +199,16 @@ def family_refusals(fam: Family, model: ModelConfig, router: RouterConfig) -> li
         out.append(
             f"model.qk_norm={model.qk_norm!r}: {fam.architecture} has qk_norm={fam.qk_norm!r}"
         )
-    routing = ROUTINGS.get(router.kind)  # the table, not the registry: HF's routing per kind
-    if routing is None or routing.renormalised not in fam.renormalised:
+    # the table, not the registry: HF's routing per kind
+    if router.kind not in ROUTINGS or renormalised(router) not in fam.renormalised:
         why = WHY_NOT.get(router.kind, "its routing is not a softmax top-k")
         kinds = [k for k, r in ROUTINGS.items() if r.renormalised in fam.renormalised]
-        out.append(f"router.kind={router.kind!r}: {fam.architecture} routes "
-                   f"{' / '.join(kinds)} only ({why})")  # fmt: skip
+        if router.kind == "topk" and not router.normalize_topk:
+            out.append(f"router.normalize_topk=False: {fam.architecture} always renormalises "
+                       "the top-k weights")  # fmt: skip
+        else:
+            out.append(f"router.kind={router.kind!r}: {fam.architecture} routes "
+                       f"{' / '.join(kinds)} only ({why})")  # fmt: skip
     if router.eval_capacity_factor is not None:
         out.append(
             f"router.eval_capacity_factor={router.eval_capacity_factor}: capacity drops tokens "
@@ -203,6 +220,11 @@ def family_refusals(fam: Family, model: ModelConfig, router: RouterConfig) -> li
         out.append(
             f"model.moe_every={model.moe_every}, first_dense={model.first_dense}: "
             f"{fam.architecture} has an MoE FFN in every layer"
+        )
+    if model.shared_experts and not fam.shared:
+        out.append(
+            f"model.shared_experts={model.shared_experts}: {fam.architecture} has no shared "
+            "experts (Qwen2-MoE has them: --arch qwen2_moe, with qk_norm=none)"
         )
     if fam.dense_layers and model.moe_every == 0:
         out.append("model.moe_every=0: a dense model; export it as a dense class (not supported)")
@@ -235,6 +257,12 @@ def choose(model: ModelConfig, router: RouterConfig, arch: str | None = None) ->
     )
 
 
+def shared_hidden(model: ModelConfig) -> int:
+    """The shared experts' hidden width H = shared_experts * shared_width (one FFN; Qwen2's
+    shared_expert_intermediate_size), 0 without them."""
+    return model.shared_experts * model.shared_width
+
+
 def our_shapes(model: ModelConfig, router: RouterConfig) -> dict[Ref, tuple[int, ...]]:
     """Every tensor of the 1-process model (tied head left out), experts one Ref per global
     expert with its per-expert shape."""
@@ -259,6 +287,12 @@ def our_shapes(model: ModelConfig, router: RouterConfig) -> dict[Ref, tuple[int,
             for e in range(E):
                 out[Ref(b + "ffn.experts.w_in", e)] = (d, 2 * fe)
                 out[Ref(b + "ffn.experts.w_out", e)] = (fe, d)
+            if model.shared_experts:  # SharedExperts: w_in [2H, d] (gate; up), w_out [d, H]
+                H = shared_hidden(model)
+                out[Ref(b + "ffn.shared.w_in")] = (2 * H, d)
+                out[Ref(b + "ffn.shared.w_out")] = (d, H)
+                if model.shared_gate:
+                    out[Ref(b + "ffn.shared.w_gate")] = (1, d)
         else:
             out[Ref(b + "ffn.w_in.weight")] = (2 * f, d)
             out[Ref(b + "ffn.w_out.weight")] = (d, f)
@@ -306,7 +340,18 @@ def conversion(fam: Family, model: ModelConfig, router: RouterConfig) -> Convers
             add(x + gate + ".weight", b + "ffn.experts.w_in", e, cols=(0, fe), transpose=True)
             add(x + up + ".weight", b + "ffn.experts.w_in", e, cols=(fe, 2 * fe), transpose=True)
             add(x + down + ".weight", b + "ffn.experts.w_out", e, transpose=True)
-        if fam.shared_zero:  # Qwen2-MoE always has a shared expert: an empty one adds 0 exactly
+        s = m + "shared_expert."
+        if fam.shared and model.shared_experts:  # nn.Linear [out, in], as ours: no transpose
+            H = shared_hidden(model)
+            add(s + "gate_proj.weight", b + "ffn.shared.w_in", rows=(0, H))
+            add(s + "up_proj.weight", b + "ffn.shared.w_in", rows=(H, 2 * H))
+            if model.shared_gate:  # sigmoid(x . w_gate) * shared(x): Qwen2's own formula
+                add(s + "down_proj.weight", b + "ffn.shared.w_out")
+                add(m + "shared_expert_gate.weight", b + "ffn.shared.w_gate")
+            else:  # Qwen2 always gates: a zero gate is sigmoid(0) = 1/2 exactly, so down_proj
+                add(s + "down_proj.weight", b + "ffn.shared.w_out", scale=2.0)  # is 2 w_out
+                conv.add_zero(m + "shared_expert_gate.weight", (1, d))
+        elif fam.shared:  # Qwen2-MoE always has a shared expert: an empty one adds 0 exactly
             conv.add_zero(m + "shared_expert.gate_proj.weight", (0, d))
             conv.add_zero(m + "shared_expert.up_proj.weight", (0, d))
             conv.add_zero(m + "shared_expert.down_proj.weight", (d, 0))
@@ -322,7 +367,6 @@ def hf_config(
     that differs from what was trained (jitter 0, no sliding window, the token ids)."""
     moe_layers = [i for i in range(model.n_layers) if model.is_moe_layer(i)]
     fe = model.expert_d_ff or model.d_ff
-    routing = ROUTINGS[router.kind]
     topk = int(router.experts_per_token())  # switch: 1
     cfg: dict[str, Any] = {
         "architectures": [fam.architecture],
@@ -358,7 +402,7 @@ def hf_config(
         cfg |= {
             "intermediate_size": model.d_ff,
             "moe_intermediate_size": fe,
-            "norm_topk_prob": routing.renormalised,
+            "norm_topk_prob": renormalised(router),
             "decoder_sparse_step": max(model.moe_every, 1),
             # the dense layers decoder_sparse_step alone does not make dense (first_dense)
             "mlp_only_layers": [i for i in dense if (i + 1) % max(model.moe_every, 1) == 0],
@@ -367,5 +411,5 @@ def hf_config(
             "attention_bias": False,
         }
     if fam.name == "qwen2_moe":
-        cfg |= {"qkv_bias": False, "shared_expert_intermediate_size": 0}
+        cfg |= {"qkv_bias": False, "shared_expert_intermediate_size": shared_hidden(model)}
     return cfg

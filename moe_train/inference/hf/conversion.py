@@ -5,7 +5,9 @@ Our side of a piece is a `Ref`: a dense tensor (`blocks.0.attn.qkv.weight`) or O
 of a stacked expert tensor (`blocks.1.ffn.experts.w_in`, expert 5: [d, 2f]), and a rectangular
 region of it; the HF side is one tensor name, holding that region (transposed for the experts:
 we store [in, out], HF stores nn.Linear's [out, in]). A piece without a Ref is a tensor the HF
-class needs and we hold as an exact zero (Qwen2-MoE's empty shared expert).
+class needs and we hold as an exact zero (Qwen2-MoE's empty shared expert). A piece may carry a
+power-of-two `scale`, exact both ways in binary floating point (an ungated shared expert's
+down_proj is 2 w_out behind Qwen2's zero gate: sigmoid(0) = 1/2).
 
 `Conversion.check(shapes)` proves, before anything is read or written, that:
   - every HF name is produced by exactly one piece (no duplicate, so no expert written twice);
@@ -19,6 +21,7 @@ catches a missing, extra, duplicated or swapped expert by name.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -46,13 +49,15 @@ class Ref:
 @dataclass(frozen=True)
 class Piece:
     """HF tensor `hf` = our `ref`'s region (one (start, stop) per dim), transposed when
-    `transpose` (2-D only); `ref` None: an exact zero of `zero_shape`."""
+    `transpose` (2-D only), times `scale` (a power of two: exact); `ref` None: an exact zero of
+    `zero_shape`."""
 
     hf: str
     ref: Ref | None
     region: tuple[tuple[int, int], ...] = ()
     transpose: bool = False
     zero_shape: tuple[int, ...] = ()
+    scale: float = 1.0
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
@@ -64,7 +69,8 @@ class Piece:
     def take(self, ours: Tensor) -> Tensor:
         """This piece's HF tensor from our (per-expert) tensor `ours`."""
         t = ours[tuple(slice(a, b) for a, b in self.region)]
-        return t.t() if self.transpose else t
+        t = t.t() if self.transpose else t
+        return t * self.scale if self.scale != 1.0 else t
 
 
 @dataclass
@@ -82,14 +88,17 @@ class Conversion:
         rows: tuple[int, int] | None = None,
         cols: tuple[int, int] | None = None,
         transpose: bool = False,
+        scale: float = 1.0,
     ) -> None:
         """Piece hf = ours[rows, cols] (`shape`: our per-expert tensor's; None = the whole dim)."""
+        if scale <= 0 or math.frexp(scale)[0] != 0.5:
+            raise ConversionError(f"{self.arch}: {hf}: scale {scale} is not a power of two")
         region = [(0, n) for n in shape]
         if rows is not None:
             region[0] = rows
         if cols is not None:
             region[1] = cols
-        self.pieces.append(Piece(hf, ref, tuple(region), transpose))
+        self.pieces.append(Piece(hf, ref, tuple(region), transpose, scale=scale))
 
     def add_zero(self, hf: str, shape: tuple[int, ...]) -> None:
         self.pieces.append(Piece(hf, None, zero_shape=shape))

@@ -81,14 +81,12 @@ def read_hf_config(folder: str | Path) -> tuple[Family, dict[str, Any], dict[str
         refuse("layer_types", "full attention only")
     if c.get("qkv_bias") or c.get("attention_bias"):
         refuse("qkv_bias" if "qkv_bias" in c else "attention_bias", "our linears have no bias")
-    if c.get("shared_expert_intermediate_size"):
-        refuse("shared_expert_intermediate_size", "shared experts are not in moe-train yet")
+    if c.get("shared_expert_intermediate_size") and not fam.shared:
+        refuse("shared_expert_intermediate_size", f"{fam.architecture} has no shared expert")
     if c.get("hidden_act", "silu") != "silu":
         refuse("hidden_act", "SwiGLU (silu) only")
     k = int(c.get("num_experts_per_tok", 2))
     renorm = fam.name == "mixtral" or bool(c.get("norm_topk_prob"))
-    if k > 1 and not renorm:
-        refuse("norm_topk_prob", f"top-{k} without renormalisation: no moe-train router")
     L = int(c["num_hidden_layers"])
     step = int(c.get("decoder_sparse_step") or 1)
     sparse = [i for i in range(L) if (i + 1) % step == 0]
@@ -123,7 +121,14 @@ def read_hf_config(folder: str | Path) -> tuple[Family, dict[str, Any], dict[str
         "qk_norm": fam.qk_norm,
         "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
     }
-    router: dict[str, Any] = {"kind": "topk" if renorm else "switch", "top_k": k if renorm else 2}
+    shared = int(c.get("shared_expert_intermediate_size") or 0) if fam.shared else 0
+    if shared:  # Qwen2-MoE's gated shared expert: one of width H (a zero width: none)
+        model |= {"shared_experts": 1, "shared_d_ff": shared, "shared_gate": True}
+    router: dict[str, Any]
+    if k == 1 and not renorm:  # the probability of the one expert: switch
+        router = {"kind": "switch", "top_k": 2}
+    else:  # top-k, renormalised (norm_topk_prob) or the raw softmax probabilities
+        router = {"kind": "topk", "top_k": k, "normalize_topk": renorm}
     router["eval_capacity_factor"] = None
     if c.get("router_jitter_noise"):
         router["jitter_eps"] = float(c["router_jitter_noise"])
@@ -264,6 +269,7 @@ def _fill(
         rel = tuple((a - r0, b - r0) for (a, b), (r0, _) in zip(cut, p.region))
         value = hf.read(p.hf, rel[::-1] if p.transpose else rel)
         dest = local[tuple(slice(a - o, b - o) for (a, b), (o, _) in zip(cut, box))]
+        value = value / p.scale if p.scale != 1.0 else value  # a power of two: exact
         dest.copy_(value.t() if p.transpose else value)
         done += value.numel()
     return done
