@@ -143,15 +143,22 @@ class Routing:
     router.normalize_topk, see `renormalised`)."""
 
     renormalised: bool
+    follows_normalize_topk: bool = False  # renormalised = router.normalize_topk (topk)
 
 
-def renormalised(router: RouterConfig) -> bool:
-    """Whether this router's k weights are renormalised (topk: router.normalize_topk)."""
-    return ROUTINGS[router.kind].renormalised and (router.kind != "topk" or router.normalize_topk)
+def renormalised(router: RouterConfig) -> bool | None:
+    """Whether this router's k weights are renormalised (None: not a mapped routing)."""
+    routing = ROUTINGS.get(router.kind)
+    if routing is None:
+        return None
+    return router.normalize_topk if routing.follows_normalize_topk else routing.renormalised
 
 
 # router.kind -> its HF routing (a new mapped kind, e.g. sigmoid scores, is one entry here)
-ROUTINGS = {"topk": Routing(renormalised=True), "switch": Routing(renormalised=False)}
+ROUTINGS = {
+    "topk": Routing(renormalised=True, follows_normalize_topk=True),
+    "switch": Routing(renormalised=False),
+}
 WHY_NOT = {
     "sam": "SAM's gate has a bias and routes within device groups",
     "expert_choice": "expert choice is not causal (experts pick tokens across the batch)",
@@ -200,10 +207,11 @@ def family_refusals(fam: Family, model: ModelConfig, router: RouterConfig) -> li
             f"model.qk_norm={model.qk_norm!r}: {fam.architecture} has qk_norm={fam.qk_norm!r}"
         )
     # the table, not the registry: HF's routing per kind
-    if router.kind not in ROUTINGS or renormalised(router) not in fam.renormalised:
+    renorm = renormalised(router)
+    if renorm is None or renorm not in fam.renormalised:
         why = WHY_NOT.get(router.kind, "its routing is not a softmax top-k")
         kinds = [k for k, r in ROUTINGS.items() if r.renormalised in fam.renormalised]
-        if router.kind == "topk" and not router.normalize_topk:
+        if renorm is False and ROUTINGS[router.kind].follows_normalize_topk:
             out.append(f"router.normalize_topk=False: {fam.architecture} always renormalises "
                        "the top-k weights")  # fmt: skip
         else:
