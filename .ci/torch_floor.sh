@@ -13,11 +13,15 @@ tmp="${TMPDIR:-/tmp}"
 
 # What must work on the floor: process groups, DDP, FSDP2, DCP checkpoints, the training loop,
 # and the custom ops (torch.library). In-process: the training loop, precision, the ops and the
-# grouped GEMM. Ranks: the ep parity suite (ep x dp, DCP resharding, gradient sync), DDP/flat
-# gradient sync, and two of the FSDP parity runs (SAM's routing groups, and full recompute:
-# FSDP2 and checkpoint hooks are what changes between versions); they compare gradient norms as
-# well as losses: on the floor torch, gloo's reduce-scatter sums where FSDP asks for an average,
-# which moe-train probes and corrects (parallel/fsdp.py). Not here, for CI time: the CLI parity
+# grouped GEMM. Ranks: the ep parity suite (ep x dp with SAM's routing groups, DCP resharding,
+# gradient sync), DDP/flat gradient sync, and two of the FSDP parity runs (the tree on dp=4, and
+# switch with full recompute: FSDP2 and checkpoint hooks are what changes between versions); they
+# compare gradient norms as well as losses: on the floor torch, gloo's reduce-scatter sums where
+# FSDP asks for an average, which moe-train probes and corrects (parallel/fsdp.py). Not SAM's
+# FSDP run: on the floor torch its 4-rank curve agrees with 1 process to 3e-7 for 13 steps, then
+# one routing near-tie falls the other way at step 17 (grad norm 2.3e-4 apart, loss 2.2e-4 at
+# step 20), which the newest torch's summation order happens not to meet (1.3e-5 at step 20).
+# Not here, for CI time: the CLI parity
 # runs (torchrun over the same code paths as the ep parity suite), the DeepSpeed runs
 # (DeepSpeed's own version floor is tested in the main step), checkpoint resharding across
 # layouts (DCP resharding runs here in test_ep_parity and test_checkpoint), the state-byte counts
@@ -25,7 +29,7 @@ tmp="${TMPDIR:-/tmp}"
 floor_tests=(tests/parallel/test_ep_parity.py tests/parallel/test_grads.py tests/parallel/test_fsdp_parity.py
   tests/checkpoint/test_checkpoint.py tests/engines/test_fp16_overflow.py tests/training/test_train.py
   tests/ops tests/training/test_precision.py tests/experts/test_grouped.py
-  -k "(not test_fsdp_on_four_ranks or sam or switch-ckpt_full) and not deepspeed")
+  -k "(not test_fsdp_on_four_ranks or tree or switch-ckpt_full) and not deepspeed")
 if [[ -n "${MOE_TRAIN_FLOOR_TESTS:-}" ]]; then
   read -r -a floor_tests <<<"$MOE_TRAIN_FLOOR_TESTS"
 fi

@@ -10,6 +10,8 @@ curves to PNG.
     python benchmarks/quality.py                 # 2 seeds: ~5 min on 2 idle cores (2 runs at once)
     python benchmarks/quality.py --quick         # seconds, for CI
     python benchmarks/quality.py --resume --seeds 1 2 3   # add a seed, keep the finished runs
+    python benchmarks/quality.py --only topk2-dropless topk2-bias fine-shared \
+        --baseline topk2-dropless --seeds 1 2 3 4   # balancing and shared/fine-grained experts
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from moe_train.config import OptimConfig, TrainConfig, TrainerConfig  # noqa: E4
 from moe_train.model import ModelConfig, MoETransformer  # noqa: E402
 from moe_train.routing import RouterConfig  # noqa: E402
 
+BIAS_RATE = 1e-2  # per step; DeepSeek-V3's 1e-3 is for a far longer run than these
 # name -> (router config or None for dense, model overrides, paper)
 CONTENDERS: dict[str, tuple[RouterConfig | None, dict, str]] = {
     "dense": (None, {"moe_every": 0}, "baseline, = top-1 active compute"),
@@ -70,6 +73,30 @@ CONTENDERS: dict[str, tuple[RouterConfig | None, dict, str]] = {
         {},
         "bit-pattern tree, depth 2",
     ),
+    # the current generation, dropless: balance loss vs aux-loss-free bias at the same compute,
+    # and shared + fine-grained experts at the plain top-2's active (and total) expert width
+    "topk2-dropless": (
+        RouterConfig(kind="topk", top_k=2, capacity_factor=None, random_routing=False),
+        {},
+        "top-2 dropless, balance loss 1e-2",
+    ),
+    "topk2-bias": (
+        RouterConfig(
+            kind="topk",
+            top_k=2,
+            capacity_factor=None,
+            random_routing=False,
+            balance_coef=0.0,
+            bias_update_rate=BIAS_RATE,
+        ),  # fmt: skip
+        {},
+        f"top-2 dropless, aux-loss-free bias {BIAS_RATE:g}, no balance loss",
+    ),
+    "fine-shared": (
+        RouterConfig(kind="topk", top_k=6, capacity_factor=None, random_routing=False),
+        {"num_experts_mult": 4, "expert_d_ff_div": 4, "shared_experts": 1, "shared_d_ff_div": 2},
+        "4x finer experts, top-6 + 1 shared of d_ff/2 (= top-2's active width)",
+    ),
 }
 
 
@@ -95,6 +122,12 @@ def build_cfg(
     router, over, _ = CONTENDERS[name]
     over = dict(over)
     mult = over.pop("d_ff_mult", None)
+    # fine-grained experts: E x m experts of d_ff / m, and shared experts of d_ff / s
+    if "num_experts_mult" in over:
+        over["num_experts"] = base.num_experts * over.pop("num_experts_mult")
+        over["expert_d_ff"] = base.d_ff // over.pop("expert_d_ff_div")
+    if "shared_d_ff_div" in over:
+        over["shared_d_ff"] = base.d_ff // over.pop("shared_d_ff_div")
     model = replace(base, **over)
     if mult:
         # dense widened so that total FFN FLOPs per token equal the k=2 MoE models': half of the
@@ -155,6 +188,12 @@ def run_one(cfg: TrainConfig, quiet: bool) -> dict:
         "final_train_loss": [r["loss"] for r in recs if "loss" in r][-1],
         "tokens_per_s": statistics.median(tps),
         "wall_s": wall,
+        # expert load CV (std / mean of the slots per expert), mean over MoE layers, per step
+        "load_cv": [
+            (r["step"], statistics.mean(v for k, v in r.items() if k.endswith("/load_cv")))
+            for r in recs
+            if any(k.endswith("/load_cv") for k in r)
+        ],
         # fraction of slots dropped by capacity, mean over MoE layers, per logged step
         "dropped_frac": [
             (r["step"], statistics.mean(v for k, v in r.items() if k.endswith("/dropped_frac")))
@@ -203,6 +242,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--only", nargs="+", choices=list(CONTENDERS), help="subset of contenders")
+    p.add_argument(
+        "--baseline",
+        default="dense",
+        choices=list(CONTENDERS),
+        help="the contender the others are compared with, paired by seed (default dense)",
+    )
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default results/quality.png)")
     add_output_args(p, "tiny model, few steps, one seed (CI)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
@@ -316,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows, summary = [], {}
     # paired by seed (same data order, same dense init): the spread of the difference is what
     # says whether a gap is real, not the spread of each contender alone
-    dense_by_seed = {r["seed"]: r["final_val_loss"] for r in results.get("dense", [])}
+    dense_by_seed = {r["seed"]: r["final_val_loss"] for r in results.get(a.baseline, [])}
 
     def paired(name: str) -> tuple[float, float, int, int] | None:
         diffs = [
@@ -324,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
             for r in results[name]
             if r["seed"] in dense_by_seed
         ]
-        if not diffs or name == "dense":
+        if not diffs or name == a.baseline:
             return None
         sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
         return statistics.mean(diffs), sd, sum(d < 0 for d in diffs), len(diffs)
@@ -336,6 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
         mean = statistics.mean(vals)
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
         tps = statistics.median(r["tokens_per_s"] for r in runs)
+        cvs = [statistics.mean(v for _, v in r["load_cv"]) for r in runs if r.get("load_cv")]
         s = {
             **meta[name],
             "val_mean": mean,
@@ -344,7 +390,10 @@ def main(argv: list[str] | None = None) -> dict:
             "val_max": max(vals),
             "tokens_per_s": tps,
             "seeds": seeds_done,
-            "vs_dense_paired": paired(name),
+            "vs_baseline_paired": paired(name),
+            # load CV averaged over the logged steps, then mean and sd over seeds
+            "load_cv_mean": statistics.mean(cvs) if cvs else None,
+            "load_cv_std": statistics.stdev(cvs) if len(cvs) > 1 else 0.0,
         }
         summary[name] = s
         rows.append(
@@ -353,8 +402,9 @@ def main(argv: list[str] | None = None) -> dict:
                 meta[name]["what"],
                 f"{mean:.4f} ± {sd:.4f} (n={len(vals)})",
                 ""
-                if s["vs_dense_paired"] is None
-                else "{:+.4f} ± {:.4f} ({}/{} seeds better)".format(*s["vs_dense_paired"]),
+                if s["vs_baseline_paired"] is None
+                else "{:+.4f} ± {:.4f} ({}/{} seeds better)".format(*s["vs_baseline_paired"]),
+                "" if not cvs else f"{s['load_cv_mean']:.3f} ± {s['load_cv_std']:.3f}",
                 f"{tps:,.0f}",
                 f"{meta[name]['params'] / 1e6:.2f}M",
                 f"{meta[name]['active_params'] / 1e6:.2f}M",
@@ -367,7 +417,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "model",
                 "what",
                 "final val loss (mean ± sd over seeds)",
-                "vs dense (paired by seed, mean ± sd)",
+                f"vs {a.baseline} (paired by seed, mean ± sd)",
+                "load CV over training (mean ± sd)",
                 "tokens/s (median)",
                 "params",
                 "active params",
@@ -389,6 +440,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads_per_run": a.threads,
         "batch": batch,
         "seeds": seeds,
+        "baseline": a.baseline,
         "summary": summary,
         "runs": results,
         "plot": str(plot_path) if plotted else None,

@@ -16,6 +16,7 @@ from .model import ModelConfig
 from .parallel import ParallelConfig
 from .precision import PRECISIONS
 from .routing import RouterConfig
+from .training.stop import parse_duration, signal_numbers
 from .validation import above, at_least, check_finite, in_range, one_of
 
 # configs/ at the repo root (editable install); absolute, so console scripts find it from any folder
@@ -35,6 +36,8 @@ class TrainModelConfig(ModelConfig):
 
     # (the type checker's ignore: this widens ModelConfig's int; start-up fills the number in)
     vocab_size: int | None = None  # type: ignore[assignment]  # null = the data's vocabulary rounded up to a multiple of 64
+    # a Hugging Face folder (Mixtral / Qwen3-MoE / Qwen2-MoE, safetensors) to start from: sets the model and router fields from its config.json and the weights from its tensors (docs/HF.md); null = random init
+    init_from: str | None = None
 
     def validate(self) -> None:
         at_least(self, "model", 1, "vocab_size", optional=True)
@@ -100,7 +103,9 @@ class TrainerConfig:
     async_checkpoint: bool = False  # write checkpoints in the background (DCP, own gloo group)
     run_dir: str = "runs/default"  # the run folder: config.yaml, metrics.jsonl, checkpoints
     resume: bool = True  # continue from run_dir's latest checkpoint when there is one
-    progress: bool = True  # a progress bar with loss, step time, tokens/s (and MFU on GPUs)
+    # rank 0 shows progress: a bar (loss, step time, tokens/s, MFU on GPUs) when stdout is a
+    # terminal, else one plain line per log_every step with what metrics.jsonl records
+    progress: bool = True
     tensorboard: bool = True  # when tensorboard is installed
     wandb: bool = False  # also log to Weights & Biases (needs wandb; WANDB_MODE=offline works)
     wandb_project: str = "moe-train"  # the W&B project
@@ -110,6 +115,16 @@ class TrainerConfig:
     # stop with an error after this many consecutive skipped steps (non-finite loss or
     # gradients: the run diverged); None = never stop. fp16 skips a few while its scale settles
     max_skipped_steps: int | None = 50
+    # signals that stop the run after the current step with a checkpoint of it, exit status 75
+    # (Slurm's --signal, preemption, scancel, Ctrl-C); [] = the signals' default actions
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    # wall-clock limit ("3h50m", "90m" or seconds) from the start of the run: stop in time to
+    # save (one more step and 1.5 x the slowest save must fit) and exit 75; null = none
+    time_limit: str | None = None
+    # seconds a step (eval, save) may go without progress before every rank writes its stack
+    # and the report names the ranks behind, then exits 124; null = 300 s above the slowest
+    # of its kind seen (900 s for the first); 0 = no watchdog
+    stall_timeout_s: float | None = None
 
     def validate(self) -> None:
         check_finite(self, "trainer")
@@ -128,6 +143,10 @@ class TrainerConfig:
         at_least(self, "trainer", 0, "eval_batches")
         at_least(self, "trainer", 1, "micro_batch_size", "threads", optional=True)
         at_least(self, "trainer", 1, "max_skipped_steps", optional=True)
+        at_least(self, "trainer", 0, "stall_timeout_s", optional=True)
+        signal_numbers(self.stop_signals)
+        if self.time_limit is not None:
+            parse_duration(self.time_limit)
 
     def batch_split(self, data_world: int) -> tuple[int, int]:
         """(micro_batch_size, grad_accum) per rank so that world * micro * accum == global batch."""

@@ -198,7 +198,8 @@ def deferred_init(module: nn.Module, seed: int) -> Iterator[None]:
     inside a model: the outermost one initialises), `materialize` them on the caller's device.
     So a module built on a real device draws each parameter exactly once, like the trainer's
     build -> parallelize -> materialize."""
-    device = torch.get_default_device()
+    # the caller's device: a factory's (torch 2.7's get_default_device ignores `with torch.device`)
+    device = torch.empty(0).device
     with torch.device("meta"):
         yield
     if device.type != "meta":

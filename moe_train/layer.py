@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .dispatch import Dispatcher
-from .experts import ExpertBank
+from .experts import ExpertBank, SharedExperts
 from .init import deferred_init
 from .parallel import ExpertShard, ParallelDims, ProcessGroups
 from .routing import RouteKey, RouterConfig, build_router
@@ -40,6 +40,9 @@ class MoELayer(nn.Module):
         seed: int = 0,
         init_std: float = 0.02,
         out_std: float | None = None,
+        shared_experts: int = 0,
+        shared_d_ff: int | None = None,
+        shared_gate: bool = False,
     ):
         super().__init__()
         self.router_cfg = router or RouterConfig()
@@ -59,6 +62,18 @@ class MoELayer(nn.Module):
                 init_std=init_std,
                 out_std=out_std,
             )
+            # always-on dense experts on the local tokens (model.shared_experts); None: none
+            self.shared: SharedExperts | None = None
+            if shared_experts > 0:
+                self.shared = SharedExperts(
+                    d_model,
+                    shared_d_ff or d_ff,
+                    shared_experts,
+                    activation,
+                    gate=shared_gate,
+                    init_std=init_std,
+                    out_std=out_std,
+                )
         # the last call's load [E], dropped, requested, tokens and dispatcher counters
         self._last: tuple[Tensor, Tensor, int, int] | None = None
         self._last_comm: dict[str, float | Tensor] = {}
@@ -82,7 +97,12 @@ class MoELayer(nn.Module):
         tokens = x.reshape(-1, shape[-1])  # [N, d]
         key = None if route_key is None else route_key.for_layer(self.layer_id)
         a = self.router(tokens, key, group_size=group_size)
+        # the shared experts are issued before the dispatch: they need no all-to-all, so an
+        # asynchronous dispatcher can run them while the routed tokens are in flight
+        shared = self.shared(tokens) if self.shared is not None else None  # [N, d]
         y, comm = self.dispatcher(tokens, a, self.experts)
+        if shared is not None:
+            y = y + shared
         self._last = (a.expert_load.detach(), a.dropped.detach(), a.requested, a.num_tokens)
         self._last_comm = comm
         return y.reshape(shape), a.losses
@@ -109,4 +129,13 @@ class MoELayer(nn.Module):
             "dropped_frac": float(dropped) / max(1, requested),
             "tokens": float(num_tokens),
             **{k: float(v) for k, v in self._last_comm.items()},
+            **self.bias_stats(),
         }
+
+    @torch.no_grad()
+    def bias_stats(self) -> dict[str, float]:
+        """min/max of the router's balancing bias (aux-loss-free balancing); {} without one."""
+        bias = self.router.score_bias
+        if bias is None:
+            return {}
+        return {"bias_min": float(bias.min()), "bias_max": float(bias.max())}

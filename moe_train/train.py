@@ -8,12 +8,14 @@ torchrun --nproc-per-node 4 -m moe_train.train parallel.ep=2
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import fault_points
 from .config import CONFIG_DIR, TrainConfig, register_configs
 from .config_help import PLANNER_OVERRIDE_ERROR, compact_config, planner_override, render_help
 from .data import TrainingData
@@ -25,13 +27,26 @@ from .training.batches import BatchPlan
 from .training.build import build_engine, build_model, open_training_data
 from .training.cadence import Every
 from .training.checkpointer import Checkpointer
+from .training.console import rank_console
 from .training.divergence import check_skipped_steps
 from .training.evaluation import Evaluator, evaluate
+from .training.init_from import apply_init_from, explicit_fields
 from .training.logger import TrainLogger
 from .training.optim import build_optimizer, lr_at
 from .training.run_dir import RunFolder
 from .training.step import lm_loss, train_step
+from .training.stop import (
+    EXIT_RESUME,
+    StopRule,
+    StopSignals,
+    clear_stopped,
+    parse_duration,
+    read_save_seconds,
+    signal_numbers,
+    write_stopped,
+)
 from .training.train_state import TrainState
+from .training.watchdog import Watchdog, enable_flight_recorder
 
 __all__ = [
     "autocast_dtype", "build_model", "build_optimizer", "evaluate", "lm_loss", "lr_at", "main",
@@ -44,17 +59,34 @@ def train(cfg: TrainConfig) -> dict:
 
     Every check that can fail runs before the first step: the config, the layout, the run folder
     (one run at a time, one configuration: training.run_dir), the data, the checkpoint."""
+    started = time.perf_counter()  # trainer.time_limit counts from here
+    apply_init_from(cfg)  # model.init_from: the fields its config.json fixes
     cfg.validate()
+    fault_points.reset()
+    if cfg.trainer.stall_timeout_s != 0:
+        enable_flight_recorder()
     num_experts = cfg.router.num_experts_for(cfg.model.num_experts)
     parallel = init_parallel(cfg.parallel, num_experts, cfg.router)
-    run_folder = RunFolder.open(cfg, parallel)
+    signals = StopSignals(signal_numbers(cfg.trainer.stop_signals), rank=parallel.dims.rank)
+    signals.install()
     try:
-        return _train(cfg, parallel, run_folder)
+        with rank_console(parallel.dims.rank):  # ranks > 0: only stderr, each line "[rank r]"
+            run_folder = RunFolder.open(cfg, parallel)
+            try:
+                return _train(cfg, parallel, run_folder, signals, started)
+            finally:
+                run_folder.close()
     finally:
-        run_folder.close()
+        signals.restore()
 
 
-def _train(cfg: TrainConfig, parallel: ParallelState, run_folder: RunFolder) -> dict:
+def _train(
+    cfg: TrainConfig,
+    parallel: ParallelState,
+    run_folder: RunFolder,
+    signals: StopSignals,
+    started: float,
+) -> dict:
     trainer, run_dir = cfg.trainer, Path(cfg.trainer.run_dir)
     if trainer.threads:
         torch.set_num_threads(trainer.threads)
@@ -64,17 +96,29 @@ def _train(cfg: TrainConfig, parallel: ParallelState, run_folder: RunFolder) -> 
     engine = build_engine(cfg, parallel, micro, accum)
     plan = BatchPlan(
         cfg.seed, trainer.global_batch_size, cfg.model.seq_len, micro, accum,
-        dims.rank, dims.world_size, parallel.device,
+        dims.rank, dims.world_size, parallel.device, cfg.data.document_mask,
     )  # fmt: skip
 
     train_state = TrainState()
     ckpt_cadence = Every(trainer.ckpt_every, trainer.max_steps)
-    checkpointer = Checkpointer(run_dir, ckpt_cadence, keep=trainer.keep_checkpoints)
+    checkpointer = Checkpointer(
+        run_dir, ckpt_cadence, keep=trainer.keep_checkpoints, main=dims.is_main
+    )
     if not (trainer.resume and checkpointer.restore(train_state, engine)):
         run_folder.start_fresh(trainer.resume)  # rank 0: an earlier run's files go aside, said so
+    if dims.is_main:
+        clear_stopped(run_dir)  # written again only by a stop of this run
     if train_state.step >= trainer.max_steps:
         return _nothing_to_do(train_state, parallel, run_dir, trainer.max_steps)
     run_folder.record(cfg, data.first.tokenizer_folder, data.first.tokenizer)  # rank 0
+    stop = StopRule(
+        signals, parallel, started=started, save_s=read_save_seconds(run_dir),
+        time_limit_s=parse_duration(trainer.time_limit) if trainer.time_limit else None,
+    )  # fmt: skip
+    watchdog = Watchdog(
+        run_dir, dims.rank, dims.world_size, trainer.stall_timeout_s,
+        skip_groups=(parallel.groups.checkpoint,),
+    )  # fmt: skip
     if dims.is_main:
         _announce(cfg, parallel, engine, plan, data, train_state.step)
     logger = TrainLogger(cfg, parallel, start=train_state.step)
@@ -84,18 +128,40 @@ def _train(cfg: TrainConfig, parallel: ParallelState, run_folder: RunFolder) -> 
         writer=logger.writer, report=logger.report_val,
     )  # fmt: skip
 
-    for step in range(train_state.step, trainer.max_steps):
-        lr = lr_at(step, cfg.optim, trainer.max_steps)
-        out = train_step(engine, data, plan, step, lr, rank=dims.rank)
-        train_state.finish_step(out.applied)
-        logger.after_step(train_state, out, engine)
-        check_skipped_steps(train_state, trainer.max_skipped_steps, lr)
-        evaluator.after_step(train_state, engine)
-        checkpointer.after_step(train_state, engine)
-    checkpointer.close(engine)
+    watchdog.start()
+    parallel.barrier()  # the watchdog's folder is clear on every rank before the first step
+    stopped = None
+    try:
+        for step in range(train_state.step, trainer.max_steps):
+            with watchdog.phase("step", step):
+                fault_points.reached("step", step)
+                stop.begin_step()
+                lr = lr_at(step, cfg.optim, trainer.max_steps)
+                out = train_step(engine, data, plan, step, lr, rank=dims.rank)
+                train_state.finish_step(out.applied)
+                logger.after_step(train_state, out, engine)
+                stop.step_done()
+            check_skipped_steps(train_state, trainer.max_skipped_steps, lr)
+            with watchdog.phase("eval", step):
+                evaluator.after_step(train_state, engine)
+            with watchdog.phase("save", step):
+                checkpointer.after_step(train_state, engine)
+                stopped = stop.check()  # collective: every rank stops at the same step
+                if stopped is not None:
+                    checkpointer.save_now(train_state, engine)
+            if stopped is not None:
+                break
+            if checkpointer.save_seconds is not None:
+                stop.save_done(checkpointer.save_seconds)
+        with watchdog.phase("save", train_state.step):
+            checkpointer.close(engine)
+    finally:
+        watchdog.close()
     logger.close()
     seconds = logger.elapsed()
 
+    if stopped is not None and train_state.step < trainer.max_steps:  # at the last: done
+        return _stopped(train_state, parallel, run_dir, stopped, seconds)
     if dims.is_main:
         print(
             f"done: {train_state.step} steps in {_duration(seconds)}, train loss "
@@ -104,6 +170,23 @@ def _train(cfg: TrainConfig, parallel: ParallelState, run_folder: RunFolder) -> 
         )
     parallel.shutdown()
     return {**train_state.summary(), "seconds": seconds}
+
+
+def _stopped(
+    train_state: TrainState, parallel: ParallelState, run_dir: Path, reason: str, seconds: float
+) -> dict:
+    """A stop by signal or time limit: the checkpoint of this step is published; say so, leave
+    `stopped` in the run folder (rank 0) and return the summary with `stopped` (the reason)."""
+    if parallel.dims.is_main:
+        write_stopped(run_dir, train_state.step, reason)
+        print(
+            f"stopped at step {train_state.step} ({reason}) after {_duration(seconds)}: "
+            f"checkpoint step_{train_state.step:08d} is saved; run the same command to resume "
+            f"(exit status {EXIT_RESUME})",
+            flush=True,
+        )
+    parallel.shutdown()
+    return {**train_state.summary(), "seconds": seconds, "stopped": reason}
 
 
 def _duration(seconds: float) -> str:
@@ -156,7 +239,11 @@ register_configs()
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base=None)
 def _hydra_main(dcfg: DictConfig) -> None:
     cfg: TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
-    train(cfg)
+    from hydra.core.hydra_config import HydraConfig
+
+    apply_init_from(cfg, explicit_fields(HydraConfig.get().overrides.task))
+    if train(cfg).get("stopped"):
+        sys.exit(EXIT_RESUME)  # stopped to be resumed (moe_train.training.stop)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.api import CheckpointException
 
+from .. import fault_points
 from ..parallel import CollectiveError, ParallelState
 from ..parallel.objects import barrier, is_distributed
 from .checksums import write_checksums
@@ -75,6 +76,7 @@ def save_checkpoint(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.save(save.sd, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=not save.dist)
+        fault_points.reached("save", step)  # tensors written, nothing published yet
         return save.finish()
 
 
@@ -113,8 +115,12 @@ def save_checkpoint_async(
         staged = {key: _staged(t) for key, t in save.sd.items()}
     writer = dcp.FileSystemWriter(str(save.tmp))
     group = state.groups.checkpoint
-    future = _writer_thread().submit(dcp.save, staged, storage_writer=writer, process_group=group)
-    return PendingCheckpoint(save, future)
+
+    def write() -> Any:
+        fault_points.reached("async_save", step)  # in the writer thread, training goes on
+        return dcp.save(staged, storage_writer=writer, process_group=group)
+
+    return PendingCheckpoint(save, _writer_thread().submit(write))
 
 
 def _staged(t: Tensor) -> Tensor:

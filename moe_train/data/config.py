@@ -39,6 +39,9 @@ class DataConfig:
         (largest remainder); replaces dir.
     sampling: windows (random window starts, with replacement) | epoch (every non-overlapping
         window once per epoch, in a new shuffled order each epoch).
+    document_mask: attention stays inside each document of a window (a block-diagonal causal
+        mask) and positions restart at 0 at every document start; needs the document index
+        moe-train-prepare writes (or an end-of-document token).
     holdout: share of a Megatron source's documents (its last ones) held out for validation;
         0 = no validation of that source.
     verify_checksums: check every shard's CRC-32 against manifest.json at start (one read of the
@@ -51,6 +54,7 @@ class DataConfig:
     dir: str | None = None
     mix: list[MixSource] = field(default_factory=list)
     sampling: str = "windows"
+    document_mask: bool = False
     holdout: float = 0.01
     verify_checksums: bool = True
     default_corpus_bytes: int = DEFAULT_MAX_BYTES
@@ -93,6 +97,7 @@ class TrainingData:
     sources: list[Source]
     weights: list[float]
     sampling: str = "windows"
+    document_mask: bool = False  # batches carry document positions (data.document_mask)
     _samplers: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -132,6 +137,7 @@ class TrainingData:
         how = self.sampling
         if self.sampling == "epoch":
             how += f" ({sampler.epoch_steps(0):,.1f} steps per epoch of {self.first.name})"
+        how += ", document mask" if self.document_mask else ""
         if not self.is_mixture:
             return f"data {self.first.path} ({how})"
         names = [s.name for s in self.sources]
@@ -169,7 +175,23 @@ def open_data(cfg: DataConfig, vocab_size: int | None = None) -> TrainingData:
             "[{path: ..., name: web}, {path: ..., name: code}]"
         )
     check_same_tokenizer(sources)
-    return TrainingData(sources, [float(w) for _, w, _ in entries], cfg.sampling)
+    if cfg.document_mask:
+        check_document_index(sources)
+    return TrainingData(sources, [float(w) for _, w, _ in entries], cfg.sampling, cfg.document_mask)
+
+
+def check_document_index(sources: list[Source]) -> None:
+    """data.document_mask needs every split's document starts; else a DataError naming the
+    source and the fix."""
+    for s in sources:
+        for split in (s.train, s.val):
+            if split is not None and not split.knows_documents:
+                raise DataError(
+                    f"data.document_mask=true: {s.name!r} ({s.path}, {s.kind}) has no document "
+                    "index and no known end-of-document token, so its document boundaries are "
+                    "unknown; re-run moe-train-prepare on its corpus (it writes a document index "
+                    "with every shard) or set data.document_mask=false"
+                )
 
 
 def data_tokenizer(cfg: DataConfig, vocab_size: int | None = None) -> Tokenizer:

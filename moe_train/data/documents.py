@@ -9,11 +9,19 @@ offsets in [0, T) where documents start inside a window, the first always 0. Fro
 
 A block-diagonal causal mask is `(ids[:, None] == ids[None, :]) & causal`; positions restarting
 at each document are `arange(T) - starts[ids]`.
+
+With data.document_mask a batch carries only those positions, `[B, T]` int64 (`window_positions`):
+they restart at 0 at every document start, so the model gets its RoPE (or learned) positions
+from them and its block-diagonal mask too (a new document wherever a position is 0:
+moe_train/model/attention.py `document_causal_mask`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+import torch
 
 
 def document_ids(starts: np.ndarray, n: int) -> np.ndarray:
@@ -32,3 +40,12 @@ def positions(starts: np.ndarray, n: int) -> np.ndarray:
     """[n] int64: each token's position inside its document piece (restarting at 0)."""
     starts = np.asarray(starts, dtype=np.int64)
     return np.arange(n, dtype=np.int64) - starts[document_ids(starts, n)]
+
+
+def window_positions(starts: Sequence[np.ndarray], n: int) -> torch.Tensor:
+    """[len(starts), n] int64: the positions of each row's tokens inside their document piece,
+    from each row's document starts (offsets in [0, n), the first 0)."""
+    out = np.empty((len(starts), n), dtype=np.int64)
+    for r, row in enumerate(starts):
+        out[r] = positions(row, n)
+    return torch.from_numpy(out)

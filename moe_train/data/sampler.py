@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from .documents import window_positions
 from .epochs import epoch_windows
 from .mixture import Mixture
 from .streams import TokenStream
@@ -151,6 +152,17 @@ class BatchSampler:
         src, off = self.rows(step)
         return self.streams[int(src[sample])].document_starts(int(off[sample]), self.seq_len)
 
+    def positions(
+        self, step: int, sample_start: int = 0, sample_count: int | None = None
+    ) -> torch.Tensor:
+        """[sample_count, T] int64: each input token's position inside its document, restarting
+        at 0 at every document start, of the same samples `batch` returns (data.document_mask's
+        carrier: RoPE positions and the block-diagonal mask follow from it)."""
+        count = self.global_batch - sample_start if sample_count is None else sample_count
+        _check_slice(sample_start, count, self.global_batch)
+        rows = range(sample_start, sample_start + count)
+        return window_positions([self.document_starts(step, r) for r in rows], self.seq_len)
+
 
 def _windows(
     streams: Sequence[TokenStream], src: np.ndarray, offsets: np.ndarray, seq_len: int
@@ -229,3 +241,23 @@ def val_batches(
         first = b * batch_size + sample_start
         offsets = np.arange(first, first + count, dtype=np.int64) * seq_len
         yield _windows([data], src, offsets, seq_len)
+
+
+def val_positions(
+    tokens: Tokens,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int | None = None,
+    sample_start: int = 0,
+    sample_count: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """The document positions ([sample_count, seq_len] int64, restarting at 0 at each document
+    start) of the windows `val_batches` yields with the same arguments, batch by batch."""
+    n = num_val_batches(tokens, seq_len, batch_size, max_batches)
+    count = batch_size - sample_start if sample_count is None else sample_count
+    _check_slice(sample_start, count, batch_size)
+    data = _stream(tokens)
+    for b in range(n):
+        first = b * batch_size + sample_start
+        starts = [data.document_starts((first + r) * seq_len, seq_len) for r in range(count)]
+        yield window_positions(starts, seq_len)

@@ -32,6 +32,11 @@ class Segment:
     index: DocumentIndex | None = None
     eot_id: int | None = None
 
+    @property
+    def knows_documents(self) -> bool:
+        """Whether its document starts are known (an index or an end-of-document token)."""
+        return self.index is not None or self.eot_id is not None
+
     def doc_starts_between(self, lo: int, hi: int) -> np.ndarray:
         """[k] int64 positions p in [lo, hi) of this segment where a document starts."""
         if self.index is not None:
@@ -77,6 +82,11 @@ class TokenStream:
 
     def __repr__(self) -> str:
         return f"TokenStream({self.name!r}, {len(self)} tokens, {len(self.segments)} segments)"
+
+    @property
+    def knows_documents(self) -> bool:
+        """Whether every segment knows where its documents start (what document masks need)."""
+        return all(s.knows_documents for s in self.segments)
 
     def sub(self, lo: int, hi: int) -> TokenStream:
         """The tokens [lo, hi) of this stream, as a stream."""

@@ -6,6 +6,8 @@
     evaluate.py  score: loss, perplexity, bits per byte, expert load; `moe-train-eval`
     export.py    export_model (model.safetensors + config.json), from_pretrained; `moe-train-export`
     cli.py       the arguments the three tools share (RUN_DIR, --checkpoint, --device)
+    hf/          Hugging Face in and out: `moe-train-export --format hf`, `model.init_from=DIR`
+                 (one checked bijection of tensors per stock class; docs/HF.md)
 
 `moe_train.generate` and `moe_train.from_pretrained` are these modules' functions. The package
 imports no training code; the tools import `run.py` (the trainer's config, checkpoints) only when

@@ -50,7 +50,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,8 @@ def export_model(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "architecture": "MoETransformer",
-        "model": asdict(model.cfg),
+        # ModelConfig's fields only (a run's TrainModelConfig adds trainer-side ones: init_from)
+        "model": {f.name: getattr(model.cfg, f.name) for f in fields(ModelConfig)},
         "router": asdict(model.router_cfg),
         "tokenizer": _tokenizer_entry(tokenizer),
         "source": source or {},
@@ -160,13 +161,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.set_defaults(device="cpu")  # the export is float32 on the CPU whatever loads it
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
+    p.add_argument(
+        "--format",
+        choices=("moe-train", "hf"),
+        default="moe-train",
+        help="moe-train: our own format (moe_train.from_pretrained); hf: a stock Hugging Face "
+        "class (Mixtral / Qwen3-MoE / Qwen2-MoE, chosen from the router and body), loaded by "
+        "transformers.AutoModelForCausalLM with no custom code (default: %(default)s)",
+    )
+    p.add_argument(
+        "--arch",
+        choices=("mixtral", "qwen3_moe", "qwen2_moe", "olmoe"),
+        help="--format hf: force this class (an error names what it cannot hold)",
+    )
     args = p.parse_args(argv)
     try:
         run = load_run(args.run_dir, args.device, args.checkpoint)
     except (RunError, ValueError) as e:
         return fail("moe-train-export", e)
     source = {"run_dir": str(args.run_dir), "checkpoint": str(run.checkpoint), "step": run.step}
-    paths = export_model(run.model, args.out, run.tokenizer, source)
+    if args.format == "hf":
+        from .hf.export import export_hf
+
+        try:
+            fam, paths = export_hf(run.model, args.out, run.tokenizer, args.arch)
+        except ValueError as e:  # HFExportError, ConversionError: named
+            return fail("moe-train-export", e)
+        print(f"{fam.architecture}: every tensor read back and compared with the checkpoint")
+    else:
+        paths = export_model(run.model, args.out, run.tokenizer, source)
     params = run.model.num_params()
     print(
         f"exported step {run.step} of {args.run_dir} ({params['total'] / 1e6:.2f}M parameters, "

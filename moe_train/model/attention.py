@@ -73,10 +73,12 @@ class Attention(nn.Module):
         kv: LayerKV | None = None,
         pos: int = 0,
         rope: tuple[Tensor, Tensor] | None = None,
+        doc_mask: Tensor | None = None,
     ) -> Tensor:
-        """x: [B, T, d] -> [B, T, d]; rope: (cos, sin) [T, dh] of x's positions, or None
-        (learned positions). With `kv`, x holds positions pos..pos+T-1 of a sequence whose
-        earlier keys and values are cached (causal over all of them)."""
+        """x: [B, T, d] -> [B, T, d]; rope: (cos, sin) [T, dh] (or [B, T, dh]) of x's positions,
+        or None (learned positions). With `kv`, x holds positions pos..pos+T-1 of a sequence
+        whose earlier keys and values are cached (causal over all of them). doc_mask: [B, 1, T, T]
+        bool (True = may attend; `document_causal_mask`), replacing the plain causal mask."""
         B, T, _ = x.shape
         h, g, dh = self.n_heads, self.n_kv, self.head_dim
         q, k, v = self.qkv(x).view(B, T, h + 2 * g, dh).split((h, g, g), dim=2)  # [B, T, ., dh]
@@ -95,16 +97,41 @@ class Attention(nn.Module):
                 if T > 1:  # query i (position pos + i) sees keys 0..pos + i
                     mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
         causal = kv is None or pos == 0
+        if doc_mask is not None:
+            if kv is not None:
+                raise ValueError("a document mask does not go with a KV cache (decoding)")
+            mask, causal = doc_mask, False
         y = sdpa(q, k, v, mask, causal, p)  # [B, h, T, dh]
         return self.proj(y.transpose(1, 2).reshape(B, T, h * dh))
 
 
 def sdpa(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, dropout: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    causal: bool,
+    dropout: float,
+    expand_kv: bool | None = None,
 ) -> Tensor:
     """F.scaled_dot_product_attention with q [B, h, T, dh] and k, v [B, g, S, dh], g | h: query
-    head j reads key/value head j // (h / g) (SDPA's enable_gqa, no copy of k and v)."""
+    head j reads key/value head j // (h / g) (SDPA's enable_gqa, no copy of k and v). With a
+    mask on CUDA (`expand_kv` None = that case) k and v are copied to h heads instead: SDPA's
+    memory-efficient kernel, the one that takes a mask, has no grouped heads (unmeasured here)."""
     gqa = q.shape[1] != k.shape[1]
+    if gqa and (q.is_cuda and mask is not None if expand_kv is None else expand_kv):
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        gqa = False
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, enable_gqa=gqa
     )
+
+
+def document_causal_mask(positions: Tensor) -> Tensor:
+    """positions [B, T] int (restarting at 0 at every document start) -> [B, 1, T, T] bool:
+    query i may attend key j when j <= i and both are in one document (no zero position between
+    them): a block-diagonal causal mask, built on positions' device without a host sync."""
+    doc = (positions == 0).cumsum(-1)  # [B, T]: the document index of every token
+    T = positions.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]

@@ -66,6 +66,9 @@ class ModelConfig:
     expert_d_ff: int | None = None  # None = d_ff
     moe_every: int = 2  # layer i is MoE when (i + 1) % moe_every == 0 and i >= first_dense; 0: none
     first_dense: int = 0  # the first k layers are dense whatever moe_every says (DeepSeek-V3, Kimi)
+    shared_experts: int = 0  # always-on dense experts in each MoE layer (DeepSeekMoE); 0 = none
+    shared_d_ff: int | None = None  # hidden width of one shared expert; null = the experts' width
+    shared_gate: bool = False  # scale the shared output by sigmoid(w x) per token (Qwen2-MoE)
     activation: str = "swiglu"  # swiglu | gelu, in the dense FFNs and the experts
     norm: str = "rmsnorm"  # rmsnorm (weight only, in float32) | layernorm (weight and bias)
     norm_eps: float = 1e-5  # epsilon of every norm (RMSNorm: added to the mean square)
@@ -81,6 +84,11 @@ class ModelConfig:
         """std of the output projections (attention, FFN and experts' w_out): GPT-2's
         init_std / sqrt(2 n_layers), one per residual branch."""
         return self.init_std / math.sqrt(2 * self.n_layers)
+
+    @property
+    def shared_width(self) -> int:
+        """Hidden width of one shared expert (shared_d_ff, else expert_d_ff, else d_ff)."""
+        return self.shared_d_ff or self.expert_d_ff or self.d_ff
 
     @property
     def kv_heads(self) -> int:
@@ -102,6 +110,8 @@ class ModelConfig:
         at_least(self, "model", 1, "vocab_size", "seq_len", "d_model", "n_layers", "n_heads")
         at_least(self, "model", 1, "d_ff", "num_experts")
         at_least(self, "model", 1, "expert_d_ff", "n_kv_heads", "head_dim", optional=True)
+        at_least(self, "model", 0, "shared_experts")
+        at_least(self, "model", 1, "shared_d_ff", optional=True)
         at_least(self, "model", 0, "moe_every", "first_dense")  # moe_every 0 = dense model
         one_of(self, "model", "activation", ACTIVATIONS)
         one_of(self, "model", "norm", NORMS)

@@ -16,7 +16,22 @@ def reset_by_rule(module: nn.Module) -> None:
             p.copy_(module.init_value(name, p.shape))  # type: ignore[operator]
 
 
-class Linear(nn.Linear):
+class NormalInit(nn.Module):
+    """The rule of Linear and Embedding: every value normal(0, init_std), set by the subclass
+    before the torch module's __init__ (which calls reset_parameters)."""
+
+    init_std: float
+
+    def init_value(
+        self, name: str, shape: torch.Size, generator: torch.Generator | None = None
+    ) -> Tensor:
+        return torch.randn(shape, generator=generator) * self.init_std
+
+    def reset_parameters(self) -> None:
+        reset_by_rule(self)
+
+
+class Linear(NormalInit, nn.Linear):
     """A bias-free nn.Linear whose weight starts normal(0, init_std); the module that holds it
     chooses init_std (output projections: ModelConfig.output_init_std)."""
 
@@ -24,29 +39,13 @@ class Linear(nn.Linear):
         self.init_std = init_std  # set first: nn.Linear.__init__ calls reset_parameters
         super().__init__(d_in, d_out, bias=False)
 
-    def init_value(
-        self, name: str, shape: torch.Size, generator: torch.Generator | None = None
-    ) -> Tensor:
-        return torch.randn(shape, generator=generator) * self.init_std
 
-    def reset_parameters(self) -> None:
-        reset_by_rule(self)
-
-
-class Embedding(nn.Embedding):
+class Embedding(NormalInit, nn.Embedding):
     """nn.Embedding whose table starts normal(0, init_std) (not torch's normal(0, 1))."""
 
     def __init__(self, num: int, dim: int, init_std: float):
         self.init_std = init_std  # set first: nn.Embedding.__init__ calls reset_parameters
         super().__init__(num, dim)
-
-    def init_value(
-        self, name: str, shape: torch.Size, generator: torch.Generator | None = None
-    ) -> Tensor:
-        return torch.randn(shape, generator=generator) * self.init_std
-
-    def reset_parameters(self) -> None:
-        reset_by_rule(self)
 
 
 class LayerNorm(nn.LayerNorm):

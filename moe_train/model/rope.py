@@ -17,12 +17,15 @@ import torch
 from torch import Tensor, nn
 
 
-def rope_tables(positions: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """(cos, sin) [positions, head_dim] float32, the angles repeated over both halves; HF's
-    arithmetic (inv_freq from an int64 arange, angles as a float32 outer product)."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+def rope_tables(
+    positions: int, head_dim: int, theta: float, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
+    """(cos, sin) [positions, head_dim] float32 on `device`, the angles repeated over both
+    halves; HF's arithmetic (inv_freq from an int64 arange, angles as a float32 outer product)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
     inv_freq = 1.0 / (theta**exponents)  # [head_dim / 2]
-    angle = torch.arange(positions, dtype=torch.int64).float()[:, None] * inv_freq[None]
+    steps = torch.arange(positions, dtype=torch.int64, device=device).float()
+    angle = steps[:, None] * inv_freq[None]
     angle = torch.cat((angle, angle), dim=-1)  # [positions, head_dim]
     return angle.cos(), angle.sin()
 
@@ -34,9 +37,10 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [B, T, heads, hd]; cos, sin: [T, hd] -> x rotated, in x's dtype, in one expression:
+    """x: [B, T, heads, hd]; cos, sin: [T, hd] (every row at the same positions) or [B, T, hd]
+    (per-row positions: document masking) -> x rotated, in x's dtype, in one expression:
     x cos + rotate_half(x) sin (on CPU faster than rotating the two halves as strided views)."""
-    c, s = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]  # [T, 1, hd]
+    c, s = cos.to(x.dtype).unsqueeze(-2), sin.to(x.dtype).unsqueeze(-2)  # [(B,) T, 1, hd]
     return x * c + rotate_half(x) * s
 
 
@@ -58,7 +62,8 @@ class RotaryEmbedding(nn.Module):
         """Recompute the tables in place (nothing on meta)."""
         if self.cos.is_meta:
             return
-        cos, sin = rope_tables(self.max_len, self.head_dim, self.theta)
+        # the device named: a caller's `with torch.device("meta")` may still be active (torch 2.7)
+        cos, sin = rope_tables(self.max_len, self.head_dim, self.theta, self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
@@ -66,3 +71,7 @@ class RotaryEmbedding(nn.Module):
         """(cos, sin) [length, head_dim] of positions start .. start + length - 1, float32."""
         end = start + length
         return self.cos[start:end].float(), self.sin[start:end].float()
+
+    def at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """(cos, sin) [B, T, head_dim] float32 of per-row positions [B, T] (each < max_len)."""
+        return self.cos[positions].float(), self.sin[positions].float()

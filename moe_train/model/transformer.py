@@ -11,7 +11,7 @@ from ..init import deferred_init
 from ..layer import MoELayer
 from ..parallel import ExpertShard, is_expert_param
 from ..routing import RouteKey, RouterConfig
-from .attention import Attention, KVCache, LayerKV
+from .attention import Attention, KVCache, LayerKV, document_causal_mask
 from .config import ModelConfig
 from .params import Embedding, Linear, build_norm
 from .rope import RotaryEmbedding
@@ -70,6 +70,9 @@ class Block(nn.Module):
                 seed=seed,
                 init_std=cfg.init_std,
                 out_std=cfg.output_init_std,
+                shared_experts=cfg.shared_experts,
+                shared_d_ff=cfg.shared_width,
+                shared_gate=cfg.shared_gate,
             )
         else:
             self.ffn = DenseFFN(
@@ -83,9 +86,11 @@ class Block(nn.Module):
         kv: LayerKV | None = None,
         pos: int = 0,
         rope: tuple[Tensor, Tensor] | None = None,
+        doc_mask: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """x: [B, T, d] at positions pos.. -> (x after the block, the MoE layer's aux losses)."""
-        x = x + self.drop(self.attn(self.ln1(x), kv, pos, rope))
+        """x: [B, T, d] at positions pos.. -> (x after the block, the MoE layer's aux losses);
+        doc_mask [B, 1, T, T] bool: attention inside documents only (see Attention)."""
+        x = x + self.drop(self.attn(self.ln1(x), kv, pos, rope, doc_mask))
         h = self.ln2(x)
         if isinstance(self.ffn, MoELayer):
             out, losses = self.ffn(h, route_key)
@@ -140,27 +145,44 @@ class MoETransformer(nn.Module):
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
 
     def forward(
-        self, idx: Tensor, route_key: RouteKey | None = None, cache: KVCache | None = None
+        self,
+        idx: Tensor,
+        route_key: RouteKey | None = None,
+        cache: KVCache | None = None,
+        positions: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """idx: [B, T]; route_key: the router noise's key (the train step's seed, and the global
         index of idx[0, 0]), passed to every MoE layer unchanged; None: fresh training noise, none
         in eval. With `cache` (inference), idx continues the cached sequence: positions
-        cache.length.."""
+        cache.length... `positions` [B, T] int64 (data.document_mask; not with a cache): each
+        token's position inside its document, restarting at 0 at every document start; the
+        tokens take these positions (RoPE or learned) and attend inside their document only."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.seq_len:
             raise ValueError(
                 f"sequence length {start + T} exceeds model.seq_len={self.cfg.seq_len}"
             )
+        doc_mask = None
+        if positions is not None:
+            if cache is not None or positions.shape != idx.shape:
+                raise ValueError(
+                    f"positions {tuple(positions.shape)} must match idx {tuple(idx.shape)}, "
+                    "without a KV cache (document masks are for training and evaluation)"
+                )
+            doc_mask = document_causal_mask(positions)  # [B, 1, T, T], shared by every layer
         x = self.tok_emb(idx)  # [B, T, d]
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+            where = torch.arange(start, start + T, device=idx.device)
+            x = x + self.pos_emb(where if positions is None else positions)
         x = self.drop(x)
-        rope = self.rope(start, T) if self.rope is not None else None  # cos, sin [T, dh]
+        rope = None
+        if self.rope is not None:  # cos, sin [T, dh], or [B, T, dh] at per-row positions
+            rope = self.rope(start, T) if positions is None else self.rope.at(positions)
         aux: dict[str, Tensor] = {}
         for i, block in enumerate(self.blocks):
             kv = cache.layers[i] if cache is not None else None
-            x, losses = block(x, route_key, kv, start, rope)
+            x, losses = block(x, route_key, kv, start, rope, doc_mask)
             for k, v in losses.items():
                 aux[k] = aux[k] + v if k in aux else v
         if cache is not None:

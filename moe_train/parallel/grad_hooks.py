@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from . import grads
 from .errors import guarded
-from .grads import buckets, unique_params
+from .grads import buckets, copy_flat_into, unique_params
 from .placement import is_expert_param
 
 
@@ -87,8 +87,10 @@ class ExpertGradReducer:
             self._next += 1
 
     def _launch(self, bucket: _Bucket) -> None:
-        held = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
-        bucket.flat = torch.cat([g.reshape(-1) for g in held])
+        for p in bucket.params:  # no gradient this step (its hook did not fire): zeros
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        bucket.flat = torch.cat([cast(Tensor, p.grad).reshape(-1) for p in bucket.params])
         flat = bucket.flat
         bucket.work = guarded(
             "all_reduce(expert gradients over the dp group)",
@@ -109,15 +111,7 @@ class ExpertGradReducer:
             if work is not None:
                 guarded("wait(expert gradient all-reduce)", work.wait, "the dp group")
             flat.div_(self.world)
-            offset = 0
-            for p in bucket.params:
-                n = p.numel()
-                view = flat[offset : offset + n].view_as(p)
-                if p.grad is None:
-                    p.grad = view.clone()
-                else:
-                    p.grad.copy_(view)
-                offset += n
+            copy_flat_into(flat, [cast(Tensor, p.grad) for p in bucket.params])
             bucket.ready.clear()
             bucket.flat = bucket.work = None
         self._next = 0

@@ -81,10 +81,15 @@ def reduce_sum_scaled(
             flat = torch.cat([b.reshape(-1) for b in bucket])
             guarded(f"all_reduce({what})", functools.partial(dist.all_reduce, flat, group=group))
             flat.div_(divisor)
-            offset = 0
-            for b in bucket:
-                b.copy_(flat[offset : offset + b.numel()].view_as(b))
-                offset += b.numel()
+            copy_flat_into(flat, bucket)
+
+
+def copy_flat_into(flat: Tensor, tensors: list[Tensor]) -> None:
+    """tensors <- consecutive slices of flat (the inverse of torch.cat of their reshape(-1))."""
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 def buckets(tensors: list[Tensor], max_elems: int) -> list[list[Tensor]]:

@@ -25,9 +25,24 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def persistent_buffers(model: nn.Module) -> list[Tensor]:
+    """The buffers a checkpoint holds (persistent ones: the routers' balancing bias), each once."""
+    out = []
+    for module in model.modules():
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and name not in module._non_persistent_buffers_set:
+                out.append(b)
+    return list({id(b): b for b in out}.values())
+
+
+def buffer_bytes(model: nn.Module) -> int:
+    """Bytes of the persistent buffers (fp32 state outside the optimizer; never sharded)."""
+    return sum(b.numel() * b.element_size() for b in persistent_buffers(model))
+
+
 def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """This rank's parameter, gradient and optimizer-state bytes, measured from the tensors it
-    holds (each tensor once, tied parameters once)."""
+    """This rank's parameter, gradient, optimizer-state and persistent-buffer bytes, measured from
+    the tensors it holds (each tensor once, tied parameters once)."""
     params = list(dict.fromkeys(model.parameters()))  # unique, in order
     grads = [p.grad for p in params if p.grad is not None]
     seen: set[int] = set()
@@ -41,6 +56,7 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
         "params": sum(_nbytes(p) for p in params),
         "grads": sum(_nbytes(g) for g in grads),
         "optimizer": optim,
+        "buffers": buffer_bytes(model),
     }
     return {**out, "total": sum(out.values())}
 
@@ -67,6 +83,7 @@ def predicted_state_bytes(
     fsdp: bool,
     world: int,
     ep: int,
+    buffers: int = 0,
 ) -> dict[str, int]:
     """The state bytes of rank 0 (which holds the largest chunks) for parameters given as
     (shape, is_expert), in the trainer's layout: fsdp shards dense on dim 0 over the world and
@@ -87,7 +104,7 @@ def predicted_state_bytes(
             optim += F32 * n
         else:
             optim += 2 * F32 * n
-    out = {"params": params, "grads": params, "optimizer": optim}
+    out = {"params": params, "grads": params, "optimizer": optim, "buffers": buffers}
     return {**out, "total": sum(out.values())}
 
 

@@ -98,6 +98,8 @@ def activation_bytes(cfg: TrainConfig, cluster: ClusterConfig) -> dict[str, floa
     slots = router.experts_per_token() * sb
     moe_ffn: float = 3 * sbd + 4 * sbd + 8 * sb * units
     moe_ffn += slots * (4 * d + per_f * (model.expert_d_ff or model.d_ff))
+    if getattr(model, "shared_experts", 0):  # the shared experts' hidden rows and output
+        moe_ffn += sb * (per_f * model.shared_experts * model.shared_width + 4 * d)
     moe_layer = attn + norms + moe_ffn
     layers = [moe_layer if model.is_moe_layer(i) else dense_layer for i in range(L)]
     head = 6 * sb * V + 2 * sbd

@@ -1,8 +1,8 @@
-"""The trainer's options as the planner sees them: which fields of ParallelConfig, TrainerConfig and
-OptimConfig the plan reads, which it does not (and why), the trainer's own checks of a planned
-config on a world of GPUs, and a planned config written as `moe-train` overrides.
+"""The trainer's options as the planner sees them: which fields of ParallelConfig, TrainerConfig,
+OptimConfig and DataConfig the plan reads, which it does not (and why), the trainer's own checks
+of a planned config on a world of GPUs, and a planned config written as `moe-train` overrides.
 
-Every field of those three configs is in exactly one of PLANNED, NO_COST and NOT_MODELLED
+Every field of those four configs is in exactly one of PLANNED, NO_COST and NOT_MODELLED
 (tests/plan/test_plan_trainer_options.py fails on a new field until it is placed, and checks that
 PLANNED fields change the plan and the others do not).
 """
@@ -46,6 +46,9 @@ NO_COST: dict[str, str] = {
     "trainer.print_config": "the console",
     "trainer.threads": "CPU threads",
     "trainer.max_skipped_steps": "a stop rule",
+    "trainer.stop_signals": "a stop rule (one all-reduce of two int32 per step)",
+    "trainer.time_limit": "a stop rule",
+    "trainer.stall_timeout_s": "a watchdog thread",
     "optim.lr": "the same tensors at any learning rate",
     "optim.min_lr_ratio": "the schedule",
     "optim.warmup_steps": "the schedule",
@@ -55,6 +58,13 @@ NO_COST: dict[str, str] = {
     "optim.eps": "the same tensors",
     "optim.beta2_decay": "the same tensors",
     "optim.grad_clip": "one scalar all-reduce per step",
+    "data.dir": "where the tokens come from (read on the host)",
+    "data.mix": "which sources the tokens come from (read on the host)",
+    "data.sampling": "which windows are read (on the host)",
+    "data.holdout": "which documents are validation data",
+    "data.verify_checksums": "one read of the data at start",
+    "data.default_corpus_bytes": "the size of the default corpus (on disk)",
+    "data.cache_dir": "a folder",
 }
 
 # fields that cost memory or time the plan does not model (listed in the plan's not_modelled)
@@ -68,6 +78,8 @@ NOT_MODELLED: dict[str, str] = {
     "trainer.async_checkpoint": "the host copy of a background checkpoint",
     "trainer.compile": "compiled kernels' speed-up and activation memory",
     "optim.impl": "the optimizer step's own time (apex and torch keep the same state)",
+    "data.document_mask": "the [B, 1, T, T] bool mask of a micro-batch and SDPA's additive copy "
+    "of it per layer (masked attention runs without the flash kernel)",
 }
 
 GROUPS = tuple(PLANNED)  # the TrainConfig fields whose options the planner searches and prints

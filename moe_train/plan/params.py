@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..experts import shared_expert_params
 from ..routing import router_class
 from .config import ARCHITECTURES, EncDecConfig
 
@@ -27,10 +28,14 @@ class ParamCount:
     experts_per_layer: int
     expert_size: int  # one expert: w_in + w_out
     lookup_only: int  # parameters that are looked up, not multiplied (position table, ...)
+    shared: int = 0  # shared experts of all MoE layers (dense: data-parallel, always active)
 
     @property
     def dense(self) -> int:
-        return self.embedding + self.attention + self.norms + self.dense_ffn + self.router
+        return (
+            self.embedding + self.attention + self.norms + self.dense_ffn + self.router
+            + self.shared
+        )  # fmt: skip
 
     @property
     def total(self) -> int:
@@ -127,4 +132,15 @@ def count_params(
         experts_per_layer=E,
         expert_size=expert_size,
         lookup_only=terms["lookup_only"],
+        shared=moe * shared_params(model),
+    )
+
+
+def shared_params(model: Any) -> int:
+    """One MoE layer's shared experts (model.shared_experts of width shared_width, its gate)."""
+    count = getattr(model, "shared_experts", 0)
+    if not count:
+        return 0
+    return shared_expert_params(
+        model.d_model, model.shared_width, count, model.activation, model.shared_gate
     )

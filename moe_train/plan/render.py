@@ -70,7 +70,8 @@ def _params(plan: dict[str, Any]) -> str:
     )
     rows = [
         [
-            "dense (emb, attn, norms, dense FFN, routers)",
+            "dense (emb, attn, norms, dense FFN, routers"
+            + (f", shared experts {n(p['shared'])})" if p.get("shared") else ")"),
             n(p["dense"]),
             n(p["active_dense"]),
             n(p["dense_per_gpu"]),

@@ -38,6 +38,9 @@ class Router(nn.Module):
     # a token's experts depend only on that token (capacity aside), so a KV-cached decoder can
     # route each new token alone; False when tokens compete for experts (expert choice)
     causal: ClassVar[bool] = True
+    # the RouterConfig.MODERN_OPTIONS this kind takes (topk: all); the others keep their 'off'
+    modern_options: ClassVar[frozenset[str]] = frozenset()
+    softmax_reason: ClassVar[str] = "its rule is defined on a softmax over the experts"
 
     # ---- facts about the kind (classmethods of the config; no module needed) ---------------
     @classmethod
@@ -94,6 +97,14 @@ class Router(nn.Module):
         units = type(self).gate_units(cfg, num_experts)
         self.gate = nn.Linear(d_model, units, bias=self.gate_bias, dtype=torch.float32)
         self.generator: torch.Generator | None = None  # seeds training noise without a RouteKey
+        self.score_bias: Tensor | None
+        if cfg.bias_update_rate > 0:  # aux-loss-free balancing (routing/balancing.py moves it)
+            # [E] float32, indexed by global expert id, the same on every rank; checkpointed
+            self.register_buffer("score_bias", torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.score_bias = None
+        # [E] int64 experts chosen (before capacity) in the last call, for the bias update
+        self.last_choice_load: Tensor | None = None
         self.reset_parameters()
 
     def init_value(
@@ -115,6 +126,12 @@ class Router(nn.Module):
             return
         for name, p in self.named_parameters():
             p.copy_(self.init_value(name, p.shape, generator))
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """The balancing bias starts at zero (moe_train.init.materialize calls this)."""
+        if self.score_bias is not None and not self.score_bias.is_meta:
+            self.score_bias.zero_()
 
     # ---- helpers for subclasses -------------------------------------------------------------
     def group_size(self, T: int, override: int | None = None) -> int:

@@ -14,6 +14,15 @@ from .registry import router_class
 
 DROP_POLICIES = ("score", "position")
 NORMALIZE = ("before_drop", "after_drop")
+SCORES = ("softmax", "sigmoid")
+# the current generation's options and their 'off' value; a kind takes those in its modern_options
+MODERN_OPTIONS = {
+    "score": "softmax",
+    "normalize_topk": True,
+    "route_scale": 1.0,
+    "bias_update_rate": 0.0,
+    "topk_groups": None,
+}
 
 
 @dataclass
@@ -22,7 +31,22 @@ class RouterConfig:
 
     kind: a registered router (switch | topk | prototype | sam | expert_choice | tree built in).
     top_k: experts per token (topk, sam), prototypes (prototype). Ignored by switch.
-    num_groups: SAM device groups G; E/G experts each.
+    num_groups: expert groups G of E/G consecutive experts each: SAM's device groups, and topk's
+        groups when topk_groups is set (DeepSeek-V3 n_group).
+    topk_groups: topk only: group-limited routing (DeepSeek-V3 topk_group): each token scores the
+        num_groups groups (sum of each group's top-2 choice scores), keeps the best topk_groups
+        and takes its top_k inside them; None = no group limit (num_groups unused by topk).
+    score: topk only: `softmax` over the experts, or an independent `sigmoid` per expert
+        (DeepSeek-V3 scoring_func). The chosen scores are the weights (renormalised when
+        normalize_topk). The other kinds need a softmax (their class says why).
+    normalize_topk: topk only: divide the chosen weights by their sum (HF norm_topk_prob); false
+        keeps the raw scores. `normalize` says over which slots the sum runs.
+    route_scale: a constant factor on topk's combine weights, after any renormalisation
+        (DeepSeek-V3 routed_scaling_factor, 2.5 there).
+    bias_update_rate: topk only: aux-loss-free balancing (arXiv 2408.15664, DeepSeek-V3
+        e_score_correction_bias). A per-expert float32 bias is added to the scores that choose
+        (never to the weights); after each applied optimizer step it moves by
+        rate * sign(mean load - load), the load counted over the whole global batch. 0 = off.
     capacity_factor: slots per expert = ceil(tokens * k / E * capacity_factor); None = dropless.
         For expert_choice it is c in C = T * c / E (the paper uses 2) and may not be None.
         Applies in training forwards; eval-mode forwards use eval_capacity_factor.
@@ -31,7 +55,7 @@ class RouterConfig:
         server runs it (DeepSpeed's name). expert_choice: None = capacity_factor (it has no
         dropless form: c is how many tokens each expert picks).
     drop_policy: which slots an over-full expert keeps: by router `score` or by token `position`.
-    normalize: topk only: renormalise the k weights `before_drop` (GShard/lingvo: a token whose
+    normalize: topk with normalize_topk only: renormalise the k weights `before_drop` (GShard/lingvo: a token whose
         2nd choice is dropped keeps g1/(g1+g2)) or `after_drop` over the surviving slots
         (DeepSpeed, fairscale: a lone survivor gets weight 1.0). See docs/ROUTING.md.
     group_size: tokens per routing group (capacity, expert choice picks and balance statistics are
@@ -44,6 +68,11 @@ class RouterConfig:
     kind: str = "switch"
     top_k: int = 2
     num_groups: int = 1
+    topk_groups: int | None = None
+    score: str = "softmax"
+    normalize_topk: bool = True
+    route_scale: float = 1.0
+    bias_update_rate: float = 0.0
     capacity_factor: float | None = 1.25
     eval_capacity_factor: float | None = None
     drop_policy: str = "score"
@@ -92,6 +121,16 @@ class RouterConfig:
         check_finite(self, "router")
         one_of(self, "router", "drop_policy", DROP_POLICIES)
         one_of(self, "router", "normalize", NORMALIZE)
+        one_of(self, "router", "score", SCORES)
+        for name, off in MODERN_OPTIONS.items():
+            if getattr(self, name) != off and name not in cls.modern_options:
+                why = cls.softmax_reason if name == "score" else "it is topk's option"
+                raise ValueError(
+                    f"router.{name}: router.kind={self.kind} does not take {name}="
+                    f"{getattr(self, name)!r} ({why}); use router.kind=topk, or {name}={off!r}"
+                )
+        above(self, "router", 0, "route_scale")
+        at_least(self, "router", 0, "bias_update_rate")
         if self.router_dtype != "float32":
             raise ValueError(
                 "router.router_dtype: router math is always float32 (selective precision)"

@@ -25,6 +25,9 @@ class ExpertChoiceRouter(Router):
 
     aux_losses: ClassVar[tuple[str, ...]] = ()
     compare_as = {"capacity_factor": 2.0}
+    softmax_reason: ClassVar[str] = (
+        "experts pick tokens by the per-token softmax S = softmax(X W_g)"
+    )
     causal = False  # experts pick among the group's tokens, future ones included
 
     @classmethod

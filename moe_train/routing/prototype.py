@@ -23,6 +23,7 @@ class PrototypeRouter(Router):
     over prototypes; capacity per expert k * ceil(T/E * cf); z-loss averaged over prototypes."""
 
     compare_as = {"top_k": 2}
+    softmax_reason = "each prototype is a softmax over its E/k experts, top-1 inside it"
 
     @classmethod
     def check_config(cls, cfg: RouterConfig, num_experts: int) -> None:

@@ -11,6 +11,7 @@ from .assignment import Assignment
 from .base import Router
 from .config import RouterConfig
 from .context import RouteContext
+from .groups import best_groups
 from .losses import balance_loss
 from .ranks import miss_probability
 from .registry import register_router
@@ -32,6 +33,11 @@ class SAMRouter(Router):
     gate_bias: ClassVar[bool] = True
     aux_losses: ClassVar[tuple[str, ...]] = ("balance", "alignment")
     compare_as = {"top_k": 2}
+    softmax_reason: ClassVar[str] = (
+        "its device choice sums a softmax over each group and its alignment loss compares "
+        "softmax probabilities; sigmoid group-limited routing is router.kind=topk "
+        "router.topk_groups=1"
+    )
 
     @classmethod
     def check_config(cls, cfg: RouterConfig, num_experts: int) -> None:
@@ -78,7 +84,7 @@ class SAMRouter(Router):
         dev = logits.device
         probs = torch.softmax(logits, dim=-1)  # [T, E]
         grouped = probs.view(T, G, n)
-        device_choice = grouped.sum(dim=-1).argmax(dim=-1)  # [T]; the first maximal group
+        device_choice = best_groups(probs, G, 1).squeeze(1)  # [T]; the first maximal group sum
         index = device_choice.view(T, 1, 1).expand(T, 1, n)
         in_group = grouped.gather(1, index).squeeze(1)  # [T, n]
         top_p, top_local = topk_lowest_index(in_group, k)  # [T, k]

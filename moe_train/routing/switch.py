@@ -21,6 +21,10 @@ class SwitchRouter(Router):
     balance + z loss."""
 
     default_jitter_eps: ClassVar[float] = 0.01
+    softmax_reason: ClassVar[str] = (
+        "Switch's weight is the chosen softmax probability; sigmoid top-1 is router.kind=topk "
+        "router.top_k=1 router.normalize_topk=false"
+    )
 
     @classmethod
     def experts_per_token(cls, cfg: RouterConfig) -> float:

@@ -39,6 +39,7 @@ class TreeRouter(Router):
     """
 
     compare_as = None  # the depth fixes the expert count: not comparable on the same model
+    softmax_reason = "its gating units are sigmoid branch decisions, with no per-expert score"
 
     @classmethod
     def check_config(cls, cfg: RouterConfig, num_experts: int) -> None:

@@ -4,12 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..data import BatchSampler, TrainingData, val_batches
-from ..data.sampler import Tokens
+from ..data.sampler import Tokens, val_positions
+
+
+class MicroBatch(NamedTuple):
+    """One micro-batch of this rank: x, y [micro, T] int64; token_offset, the global index of x's
+    first token in the step's batch (it keys router noise); positions [micro, T] int64 inside
+    each document (data.document_mask) or None (one causal sequence per row: also with
+    data.document_mask when no row holds a document start after its first token, so that such a
+    micro-batch takes the unmasked attention, which gives the same logits faster)."""
+
+    x: Tensor
+    y: Tensor
+    token_offset: int
+    positions: Tensor | None
 
 
 @dataclass(frozen=True)
@@ -27,6 +41,7 @@ class BatchPlan:
     data_rank: int
     data_world: int
     device: torch.device
+    document_mask: bool = False  # batches carry document positions (data.document_mask)
 
     @property
     def share(self) -> int:
@@ -44,21 +59,32 @@ class BatchPlan:
             [TokenStream.of(data)], [1.0], self.seed, self.global_batch, self.seq_len
         )
 
-    def micro_batches(
-        self, data: TrainingData | Tokens, step: int
-    ) -> Iterator[tuple[Tensor, Tensor, int]]:
-        """(x [micro, T], y [micro, T], token_offset) per micro-batch of step `step`; the offset is
-        the global index of x's first token in the step's batch (it keys router noise)."""
+    def micro_batches(self, data: TrainingData | Tokens, step: int) -> Iterator[MicroBatch]:
+        """The MicroBatch (x, y, token_offset, positions) of each micro-batch of step `step`."""
         sampler = self.sampler(data)
         for m in range(self.grad_accum):
             first = self.data_rank * self.share + m * self.micro  # first sample of the global batch
             x, y = sampler.batch(step, first, self.micro)
-            yield x.to(self.device), y.to(self.device), first * self.seq_len
+            pos = sampler.positions(step, first, self.micro) if self.document_mask else None
+            yield MicroBatch(
+                x.to(self.device), y.to(self.device), first * self.seq_len, self._to_device(pos)
+            )
 
-    def eval_batches(self, tokens: Tokens, max_batches: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """This rank's share (x, y: [share, T]) of the fixed validation batches of B windows."""
+    def eval_batches(
+        self, tokens: Tokens, max_batches: int
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+        """This rank's share (x, y, positions: [share, T]; positions None without a document
+        mask) of the fixed validation batches of B windows."""
         first = self.data_rank * self.share
-        for x, y in val_batches(
-            tokens, self.seq_len, self.global_batch, max_batches, first, self.share
-        ):
-            yield x.to(self.device), y.to(self.device)
+        args = (tokens, self.seq_len, self.global_batch, max_batches, first, self.share)
+        pos = val_positions(*args) if self.document_mask else None
+        for x, y in val_batches(*args):
+            p = next(pos) if pos is not None else None
+            yield x.to(self.device), y.to(self.device), self._to_device(p)
+
+    def _to_device(self, positions: Tensor | None) -> Tensor | None:
+        """positions [b, T] on the device; None when every row is one document piece (checked
+        on the host, before the copy: no device sync)."""
+        if positions is None or not bool((positions[:, 1:] == 0).any()):
+            return None
+        return positions.to(self.device)

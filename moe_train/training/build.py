@@ -8,6 +8,7 @@ gradient strategy and when to materialise; deepspeed.initialize for DeepSpeed).
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..config import TrainConfig
 from ..data import TrainingData, open_data
@@ -58,6 +59,18 @@ def build_model(cfg: TrainConfig, parallel: ParallelState) -> MoETransformer:
     return materialize(build_meta_model(cfg, parallel), parallel.device, cfg.seed)
 
 
+def init_weights(module: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
+    """Materialise this rank's (possibly FSDP-sharded) parameters by moe_train.init, then, with
+    model.init_from, overwrite every one from the Hugging Face folder (each rank reads its boxes
+    only: moe_train/inference/hf/load.py)."""
+    materialize(module, device, cfg.seed)
+    folder = getattr(cfg.model, "init_from", None)  # a bare ModelConfig (tests) has none
+    if folder:
+        from ..inference.hf.load import load_into
+
+        load_into(module, folder)
+
+
 def build_engine(
     cfg: TrainConfig, parallel: ParallelState, micro_batch: int, grad_accum: int
 ) -> Engine:
@@ -65,7 +78,7 @@ def build_engine(
     module = build_meta_model(cfg, parallel)
     amp_dtype = autocast_dtype(cfg.trainer.precision, parallel.device)
     if cfg.trainer.engine == "deepspeed":  # DeepSpeed broadcasts, reduces and steps itself
-        materialize(module, parallel.device, cfg.seed)  # replicated (no parallel.fsdp here)
+        init_weights(module, cfg, parallel.device)  # replicated (no parallel.fsdp here)
         optimizer = build_optimizer(module, cfg.optim, parallel.device)
         wrapped = deepspeed_initialize(
             module, optimizer, parallel, num_experts=cfg.model.num_experts,
@@ -79,7 +92,7 @@ def build_engine(
         module, parallel.dims, parallel.groups, cfg.parallel,
         activation_checkpointing=cfg.trainer.activation_checkpointing,
         compile=cfg.trainer.compile, param_dtype=amp_dtype, device_type=parallel.device.type,
-        materialize=lambda m: materialize(m, parallel.device, cfg.seed),
+        materialize=lambda m: init_weights(m, cfg, parallel.device),
     )  # fmt: skip
     optimizer = build_optimizer(module, cfg.optim, parallel.device)  # over the local parameters
     return NativeEngine(

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .. import fault_points
 from ..data import TrainingData
 from ..data.sampler import Tokens
 from ..engines import Engine
@@ -30,8 +31,8 @@ def evaluate(
     Collective when mean_over_ranks is: every rank calls it."""
     engine.model.eval()
     losses = [
-        lm_loss(engine.model, x, y, engine.autocast, None)[0]  # eval mode: no router noise
-        for x, y in plan.eval_batches(tokens, max_batches)
+        lm_loss(engine.model, x, y, engine.autocast, None, pos)[0]  # eval mode: no router noise
+        for x, y, pos in plan.eval_batches(tokens, max_batches)
     ]
     engine.model.train()
     if not losses:
@@ -87,6 +88,7 @@ class Evaluator:
     def after_step(self, train_state: TrainState, engine: Engine) -> None:
         if not self.cadence.due(train_state.step):
             return
+        fault_points.reached("eval", train_state.step)
         losses = validation_losses(
             engine, self.tokens, self.plan, self.max_batches, self.mean_over_ranks
         )

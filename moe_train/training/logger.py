@@ -1,7 +1,9 @@
-"""The log cadence (TrainLogger) and the progress bar: what the user sees while training."""
+"""The log cadence (TrainLogger), the progress bar on a terminal and one plain line per log step
+elsewhere (a Slurm .out file, nohup, a pipe): what the user sees while training."""
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +56,33 @@ def progress_bar(start: int, total: int, enabled: bool) -> Any:
     return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
 
+# metrics.jsonl keys a log line shows, with their format (mfu only where the peak is known)
+LINE_FIELDS = (
+    ("loss", ".4f"), ("lr", ".3e"), ("grad_norm", ".4g"), ("step_ms", ".1f"),
+    ("tokens_per_s", ".0f"), ("mfu", ".4f"), ("dropped_frac", ".4f"),
+)  # fmt: skip
+
+
+def log_line(step: int, total: int, record: dict[str, Any]) -> str:
+    """One log step as `step=S/N key=value ...`, the keys of metrics.jsonl (dropped_frac: the
+    mean over the MoE layers of moe<i>/dropped_frac; skipped_steps only when some were)."""
+    values = {**record, **_dropped(record)}
+    parts = [f"step={step}/{total}"]
+    parts += [f"{k}={values[k]:{fmt}}" for k, fmt in LINE_FIELDS if k in values]
+    if record.get("skipped_steps"):
+        parts.append(f"skipped_steps={record['skipped_steps']}")
+    return " ".join(parts)
+
+
+def val_line(step: int, total: int, val_loss: float) -> str:
+    return f"step={step}/{total} val_loss={val_loss:.4f}"
+
+
+def _dropped(record: dict[str, Any]) -> dict[str, float]:
+    drops = [v for k, v in record.items() if k.startswith("moe") and k.endswith("/dropped_frac")]
+    return {"dropped_frac": sum(drops) / len(drops)} if drops else {}
+
+
 class TrainLogger:
     """The log cadence. Every trainer.log_every steps and at the last: loss and aux losses (mean
     over ranks), lr, grad_norm, step_ms and tokens_per_s over the steps since the last log, mfu
@@ -63,7 +92,10 @@ class TrainLogger:
     from its tensors), skipped_steps, per-MoE-layer stats and, on GPUs, every rank's GPU stats
     (gpu{r}/...) to metrics.jsonl/TensorBoard/sinks and the progress bar. Collective on log steps:
     every rank calls after_step. On rank 0 (`is_main`) a resumed run's metrics.jsonl is cut back
-    to the resume step first. `report_val` shows a validation loss (bar and a line)."""
+    to the resume step first. `report_val` shows a validation loss (bar and a line).
+
+    With trainer.progress, rank 0 shows a bar when stdout is a terminal, else one `log_line` per
+    log step (a bar rewritten with carriage returns is unreadable in a file)."""
 
     def __init__(self, cfg: TrainConfig, parallel: ParallelState, start: int):
         trainer, run_dir = cfg.trainer, Path(cfg.trainer.run_dir)
@@ -78,7 +110,9 @@ class TrainLogger:
             truncate_metrics(run_dir, start)
         sinks = _sinks(cfg) if self.is_main else []
         self.writer = MetricsWriter(run_dir, self.is_main, trainer.tensorboard, sinks)
-        self.bar = progress_bar(start, self.cadence.last, enabled=self.is_main and self.progress)
+        live = self.is_main and self.progress
+        self.lines = live and not _is_terminal(sys.stdout)
+        self.bar = progress_bar(start, self.cadence.last, enabled=live and not self.lines)
         self.started = time.perf_counter()
         self._since = self.started  # start of the current log window
         self._steps_in_window = 0
@@ -90,6 +124,8 @@ class TrainLogger:
             record = self.record(train_state, out, engine)
             train_state.last_loss = record["loss"]
             self.writer.log(train_state.step, record)
+            if self.lines:
+                print(log_line(train_state.step, self.cadence.last, record), flush=True)
             self._show(
                 loss=f"{record['loss']:.4f}",
                 ms=f"{record['step_ms']:.0f}",
@@ -107,12 +143,12 @@ class TrainLogger:
         """A validation loss: into the bar's fields and as a line (rank 0)."""
         if not self.is_main:
             return
-        line = f"step {train_state.step}: train loss {train_state.last_loss:.4f}, val loss {val_loss:.4f}"
-        if self.progress:
+        line = val_line(train_state.step, self.cadence.last, val_loss)
+        if self.progress and not self.lines:
             self._show(val=f"{val_loss:.4f}")
             self.bar.write(line)
         else:
-            print(line)
+            print(line, flush=True)
 
     def elapsed(self) -> float:
         """Seconds since the logger was made (the start of the loop)."""
@@ -151,3 +187,10 @@ class TrainLogger:
     def close(self) -> None:
         self.bar.close()
         self.writer.close()
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # a replaced or closed stream
+        return False

@@ -158,12 +158,12 @@ def test_the_global_batch_does_not_depend_on_the_layout(tmp_path, sampling, worl
         BatchPlan(1, 12, 16, 12, 1, 0, 1, torch.device("cpu")).micro_batches(data, s)
         for s in range(3)
     ]
-    ref = [torch.cat([x for x, _, _ in m]) for m in ref]
+    ref = [torch.cat([x for x, *_ in m]) for m in ref]
     for step in range(3):
         parts = []
         for rank in range(world):
             plan = BatchPlan(
                 1, 12, 16, micro, 12 // world // micro, rank, world, torch.device("cpu")
             )
-            parts += [x for x, _, _ in plan.micro_batches(data, step)]
+            parts += [x for x, *_ in plan.micro_batches(data, step)]
         assert torch.equal(torch.cat(parts), ref[step]), (step, world)

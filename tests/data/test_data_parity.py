@@ -55,7 +55,7 @@ def rank_batches(rank: int, world: int, big: str, small: str, steps: int) -> lis
     share = BATCH // dims.world_size
     plan = BatchPlan(SEED, BATCH, SEQ, share // 2, 2, dims.rank, dims.world_size,
                      torch.device("cpu"))  # fmt: skip
-    out = [torch.cat([x for x, _, _ in plan.micro_batches(data, s)]).numpy() for s in range(steps)]
+    out = [torch.cat([x for x, *_ in plan.micro_batches(data, s)]).numpy() for s in range(steps)]
     teardown(state)
     return out
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from moe_train.metrics import read_metrics
-from tests.helpers.cli_runs import HALF, STEPS, resume_from, run
+from tests.helpers.cli_runs import HALF, MODERN_ROUTING, STEPS, bias_curve, resume_from, run
 
 pytestmark = [
     pytest.mark.distributed,
@@ -80,11 +80,13 @@ def test_deepspeed_ep2_reproduces_the_single_process_curve(tmp_path, single_proc
 
 
 def test_deepspeed_checkpoints_resume_on_native_and_back(tmp_path, single_process_curve):
-    router = ["router=topk"]
+    router = ["router=topk", *MODERN_ROUTING]  # the balancing bias crosses engines and layouts
     reference = single_process_curve(router)
+    reference_bias = bias_curve(single_process_curve.run_dir(router))
     ckpt = f"step_{HALF:08d}"
     full = run(tmp_path, tmp_path / "deepspeed", 4, [*router, *DEEPSPEED_EP2], ckpt_every=HALF)
     _same_curve(reference, full, 1, "deepspeed ep=2 uninterrupted")
+    _same_biases(reference_bias, bias_curve(tmp_path / "deepspeed"), "deepspeed ep=2")
     moves = [  # (saved by, resumed on ranks, with overrides)
         (tmp_path / "deepspeed" / ckpt, 1, []),
         (tmp_path / "deepspeed" / ckpt, 4, ["parallel.ep=4"]),
@@ -93,4 +95,13 @@ def test_deepspeed_checkpoints_resume_on_native_and_back(tmp_path, single_proces
     for i, (saved, nproc, layout) in enumerate(moves):
         run_dir = resume_from(saved, tmp_path / f"resumed{i}")
         resumed = run(tmp_path, run_dir, nproc, [*router, *layout])
-        _same_curve(reference, resumed, HALF + 1, f"{saved.parent.name} -> {nproc} {layout}")
+        what = f"{saved.parent.name} -> {nproc} {layout}"
+        _same_curve(reference, resumed, HALF + 1, what)
+        _same_biases(reference_bias[HALF:], bias_curve(run_dir), what)
+
+
+def _same_biases(want: list, got: list, what: str) -> None:
+    """The aux-loss-free biases (min/max per layer, logged each step) agree, and they moved."""
+    assert len(got) == len(want) and max(abs(v) for row in want for v in row) > 0, what
+    for step, (a, b) in enumerate(zip(want, got)):
+        assert b == pytest.approx(a, abs=1e-6), f"{what}, logged step {step}: {a} vs {b}"

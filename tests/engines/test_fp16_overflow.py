@@ -35,14 +35,23 @@ def _overflow_on_rank1(rank: int, world: int, fsdp: bool) -> dict:
         return out
 
     before, scale = dense(), engine.scaler.get_scale()
+    expert = next(p for p in engine.module.parameters() if is_expert_param(p))
+    if rank == 1 and not fsdp:  # replicated: expert grads are reduced during backward (hooks),
+        # so the overflow must come out of backward itself, as a real one does
+
+        def poison(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.clone()
+            grad.view(-1)[0] = float("inf")
+            return grad
+
+        expert.register_hook(poison)
     x = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(rank))
     with engine.micro_batch(last=True):
         with engine.autocast():
             logits, aux = engine.model(x[:, :-1], RouteKey(0))
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
         engine.backward(loss + aux)
-    if rank == 1:  # one overflowing element in one expert of one rank
-        expert = next(p for p in engine.module.parameters() if is_expert_param(p))
+    if rank == 1 and fsdp:  # one overflowing element in one expert of one rank
         grad = expert.grad.to_local() if hasattr(expert.grad, "to_local") else expert.grad
         grad.view(-1)[0] = float("inf")
     applied = engine.step()

@@ -201,11 +201,14 @@ def test_the_loop_talks_to_the_engine_only(tmp_path, monkeypatch):
     summary = train_mod.train(cfg)
     engine = engines[0]
     one_step = ["micro_batch(last=False)", "backward", "micro_batch(last=True)", "backward", "step"]
-    save = ["state_dict", "save_checkpoint"]
+    # every save first finishes the one in flight; the run's first save is waited for (and timed:
+    # a stop's grace), the later ones are finished by the next save or at the end
+    save = ["finish_checkpoint", "state_dict", "save_checkpoint"]
     assert engine.calls == [
         "load_latest",
         *one_step * 2,
         *save,
+        "finish_checkpoint",
         *one_step * 2,
         *save,
         "finish_checkpoint",

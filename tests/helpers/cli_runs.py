@@ -36,6 +36,27 @@ def run(
     return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
 
 
+# every current-generation routing option at once: sigmoid scores, raw weights x 2.5, the
+# aux-loss-free bias, group-limited routing (2 groups = one per rank at ep=2), a gated shared expert
+MODERN_ROUTING = [
+    "router.score=sigmoid",
+    "router.normalize_topk=false",
+    "router.route_scale=2.5",
+    "router.bias_update_rate=0.01",
+    "router.num_groups=2",
+    "router.topk_groups=1",
+    "model.shared_experts=1",
+    "model.shared_gate=true",
+]
+
+
+def bias_curve(run_dir: Path) -> list[tuple[float, ...]]:
+    """Per step, every MoE layer's balancing-bias min and max (empty tuples without a bias)."""
+    records = [r for r in read_metrics(run_dir) if "loss" in r]
+    return [tuple(v for k, v in sorted(r.items()) if k.endswith(("/bias_min", "/bias_max")))
+            for r in records]  # fmt: skip
+
+
 def resume_from(checkpoint: Path, run_dir: Path) -> Path:
     """A new run folder whose latest checkpoint is a copy of `checkpoint` (to resume elsewhere)."""
     run_dir.mkdir(parents=True)

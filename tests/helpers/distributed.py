@@ -91,11 +91,12 @@ def run_ranks(
     timeout: float = 120.0,
     env: dict[str, str] | None = None,
     allow_missing: bool = False,
+    exit_codes: list[int | None] | None = None,
 ) -> list[Any]:
     """Run fn(rank, world, *args) on `world` spawned ranks; return their results by rank.
 
     allow_missing: ranks that exit without a result (e.g. killed on purpose) give None instead of
-    failing the run.
+    failing the run. exit_codes: a list to receive each rank's process exit status.
     """
     require_distributed(f"spawns {world} ranks")
     ctx = mp.get_context("spawn")
@@ -115,6 +116,8 @@ def run_ranks(
             if p.is_alive():
                 p.kill()
                 p.join(5)
+        if exit_codes is not None:
+            exit_codes.extend(p.exitcode for p in procs)
         results: list[Any] = []
         errors: list[str] = []
         for r in range(world):

@@ -45,6 +45,17 @@ def router_cases(ep: int) -> dict[str, RouterConfig]:
         "sam": RouterConfig(kind="sam", top_k=2, num_groups=max(ep, 2), capacity_factor=None),
         "sam_drop": RouterConfig(kind="sam", top_k=2, num_groups=max(ep, 2), capacity_factor=0.5),
         "expert_choice": RouterConfig(kind="expert_choice", capacity_factor=2.0),
+        # the current generation's options: sigmoid, 2 of 4 groups (fit ep 1, 2, 4), raw x 2.5
+        "topk_modern": RouterConfig(
+            kind="topk",
+            top_k=2,
+            score="sigmoid",
+            num_groups=4,
+            topk_groups=2,
+            normalize_topk=False,
+            route_scale=2.5,
+            capacity_factor=1.0,
+        ),  # fmt: skip
     }
     if ep == 1:
         cases["tree"] = RouterConfig(kind="tree", tree_depth=2, capacity_factor=1.5)
@@ -267,6 +278,16 @@ BYTES_ROUTERS = {
     "switch": RouterConfig(kind="switch", capacity_factor=None),
     "sam": RouterConfig(kind="sam", top_k=2, num_groups=2, capacity_factor=None),
     "topk": RouterConfig(kind="topk", top_k=2, capacity_factor=None, random_routing=False),
+    # group-limited with one group per rank: a token reaches one rank, like SAM
+    "topk_groups": RouterConfig(
+        kind="topk",
+        top_k=2,
+        score="sigmoid",
+        num_groups=2,
+        topk_groups=1,
+        capacity_factor=None,
+        random_routing=False,
+    ),  # fmt: skip
 }
 PUSH_ROUTERS = ("switch", "switch_drop", "topk", "expert_choice")
 

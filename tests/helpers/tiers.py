@@ -8,6 +8,7 @@ forgets its mark fails with what to add instead of quietly slowing the fast tier
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -36,6 +37,15 @@ def _is_python(argv: Any) -> bool:
     return first == sys.executable or os.path.basename(first).startswith("python")
 
 
+def _torch_helper(argv: Any) -> bool:
+    """A process torch starts for itself (inductor's compile-worker pool on torch 2.7), not one
+    the test starts: its script lies inside the torch package."""
+    if isinstance(argv, (str, bytes, os.PathLike)):
+        argv = [argv]
+    torch_dir = os.path.dirname(importlib.util.find_spec("torch").origin or "")
+    return bool(torch_dir) and any(torch_dir in os.fsdecode(a) for a in argv[1:])
+
+
 def guard(node: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """For the duration of one test: remember it (for `require_distributed`) and, unless it is
     marked `slow` or `distributed`, make starting a Python process fail it."""
@@ -45,7 +55,7 @@ def guard(node: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     init = subprocess.Popen.__init__
 
     def checked_init(self: subprocess.Popen, args: Any, *rest: Any, **kwargs: Any) -> None:
-        if _is_python(args):
+        if _is_python(args) and not _torch_helper(args):
             pytest.fail(
                 f"{node.nodeid} starts a Python process ({args!r:.120}): "
                 "mark it @pytest.mark.slow (the fast tier runs in-process tests only)",

@@ -247,13 +247,19 @@ printf '%s\\n' "$OMP_NUM_THREADS" > "$FAKE_LOG/srun.omp"
 # Run the task once per node, as srun --ntasks-per-node=1 does, each with its SLURM_NODEID.
 while [[ "$1" == --* ]]; do [[ "$1" == --nodes=* ]] && nodes=${1#--nodes=}; shift; done
 pids=()
+# srun forwards the signals it gets to its tasks
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
 for ((i = 0; i < nodes; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done
 rc=0
-for p in "${pids[@]}"; do wait "$p" || rc=1; done
+for p in "${pids[@]}"; do
+    while kill -0 "$p" 2>/dev/null; do wait "$p" || true; done
+    wait "$p" || rc=1
+done
 exit $rc
 """
 FAKE_SCONTROL = """#!/bin/bash
 printf '%s\\0' "$@" >> "$FAKE_LOG/scontrol.argv"
+if [[ "$1" == requeue ]]; then ls "$FAKE_LOG/out" > "$FAKE_LOG/at_requeue"; fi
 if [[ "$1 $2" == "show hostnames" ]]; then printf 'gpu-001\\ngpu-002\\n'; fi
 """
 
@@ -371,7 +377,9 @@ def test_sbatch_dry_run_fake_allocation_2_nodes_x_8_gpus(tmp_path):
         "+", "OMP_NUM_THREADS=8", "srun", *SRUN_OPTS, *NODE_RANK, "python", *TORCHRUN,
         "-m", "moe_train.train", f"trainer.run_dir={tmp_path}/runs/moe-1234", "router=sam",
     ]  # fmt: skip
-    assert lines[2:] == [
+    assert lines[2].startswith("stop: on USR1 (--signal lead 120 s)")
+    assert "not measured yet" in lines[2] and "WARNING" not in r.stderr
+    assert lines[3:] == [
         "node 0 gpu-001: torchrun --node-rank=0: ranks 0-7 (local 0-7) of 16",
         "node 1 gpu-002: torchrun --node-rank=1: ranks 8-15 (local 0-7) of 16",
     ]
@@ -437,3 +445,90 @@ def test_sbatch_runs_two_fake_nodes_with_fixed_ranks(tmp_path):
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(4)]
     for i, rec in enumerate(ranks):
         assert rec == dict(rank=i, world=4, local=i % 2, node=i // 2, slurm_node=i // 2, sum=10.0)
+
+
+def test_sbatch_dry_run_warns_when_the_signal_lead_is_too_short_for_a_save(tmp_path):
+    run_dir = tmp_path / "runs" / "moe-1234"
+    run_dir.mkdir(parents=True)
+    (run_dir / "save_seconds").write_text("100.00\n")  # what the trainer measured
+    env = slurm_env(tmp_path, DRY_RUN="1", SIGNAL_LEAD_S="120")
+    r = run(["bash", str(SBATCH)], env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "a save took 100.00 s here (run_dir/save_seconds): a stop needs 155 s" in r.stdout
+    assert "WARNING: --signal lead 120 s < the 155 s" in r.stderr
+    r = run(["bash", str(SBATCH)], slurm_env(tmp_path, DRY_RUN="1", SIGNAL_LEAD_S="300"), tmp_path)
+    assert r.returncode == 0 and "WARNING" not in r.stderr
+
+
+# A stand-in for moe_train.train under the real torchrun: on SIGTERM rank 0 writes the run
+# folder's `stopped` (as the trainer does once the checkpoint is published, unless STUB_CRASH)
+# and every rank exits 75 after a marker saying it has.
+STUB_STOPPABLE = """
+import os, signal, sys, time
+from pathlib import Path
+
+out, rank = Path(os.environ["STUB_OUT"]), int(os.environ["RANK"])
+run_dir = Path(next(a for a in sys.argv if a.startswith("trainer.run_dir=")).split("=", 1)[1])
+got = []
+signal.signal(signal.SIGTERM, lambda n, f: got.append(n))
+(out / f"ready{rank}").write_text("")
+deadline = time.monotonic() + 120
+while not got and time.monotonic() < deadline:
+    time.sleep(0.05)
+time.sleep(0.5)  # "the save"
+if rank == 0 and not os.environ.get("STUB_CRASH"):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "stopped").write_text("step=7 reason=SIGTERM\\n")
+(out / f"exited{rank}").write_text(str(got))
+sys.exit(1 if os.environ.get("STUB_CRASH") else 75)
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("signal_name", "crash", "requeued", "status"),
+    [("SIGUSR1", False, True, 0), ("SIGTERM", False, False, 75), ("SIGUSR1", True, False, 1)],
+)
+def test_sbatch_forwards_the_warning_and_requeues_after_the_save(
+    tmp_path, signal_name, crash, requeued, status
+):
+    """--signal's USR1 to the batch shell reaches every rank as SIGTERM (fake srun -> the real
+    torchrun -> a stub app); the job is requeued once every rank has exited and only when the
+    run folder says `stopped` after a warning; scancel/preemption's SIGTERM never requeues."""
+    import signal
+    import time
+
+    (tmp_path / "moe_train").mkdir()
+    (tmp_path / "moe_train" / "__init__.py").write_text("")
+    (tmp_path / "moe_train" / "train.py").write_text(STUB_STOPPABLE)
+    out = tmp_path / "out"
+    out.mkdir()
+    run_dir = tmp_path / "runs" / "moe-1234"
+    run_dir.mkdir(parents=True)
+    (run_dir / "stopped").write_text("step=3 reason=SIGTERM\n")  # an earlier attempt's
+    env = slurm_env(
+        tmp_path, FAKE_SRUN_EXEC="1", GPUS_PER_NODE="1", RDZV_HOST="127.0.0.1",
+        RDZV_PORT=str(free_port()), PYTHON=sys.executable, STUB_OUT=str(out), PYTHONPATH="",
+        **({"STUB_CRASH": "1"} if crash else {}),
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        ["bash", str(SBATCH), "router=sam"], env=env, cwd=tmp_path, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not all((out / f"ready{i}").exists() for i in range(2)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(getattr(signal, signal_name))
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == status, stdout + stderr
+    for i in range(2):  # every rank was asked to stop by SIGTERM (and not killed before exit)
+        assert (out / f"exited{i}").read_text() == f"[{int(signal.SIGTERM)}]"
+    scontrol = (tmp_path / "scontrol.argv").read_text().split("\0")[:-1]
+    assert (scontrol[3:] == ["requeue", "1234"]) == requeued, scontrol
+    if requeued:  # after both ranks had exited
+        assert {"exited0", "exited1"} <= set((tmp_path / "at_requeue").read_text().split())
+    assert ("stopped to be resumed" in stdout) == (not crash), stdout

@@ -82,7 +82,7 @@ def test_logger_records_step_time_tokens_per_s_and_mfu(tmp_path, capsys, monkeyp
     assert r["tokens_per_s"] == pytest.approx(4 * SEQ_LEN * 1e3 / r["step_ms"])
     flops = model_flops_per_token(cfg.model, cfg.router)  # the planner's
     assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / 2e12)
-    assert "step 2: train loss" in capsys.readouterr().out
+    assert "step=2/2 val_loss=3.2500" in capsys.readouterr().out
     assert logger.elapsed() > 0
     monkeypatch.undo()
     no_peak = TrainLogger(logger_cfg(tmp_path / "cpu", 1, 1), ParallelState(ParallelConfig()), 0)

@@ -84,7 +84,8 @@ def test_dropped_tokens_and_zero_token_ranks_are_covered(two, four):
 
 
 def test_bytes_sam_k2_equal_switch_top1(two):
-    """SAM sends each token to ONE rank whatever k: its token payload equals Switch top-1's."""
+    """SAM and group-limited topk (topk_groups=1, a group per rank) send each token to ONE rank
+    whatever k: their token payload equals Switch top-1's."""
     for r in two:
         b = r["bytes"]
         tokens = 8 // 2 * SEQ
@@ -94,6 +95,9 @@ def test_bytes_sam_k2_equal_switch_top1(two):
             b["sam"]["stat_dispatch_bytes"] == b["switch"]["stat_dispatch_bytes"] == tokens * D * 4
         )
         assert b["sam"]["stat_slots"] == 2 * b["switch"]["stat_slots"]
+        # group-limited topk, topk_groups=1 of one group per rank: one destination rank too
+        assert b["topk_groups"]["stat_dispatch_rows"] == tokens
+        assert b["topk_groups"]["stat_slots"] == 2 * b["switch"]["stat_slots"]
     # top-2 without grouping sends some tokens to two ranks
     assert sum(r["bytes"]["topk"]["stat_dispatch_rows"] for r in two) > 2 * 8 // 2 * SEQ
 

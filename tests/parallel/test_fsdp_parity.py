@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from moe_train.metrics import read_metrics
-from tests.helpers.cli_runs import STEPS, run
+from tests.helpers.cli_runs import MODERN_ROUTING, STEPS, bias_curve, run
 
 pytestmark = pytest.mark.distributed
 
@@ -20,7 +20,11 @@ CASES = {
         ["router=switch"],
         ["parallel.ep=2", "trainer.activation_checkpointing=full"],
     ),
-    "topk-ckpt_moe": (["router=topk"], ["parallel.ep=2", "trainer.activation_checkpointing=moe"]),
+    # every current-generation option, its bias counted once under recompute
+    "topk-ckpt_moe": (
+        ["router=topk", *MODERN_ROUTING],
+        ["parallel.ep=2", "trainer.activation_checkpointing=moe"],
+    ),
     "prototype-accum": (["router=prototype"], ["parallel.ep=2", "trainer.micro_batch_size=1"]),
     "sam": (
         ["router=sam", "model.num_experts=8", "router.num_groups=4"],
@@ -49,6 +53,9 @@ def test_fsdp_on_four_ranks_reproduces_the_single_process_loss_curve(
     assert single[-1] < single[0]  # it trains
     for step, (a, b) in enumerate(zip(single, multi), start=1):
         assert b == pytest.approx(a, rel=1e-4), f"step {step}: 1 process {a}, 4 ranks {b}"
+    single_bias = bias_curve(single_process_curve.run_dir(single_overrides))
+    for step, (a, b) in enumerate(zip(single_bias, bias_curve(tmp_path / "multi")), start=1):
+        assert b == pytest.approx(a, abs=1e-6), f"step {step}: bias {a} on 1 process, {b}"
     # Adam and Adafactor hardly see a constant factor on the gradients (and clipping hides a
     # uniform one), the norm does: FSDP on torch 2.7's gloo summed where it should average
     single_norms = _grad_norms(single_process_curve.run_dir(single_overrides))

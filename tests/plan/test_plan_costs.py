@@ -113,10 +113,12 @@ def test_a2a_sam_one_copy_topk_distinct_ranks() -> None:
     cfg = train_cfg(model=model, router=r, parallel={"ep": 8}, trainer=trainer)
     tokens, remote = 32, 7 / 8
     # 4 row transfers (dispatch+combine, fwd+bwd) of d*2 bytes + 16 B metadata per remote slot
+    # (12 B packed (row, expert, weight) forward, 4 B weight gradient backward)
     per_layer = 4 * tokens * remote * 16 * 2 + tokens * remote * (12 + 4)
     assert a2a(pc, cfg, c)["bytes_per_gpu_per_step"] == pytest.approx(per_layer * 1 * 3)
     full = replace(cfg, trainer=replace(cfg.trainer, activation_checkpointing="full"))
     ck = a2a(pc, full, c)["bytes_per_gpu_per_step"]
+    # full recompute sends the forward's metadata twice
     assert ck == pytest.approx((6 * tokens * remote * 32 + tokens * remote * (24 + 4)) * 3)
 
 

@@ -29,8 +29,9 @@ ROUTERS = [
         SMALL,
         replace(SMALL, activation="swiglu", tie_embeddings=False, moe_every=1),
         replace(SMALL, expert_d_ff=40, moe_every=3),
+        replace(SMALL, activation="swiglu", shared_experts=2, shared_d_ff=24, shared_gate=True),
     ],
-    ids=["gelu", "swiglu-untied-all-moe", "expert_d_ff"],
+    ids=["gelu", "swiglu-untied-all-moe", "expert_d_ff", "shared-experts"],
 )
 def test_count_equals_module_exactly(model: ModelConfig, router: RouterConfig) -> None:
     torch.manual_seed(0)
@@ -70,3 +71,21 @@ def test_bad_architecture_and_encoder_layers_are_named() -> None:
         count_params(SMALL, RouterConfig(), "encoder_only")
     with pytest.raises(ValueError, match=r"plan\.encoder_decoder\.encoder_layers"):
         count_params(SMALL, RouterConfig(), "encoder_decoder", EncDecConfig(encoder_layers=3))
+
+
+def test_state_bytes_count_the_balancing_bias_as_the_planner_does() -> None:
+    from moe_train.config import TrainConfig
+    from moe_train.parallel.memory import buffer_bytes, state_bytes
+    from moe_train.plan import ClusterConfig, PlanOptions, make_plan
+
+    cfg = TrainConfig(model=replace(SMALL, moe_every=1))
+    cfg.router = RouterConfig(kind="topk", bias_update_rate=1e-3)
+    module = MoETransformer(replace(cfg.model), replace(cfg.router))
+    E, L = SMALL.num_experts, SMALL.n_layers
+    assert buffer_bytes(module) == 4 * E * L  # one fp32 [E] bias per MoE layer
+    optimizer = torch.optim.AdamW(module.parameters())
+    assert state_bytes(module, optimizer)["buffers"] == 4 * E * L
+    plan = make_plan(cfg, ClusterConfig(world_size=1), PlanOptions(compare_routers=False))
+    cfg.router = RouterConfig(kind="topk")
+    without = make_plan(cfg, ClusterConfig(world_size=1), PlanOptions(compare_routers=False))
+    assert plan["state_bytes_per_gpu"] - without["state_bytes_per_gpu"] == 4 * E * L

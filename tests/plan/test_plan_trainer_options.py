@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from moe_train.config import CONFIG_DIR, OptimConfig, TrainConfig, TrainerConfig, register_configs
+from moe_train.data import DataConfig, MixSource
 from moe_train.parallel import ParallelConfig
 from moe_train.plan import (
     NO_COST,
@@ -77,7 +78,21 @@ PLANNED_CHANGES: dict[str, tuple[dict[str, Any], Any]] = {
     "trainer.activation_checkpointing": ({}, "full"),
     "optim.name": ({}, "adafactor"),
 }
-SECTIONS = {"parallel": ParallelConfig, "trainer": TrainerConfig, "optim": OptimConfig}
+SECTIONS = {
+    "parallel": ParallelConfig, "trainer": TrainerConfig, "optim": OptimConfig, "data": DataConfig,
+}  # fmt: skip
+# valid other values of the fields whose type alone does not give one
+OTHER_VALUES: dict[str, Any] = {
+    "optim.impl": "apex",
+    "trainer.compile": "blocks",
+    "data.dir": "data/elsewhere",
+    "data.mix": [MixSource(path="data/web")],
+    "data.sampling": "epoch",
+    "data.cache_dir": "cache/elsewhere",
+    "trainer.stop_signals": ["SIGUSR1"],
+    "trainer.time_limit": "3h50m",
+    "trainer.stall_timeout_s": 600.0,
+}
 
 
 def _with(cfg: TrainConfig, changes: dict[str, Any]) -> TrainConfig:
@@ -99,9 +114,11 @@ def _other_value(cfg: TrainConfig, key: str) -> Any:
         return value / 2  # inside every range the trainer checks (betas, ratios, timeouts)
     if isinstance(value, int):
         return value + 1
+    if key in OTHER_VALUES:
+        return OTHER_VALUES[key]
     if value is None:
         return 2
-    return {"optim.impl": "apex", "trainer.compile": "blocks"}.get(key, value + "-other")
+    return value + "-other"
 
 
 def _numbers(plan: dict[str, Any]) -> dict[str, Any]:
@@ -114,7 +131,7 @@ def _base() -> TrainConfig:
 
 
 def test_every_trainer_field_is_planned_or_listed_as_not_costing() -> None:
-    """A new field of ParallelConfig, TrainerConfig or OptimConfig fails here until it is placed
+    """A new field of ParallelConfig, TrainerConfig, OptimConfig or DataConfig fails here until it is placed
     in moe_train.plan.options: PLANNED (the plan reads it), NO_COST or NOT_MODELLED."""
     planned = {f"{g}.{n}" for g, names in PLANNED.items() for n in names}
     listed = [*planned, *NO_COST, *NOT_MODELLED]

@@ -30,7 +30,10 @@ def _small():
     node = OmegaConf.load("configs/model/small.yaml")
     node.vocab_size = 256  # the yaml's null means "the data's"; this test builds without data
     model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))
-    return TrainConfig(model=model)
+    model.shared_experts, model.shared_gate = 1, True  # dense shared experts, FSDP-sharded
+    cfg = TrainConfig(model=model)
+    cfg.router.kind, cfg.router.bias_update_rate = "topk", 1e-3  # + the balancing bias buffer
+    return cfg
 
 
 def _measure(rank: int, world: int) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from moe_train.model import LEGACY_OVERRIDES
-from tests.helpers.cli_runs import STEPS, run
+from tests.helpers.cli_runs import MODERN_ROUTING, STEPS, bias_curve, run
 
 pytestmark = pytest.mark.distributed
 
@@ -26,7 +26,8 @@ CASES = {
     "tree": ["parallel.ep=1"],
     # gradient accumulation (2 micro-steps per rank) with DDP's no_sync, and the non-overlapped sync
     "switch-accum": ["parallel.ep=2", "trainer.micro_batch_size=1"],
-    "topk-no-overlap": ["parallel.ep=2", "parallel.overlap_grad_sync=false"],
+    # with every current-generation option (sigmoid, bias, groups, route_scale, shared expert)
+    "topk-no-overlap": ["parallel.ep=2", "parallel.overlap_grad_sync=false", *MODERN_ROUTING],
     # Adafactor on replicated (not sharded) parameters: per-expert statistics, any ep
     "switch-adafactor": ["parallel.ep=2", "optim=adafactor"],
     # the GPT-2 body (LayerNorm, learned positions, GELU, MHA); every other case: the modern one
@@ -44,3 +45,12 @@ def test_four_ranks_reproduce_the_single_process_loss_curve(tmp_path, single_pro
     assert single[-1] < single[0]  # it trains
     for step, (a, b) in enumerate(zip(single, multi), start=1):
         assert b == pytest.approx(a, rel=1e-4), f"step {step}: 1 process {a}, 4 ranks {b}"
+    _same_biases(single_process_curve.run_dir(single_overrides), tmp_path / "multi")
+
+
+def _same_biases(single_dir, multi_dir) -> None:
+    """The aux-loss-free biases (logged min/max per layer) agree step by step, where there are."""
+    single, multi = bias_curve(single_dir), bias_curve(multi_dir)
+    assert len(single) == len(multi)
+    for step, (a, b) in enumerate(zip(single, multi), start=1):
+        assert b == pytest.approx(a, abs=1e-6), f"step {step}: bias {a} on 1 process, {b}"

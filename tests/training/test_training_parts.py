@@ -54,7 +54,7 @@ def test_batch_plan_splits_the_global_batch_over_ranks_and_micro_batches(tokens)
     pieces = []
     for rank in range(2):
         plan = BatchPlan(5, 8, SEQ_LEN, 2, 2, rank, 2, torch.device("cpu"))
-        for x, y, offset in plan.micro_batches(tokens, 3):
+        for x, y, offset, _ in plan.micro_batches(tokens, 3):
             assert x.shape == y.shape == (2, SEQ_LEN) and offset == len(pieces) * 2 * SEQ_LEN
             pieces.append(x)
     assert torch.equal(torch.cat(pieces), whole)

@@ -1,0 +1,8 @@
+"""Hugging Face interchange: export to stock transformers classes (export.py), import a
+Hugging Face folder into a run (load.py), both through one checked bijection of tensors
+(conversion.py) built from the configs by each class's entry in arch.FAMILIES."""
+
+from .arch import FAMILIES, HFExportError, choose
+from .conversion import Conversion, ConversionError, Ref
+
+__all__ = ["FAMILIES", "Conversion", "ConversionError", "HFExportError", "Ref", "choose"]

@@ -1,0 +1,48 @@
+"""Tiny models of every supported Hugging Face family, shared by the hf tests."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import torch
+
+from moe_train.model import ModelConfig, MoETransformer
+from moe_train.routing import RouterConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BASE = ModelConfig(
+    vocab_size=256, seq_len=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=12,
+    d_ff=48, expert_d_ff=24, num_experts=4, moe_every=1, rope_theta=5000.0, norm_eps=1e-6,
+    tie_embeddings=False,
+)  # fmt: skip
+TOPK = RouterConfig(kind="topk", top_k=2)
+SWITCH = RouterConfig(kind="switch")
+
+# family -> (model config, router config) that it holds, each exercising what it adds
+CASES = {
+    "mixtral": (BASE, TOPK),
+    "qwen3_moe": (replace(BASE, qk_norm="head", moe_every=2, n_layers=3, first_dense=1), SWITCH),
+    "qwen2_moe": (replace(BASE, tie_embeddings=True), SWITCH),
+}
+
+
+def perturbed(model: MoETransformer, seed: int = 0) -> MoETransformer:
+    """Weights moved away from the init's ones (norms) and small values, so a mis-mapped tensor
+    changes the logits clearly."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def tiny_model(family: str, seed: int = 0) -> MoETransformer:
+    cfg, router = CASES[family]
+    torch.manual_seed(seed)
+    return perturbed(MoETransformer(cfg, router, seed=seed), seed)
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
