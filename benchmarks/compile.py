@@ -77,6 +77,7 @@ def build(name: str, a: argparse.Namespace, compiled: bool):
 
 def step(model, opt, cfg, a: argparse.Namespace, i: int) -> tuple[float, float]:
     """One training step on the batch of step i: (seconds, loss)."""
+    from moe_train.ops.hashing import mix_seed
     from moe_train.routing import RouteKey
 
     g = torch.Generator().manual_seed(i)
@@ -85,10 +86,11 @@ def step(model, opt, cfg, a: argparse.Namespace, i: int) -> tuple[float, float]:
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    # one route key for every step: a new seed is a new constant to dynamo and recompiles the
-    # blocks (the known gap in moe_train/parallel/compile.py); this measures the compiled code
+    # a new noise seed and token offset every step, as the train step makes them: the compiled
+    # blocks take the seed as a tensor (no recompile), the offset as a dynamic size (one)
+    key = RouteKey(mix_seed(7, i), i * tokens.shape[0] * cfg.seq_len)
     with torch.autocast(a.device, dtype=torch.bfloat16, enabled=a.bf16):
-        logits, aux = model(tokens[:, :-1], RouteKey(7))
+        logits, aux = model(tokens[:, :-1], key)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)) + aux
     loss.backward()
     opt.step()

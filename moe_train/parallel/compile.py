@@ -13,11 +13,14 @@ as one opaque op (experts.grouped.loop_ffn_op), data-dependent sizes (kept slots
 break: tests/model/test_compile.py). At ep > 1 each all-to-all hop reads
 its split sizes on the host (all_to_all_single takes Python ints), so dynamo breaks the graph
 there (see docs/RESULTS.md for the count); the pieces between the breaks are still compiled.
-Known gap: the route key's seed (a Python int, new every step) is hashed on the host inside the
-MoE layer (ops.hashing.mix_seed), so dynamo guards on its value and recompiles each block every
-step until its recompile limit, then runs it eager. The fix is to carry the noise seeds into the
-graph as tensors (routing/ and ops/hashing), not done yet. Compilation happens lazily, at the first forward; the generator (moe_train.inference) builds its
-own eager model.
+The router noise's seed changes every step and differs per layer: as a Python int it would be a
+constant to dynamo, guarded, a recompile per step and per layer. So the model mixes each MoE
+layer's key on the host, outside the blocks, and hands the block its seed as a 0-d int64 tensor
+(`RouteKey.for_compiled_layer`); inside, the seed is hashed with torch ops (ops.hashing: the same
+bits as the host hash) and the jitter runs as the torch reference, which inductor fuses. The
+token offset (an int, new every step) makes one recompile with a dynamic size, then none
+(tests/model/test_compile.py counts them). Compilation happens lazily, at the first forward; the
+generator (moe_train.inference) builds its own eager model.
 """
 
 from __future__ import annotations
@@ -40,5 +43,7 @@ def compile_blocks(model: nn.Module, mode: str) -> None:
         return
     for key, value in DYNAMO_CONFIG.items():  # process-wide: read when the blocks are traced
         setattr(torch._dynamo.config, key, value)
+    if hasattr(model, "seeds_as_tensors"):  # MoETransformer: layer keys mixed outside the blocks
+        setattr(model, "seeds_as_tensors", True)  # noqa: B010 (an nn.Module attribute)
     for block in getattr(model, "blocks", []):
         block.compile()

@@ -9,8 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from moe_train.model import ModelConfig, MoETransformer
+from moe_train.ops.hashing import mix_seed
 from moe_train.parallel import ParallelConfig, ParallelDims, ProcessGroups, parallelize
 from moe_train.parallel.compile import COMPILE_MODES, DYNAMO_CONFIG, compile_blocks
 from moe_train.routing import RouteKey, RouterConfig
@@ -46,9 +48,9 @@ def test_the_moe_block_compiles_without_a_graph_break(router):
     assert explained.graph_count == 1
 
 
-def _curve(compiled: bool, steps: int = 3) -> tuple[list[float], MoETransformer]:
+def _curve(compiled: bool, router: RouterConfig, steps: int = 4) -> tuple[list[float], nn.Module]:
     torch.manual_seed(0)
-    model = MoETransformer(tiny(2), RouterConfig(kind="switch", capacity_factor=1.25), seed=0)
+    model = MoETransformer(tiny(3), router, seed=0)
     parallelize(
         model, ParallelDims(), ProcessGroups(), ParallelConfig(),
         compile="blocks" if compiled else "none",
@@ -58,9 +60,8 @@ def _curve(compiled: bool, steps: int = 3) -> tuple[list[float], MoETransformer]
     for step in range(steps):
         g = torch.Generator().manual_seed(step)
         tok = torch.randint(0, 64, (4, 17), generator=g)
-        # one key for every step: a new seed is a new constant to dynamo, hence a recompile
-        # (moe_train/parallel/compile.py says so)
-        logits, aux = model(tok[:, :-1], RouteKey(7))
+        # a new noise seed and token offset every step, as the train step makes them
+        logits, aux = model(tok[:, :-1], RouteKey(mix_seed(7, step), step * 64))
         loss = F.cross_entropy(logits.reshape(-1, 64), tok[:, 1:].reshape(-1)) + aux
         loss.backward()
         opt.step()
@@ -69,11 +70,28 @@ def _curve(compiled: bool, steps: int = 3) -> tuple[list[float], MoETransformer]
     return losses, model
 
 
-def test_compiled_blocks_train_the_eager_loss_curve_and_keep_the_checkpoint_keys():
-    eager, eager_model = _curve(False)
-    compiled, compiled_model = _curve(True)
+@pytest.mark.parametrize(
+    "router",
+    [
+        RouterConfig(kind="switch", capacity_factor=1.25),  # jitter (the switch default)
+        RouterConfig(kind="topk", top_k=2, capacity_factor=1.5, random_routing=True),
+    ],
+    ids=["switch-jitter", "topk-random-routing"],
+)
+def test_compiled_blocks_train_the_eager_loss_curve_and_keep_the_checkpoint_keys(router):
+    """Three MoE layers, four steps, each step its own seed and offset: the noise (jitter, GShard's
+    random second expert) is the eager model's, and dynamo compiles the block twice in all (the
+    static first call, then the token offset as a dynamic size), not once per layer or step."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    eager, eager_model = _curve(False, router)
+    dynamo.reset()
+    counters.clear()
+    compiled, compiled_model = _curve(True, router)
     for step, (a, b) in enumerate(zip(eager, compiled)):
         assert b == pytest.approx(a, rel=1e-4), f"step {step}: eager {a}, compiled {b}"
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
     assert list(compiled_model.state_dict()) == list(eager_model.state_dict())
     assert not any("_orig_mod" in k for k in compiled_model.state_dict())
     # and the weights load across: compiled -> eager gives the same function
