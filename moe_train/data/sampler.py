@@ -232,15 +232,25 @@ def val_batches(
     seq_len; windows never overlap and only full batches are used. Yields x, y: int64
     [sample_count, seq_len], the slice [sample_start, sample_start + sample_count) of each batch
     (default: the whole batch). Same batches on every rank, whatever the rank count."""
+    data = _stream(tokens)
+    for offsets in _val_offsets(
+        tokens, seq_len, batch_size, max_batches, sample_start, sample_count
+    ):
+        yield _windows([data], np.zeros(len(offsets), dtype=np.int64), offsets, seq_len)
+
+
+def _val_offsets(
+    tokens: Tokens, seq_len: int, batch_size: int, max_batches: int | None,
+    sample_start: int, sample_count: int | None,
+) -> Iterator[np.ndarray]:  # fmt: skip
+    """The first token of each window of each validation batch ([sample_count] int64 per batch),
+    as val_batches and val_positions read them."""
     n = num_val_batches(tokens, seq_len, batch_size, max_batches)
     count = batch_size - sample_start if sample_count is None else sample_count
     _check_slice(sample_start, count, batch_size)
-    data = _stream(tokens)
-    src = np.zeros(count, dtype=np.int64)
     for b in range(n):
         first = b * batch_size + sample_start
-        offsets = np.arange(first, first + count, dtype=np.int64) * seq_len
-        yield _windows([data], src, offsets, seq_len)
+        yield np.arange(first, first + count, dtype=np.int64) * seq_len
 
 
 def val_positions(
@@ -253,11 +263,9 @@ def val_positions(
 ) -> Iterator[torch.Tensor]:
     """The document positions ([sample_count, seq_len] int64, restarting at 0 at each document
     start) of the windows `val_batches` yields with the same arguments, batch by batch."""
-    n = num_val_batches(tokens, seq_len, batch_size, max_batches)
-    count = batch_size - sample_start if sample_count is None else sample_count
-    _check_slice(sample_start, count, batch_size)
     data = _stream(tokens)
-    for b in range(n):
-        first = b * batch_size + sample_start
-        starts = [data.document_starts((first + r) * seq_len, seq_len) for r in range(count)]
+    for offsets in _val_offsets(
+        tokens, seq_len, batch_size, max_batches, sample_start, sample_count
+    ):
+        starts = [data.document_starts(int(o), seq_len) for o in offsets]
         yield window_positions(starts, seq_len)

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.distributed
 # sync run sharded in test_fsdp_parity (the routing is the same code in both).
 CASES = {
     "switch": ["parallel.ep=2"],
-    "sam": ["parallel.ep=2", "model.num_experts=8", "router.num_groups=4"],
+    # (seed 1: the default seed meets a routing near-tie at step 19, 1.1e-4 apart, on CI)
+    "sam": ["parallel.ep=2", "model.num_experts=8", "router.num_groups=4", "seed=1"],
     "expert_choice": ["parallel.ep=2"],
     "tree": ["parallel.ep=1"],
     # gradient accumulation (2 micro-steps per rank) with DDP's no_sync, and the non-overlapped sync
