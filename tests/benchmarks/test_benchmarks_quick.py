@@ -94,7 +94,7 @@ def test_quick_runs_do_not_overwrite_the_committed_results():
     assert common.parse_args(p, []).out == RESULTS_DIR
     assert common.parse_args(p, ["--quick", "--out", "x"]).out == Path("x")
     scripts = sorted(BENCH.glob("[!_]*.py"))
-    assert len(scripts) == 9, scripts
+    assert len(scripts) == 10, scripts
     for script in scripts:  # each takes --quick/--out from the one helper, none its own
         source = script.read_text()
         assert "add_output_args(" in source and " = parse_args(" in source, script.name
