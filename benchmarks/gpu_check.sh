@@ -15,8 +15,13 @@
 #   3. benchmarks/moe_layer.py --device cuda: coarse and fine presets, grouped vs loop vs dense
 #   4. benchmarks/dispatch_combine.py --device cuda: GB/s vs a device-to-device copy
 #   5. benchmarks/gpu_train.py: ~1.1B-parameter MoE LM, 100 steps, tokens/s and MFU
+#   6. benchmarks/compile.py --device cuda --bf16: the `base` model eager vs trainer.compile=blocks
+#      (tokens/s, compile time, loss agreement)
+#   7. benchmarks/scaling.py --quick: the all-to-all overlap off vs on, 2 processes, ep = 2 (gloo on
+#      the machine's CPU cores: one GPU cannot host an NCCL all-to-all between two ranks)
 # Writes to $OUT (default benchmarks/results/gpu_check): gpu_check.log, pytest.xml,
-# moe_layer_cuda.json, dispatch_combine_cuda.json, gpu_train.json, summary.json. A failed step
+# moe_layer_cuda.json, dispatch_combine_cuda.json, gpu_train.json, compile_cuda.json,
+# scaling.json, summary.json. A failed step
 # is recorded and the later steps still run; the exit status is the number of failed steps.
 #
 # GPU_CHECK_DRY=1 runs every step on the CPU with tiny sizes (--device cpu --quick, the GPU tests
@@ -95,13 +100,21 @@ fi
 step dispatch_combine 120 "$py" benchmarks/dispatch_combine.py --device "$dev" "${quick[@]}" \
   --out "$OUT"
 step gpu_train 240 "$py" benchmarks/gpu_train.py "${train_args[@]}" --out "$OUT"
+if [ "$dry" = "1" ]; then
+  step compile 300 "$py" benchmarks/compile.py --device cpu --quick --out "$OUT"
+else
+  step compile 150 "$py" benchmarks/compile.py --device cuda --bf16 --models base --batch 8 \
+    --steps 10 --warmup 3 --out "$OUT"
+fi
+step overlap 120 "$py" benchmarks/scaling.py --quick --procs 1 2 --out "$OUT"
 
 "$py" - "$OUT" "${failed[@]}" <<'EOF' 2>&1 | tee -a "$log"
 import json, sys, pathlib
 
 out, failed = pathlib.Path(sys.argv[1]), sys.argv[2:]
 summary = {"failed_steps": failed}
-for name in ("moe_layer_cuda", "moe_layer", "dispatch_combine_cuda", "dispatch_combine", "gpu_train"):
+for name in ("moe_layer_cuda", "moe_layer", "dispatch_combine_cuda", "dispatch_combine", "gpu_train",
+             "compile_cuda", "compile", "scaling"):
     path = out / f"{name}.json"
     if path.exists():
         summary[name] = str(path.name)
@@ -110,6 +123,19 @@ if train.exists():
     t = json.loads(train.read_text())
     summary["train"] = {k: t.get(k) for k in ("tokens_per_s", "mfu", "step_ms", "params_total")}
     summary["device"] = t["machine"].get("gpu", "cpu")
+for name in ("compile_cuda", "compile"):
+    path = out / f"{name}.json"
+    if path.exists():
+        summary["compile"] = [
+            {k: r.get(k) for k in ("model", "speedup", "compile_s", "loss_max_rel_diff")}
+            for r in json.loads(path.read_text())["results"]
+        ]
+scaling = out / "scaling.json"
+if scaling.exists():
+    summary["overlap"] = [
+        {k: r.get(k) for k in ("processes", "overlap", "step_s", "a2a_s_per_step")}
+        for r in json.loads(scaling.read_text())["results"]
+    ]
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 print("summary:", json.dumps(summary))
 EOF

@@ -8,7 +8,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 python=${PYTHON:-python}
 out=${OUT:-$(mktemp -d -t moe_bench_quick.XXXXXX)}
 export PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}"
-for script in dispatch_combine moe_layer comm_volume quality scaling memory prepare document_mask; do
+for script in dispatch_combine moe_layer comm_volume quality scaling memory prepare document_mask compile; do
     echo "=== $script --quick"
     start=$SECONDS
     "$python" "$here/$script.py" --quick --out "$out"

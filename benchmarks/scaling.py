@@ -1,9 +1,16 @@
-"""Weak scaling of the training app: tokens/s at 1, 2 and 4 processes, same batch per rank.
+"""Weak scaling of the training app: tokens/s at 1, 2 and 4 processes, same batch per rank, with
+the overlap off and on side by side.
 
 Each size runs `moe_train.train.train` under torchrun (gloo, ep = processes, so the experts are
-split over the ranks and every MoE layer does a real all-to-all). Time inside
-`torch.distributed.all_to_all_single` (forward and backward, waiting included) is summed on every
-rank to give the all-to-all share of step time. On a 2-core machine 4 processes oversubscribe the
+split over the ranks and every MoE layer does a real all-to-all), once per overlap setting:
+- off: every chunk of rows goes through the all-to-all (its own too) and nothing overlaps it
+  (Dispatcher.overlap = False), expert gradients reduced after backward
+  (parallel.overlap_grad_sync=false);
+- on (the default): this rank's own rows skip the exchange and are computed while the others
+  travel (async all_to_all_single), expert and dense gradients reduced during backward.
+Exposed all-to-all time is the time rank 0 spends blocked in all-to-alls: inside a blocking
+`all_to_all_single`, or in `wait()` of an async one (the time it was in flight behind compute is
+not counted), forward and backward. On a 2-core machine 4 processes oversubscribe the
 cores (and 2 processes use them all), so the curve shows overheads, not a cluster's speed-up.
 
     python benchmarks/scaling.py               # 1, 2, 4 processes, small model, 40 steps
@@ -39,19 +46,31 @@ def worker(a: argparse.Namespace) -> None:
     from moe_train.train import train
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    from moe_train.dispatch import Dispatcher
+
     spent = {"s": 0.0, "calls": 0}
     real = dist.all_to_all_single
+
+    class TimedWork:  # an async call's handle: time only the wait (the exposed part)
+        def __init__(self, work):
+            self.work = work
+
+        def wait(self, *args, **kw):
+            t0 = time.perf_counter()
+            out = self.work.wait(*args, **kw)
+            spent["s"] += time.perf_counter() - t0
+            return out
 
     def timed(*args, **kw):
         t0 = time.perf_counter()
         work = real(*args, **kw)
-        if kw.get("async_op") and work is not None:
-            work.wait()
         spent["s"] += time.perf_counter() - t0
         spent["calls"] += 1
-        return work
+        return TimedWork(work) if kw.get("async_op") and work is not None else work
 
     dist.all_to_all_single = timed
+    on = a.overlap[-1] == "on"  # the worker gets one setting
+    Dispatcher.overlap = on
     if a.model == "tiny":
         model = ModelConfig(
             seq_len=64, d_model=64, n_layers=2, n_heads=4, d_ff=128, num_experts=4, moe_every=1
@@ -63,7 +82,7 @@ def worker(a: argparse.Namespace) -> None:
     cfg = TrainConfig(
         model=model,
         router=RouterConfig(kind=a.router, top_k=2, num_groups=max(world, 1)),
-        parallel=ParallelConfig(ep=world, backend="gloo"),
+        parallel=ParallelConfig(ep=world, backend="gloo", overlap_grad_sync=on),
         optim=OptimConfig(warmup_steps=5),
         trainer=TrainerConfig(
             max_steps=a.steps,
@@ -84,8 +103,8 @@ def worker(a: argparse.Namespace) -> None:
         Path(a.run_dir, "a2a.json").write_text(json.dumps(spent))
 
 
-def run_size(n: int, a: argparse.Namespace, tmp: Path) -> dict:
-    run_dir = tmp / f"np{n}"
+def run_size(n: int, a: argparse.Namespace, tmp: Path, overlap: str) -> dict:
+    run_dir = tmp / f"np{n}-{overlap}"
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(a.threads)  # per rank; launch/train.sh would give cores // n
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -109,6 +128,8 @@ def run_size(n: int, a: argparse.Namespace, tmp: Path) -> dict:
         a.router,
         "--log-every",
         str(a.log_every),
+        "--overlap",
+        overlap,
     ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -121,10 +142,11 @@ def run_size(n: int, a: argparse.Namespace, tmp: Path) -> dict:
     tok_s = statistics.median(tps)
     a2a = json.loads((run_dir / "a2a.json").read_text())
     step_s = a.per_rank * n * (128 if a.model == "small" else 64) / tok_s
-    a2a_per_step = a2a["s"] / a.steps  # rank 0's time in all_to_all_single per step
+    a2a_per_step = a2a["s"] / a.steps  # rank 0's exposed all-to-all time per step
     note = "" if proc.returncode == 0 else f"torchrun rc {proc.returncode} at exit"
     return {
         "processes": n,
+        "overlap": overlap,
         "tokens_per_s": tok_s,
         "tokens_per_s_per_rank": tok_s / n,
         "step_s": step_s,
@@ -144,6 +166,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--model", choices=["small", "tiny"], default="small")
     p.add_argument("--router", default="switch")
     p.add_argument("--log-every", type=int, default=5)
+    p.add_argument(
+        "--overlap",
+        nargs="+",
+        choices=["off", "on"],
+        default=["off", "on"],
+        help="overlap settings to run side by side (see above)",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -170,13 +199,15 @@ def main(argv: list[str] | None = None) -> dict | None:
     results = []
     with tempfile.TemporaryDirectory(prefix="moe_scaling_") as tmp:
         for n in a.procs:
-            r = run_size(n, a, Path(tmp))
-            results.append(r)
-            print(f"  {n} processes: {r['tokens_per_s']:,.0f} tokens/s", flush=True)
+            for overlap in a.overlap if n > 1 else a.overlap[-1:]:
+                r = run_size(n, a, Path(tmp), overlap)
+                results.append(r)
+                print(f"  {n} processes, overlap {overlap}: {r['tokens_per_s']:,.0f} tokens/s")
     base = results[0]["tokens_per_s_per_rank"]
     rows = [
         [
             r["processes"],
+            r["overlap"] if r["processes"] > 1 else "-",
             f"{r['tokens_per_s']:,.0f}",
             f"{r['tokens_per_s_per_rank']:,.0f}",
             f"{r['tokens_per_s_per_rank'] / base:.2f}",
@@ -195,12 +226,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     print_table(
         [
             "processes",
+            "overlap",
             "tokens/s",
             "tokens/s per rank",
             "weak-scaling efficiency",
             "step ms",
-            "all-to-all ms/step (rank 0)",
-            "all-to-all share",
+            "exposed all-to-all ms/step (rank 0)",
+            "exposed all-to-all share",
             "note",
         ],
         rows,

@@ -26,6 +26,7 @@ OPTIMIZERS = ("adamw", "adafactor")
 ENGINES = ("native", "deepspeed")
 ZERO_STAGES = (0, 1, 2)
 CHECKPOINTING = ("none", "moe", "full")  # moe_train.parallel.recompute.MODES
+COMPILE = ("none", "blocks")  # moe_train.parallel.compile.COMPILE_MODES
 
 
 @dataclass
@@ -92,6 +93,8 @@ class TrainerConfig:
     zero_stage: int = 1  # deepspeed engine only: ZeRO stage (0, 1, 2; 1 or 2 with parallel.ep > 1)
     # none | moe (recompute the expert FFNs) | full (recompute every block); non-reentrant
     activation_checkpointing: str = "none"
+    # none (eager) | blocks (torch.compile each Transformer block, as torchtitan; native engine)
+    compile: str = "none"
     log_every: int = 10  # steps between metrics records (metrics.jsonl, the progress bar)
     eval_every: int = 200  # steps between validation losses (and at the last step)
     eval_batches: int = 8  # validation batches of global_batch_size windows; 0 = no validation
@@ -129,6 +132,12 @@ class TrainerConfig:
         one_of(self, "trainer", "engine", ENGINES)
         one_of(self, "trainer", "zero_stage", ZERO_STAGES)
         one_of(self, "trainer", "activation_checkpointing", CHECKPOINTING)
+        one_of(self, "trainer", "compile", COMPILE)
+        if self.compile != "none" and self.engine != "native":
+            raise ValueError(
+                f"trainer.compile={self.compile} compiles the native engine's blocks; with "
+                f"trainer.engine={self.engine} set trainer.compile=none"
+            )
         at_least(self, "trainer", 1, "max_steps", "global_batch_size", "log_every", "eval_every")
         at_least(self, "trainer", 1, "ckpt_every", "keep_checkpoints")
         at_least(self, "trainer", 0, "eval_batches")

@@ -89,7 +89,8 @@ class MoELayer(nn.Module):
 
         Routing groups default to the sequence length T for 3-D input. route_key (the caller's,
         e.g. the train step's) keys the layout-invariant router noise; this layer mixes in its
-        layer id. Without one, training noise is fresh and eval has none (Router.forward).
+        layer id (unless the key is `layered`: the model mixed it in for a compiled block).
+        Without one, training noise is fresh and eval has none (Router.forward).
         """
         shape = x.shape
         if x.dim() == 3 and group_size is None:

@@ -105,6 +105,10 @@ class Dispatcher:
     slots this rank's experts computed.
     """
 
+    # this rank's own slots skip the exchange and overlap it (False: every chunk goes through the
+    # exchange and nothing overlaps it; benchmarks/scaling.py's "before")
+    overlap: bool = True
+
     def __init__(self, num_experts: int, shard: ExpertShard | None = None):
         self.num_experts = num_experts
         self.shard = shard or ExpertShard()
@@ -212,14 +216,15 @@ class Dispatcher:
         n, me = dist.get_world_size(hop.group), hop.me
         plan = plan_send(slots.token, slots.expert, T, hop.experts_per_dest, n)
         counts = torch.stack([plan.row_splits, plan.slot_splits], 1)  # [n, 2] rows, slots
+        own_local = hop.own_local and self.overlap
         to_peers = counts.clone()
-        if hop.own_local:
+        if own_local:
             to_peers[me] = 0  # mine stay here
         recv_counts = exchange_counts(to_peers, hop.group)  # [n, 2] from each source
         full = read_splits(counts, recv_counts)  # the hop's one device-to-host read
         splits = full
         r0 = r1 = s0 = s1 = 0  # my own chunk of rows and slots (empty: it travels too)
-        if hop.own_local:
+        if own_local:
             splits = replace(
                 full,
                 send_rows=[0 if i == me else c for i, c in enumerate(full.send_rows)],
@@ -245,7 +250,7 @@ class Dispatcher:
 
         # my own experts on my own slots, while the rows travel
         own = None
-        if hop.own_local:
+        if own_local:
             mine = slots_of_rank(slots, plan.slot_order[s0:s1], plan.slot_local_expert[s0:s1])
             own = inner(x, mine)  # [T, d]
 

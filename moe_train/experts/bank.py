@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..parallel.placement import mark_expert
-from .grouped import activate, grouped_ffn, loop_ffn, pick_backend
+from .grouped import activate, grouped_ffn, loop_ffn, loop_ffn_op, pick_backend
 
 ACTIVATIONS = ("gelu", "swiglu")
 
@@ -90,6 +90,9 @@ class ExpertBank(nn.Module):
         if torch.is_autocast_enabled(dev):
             x = x.to(torch.get_autocast_dtype(dev))
         w_in, w_out = self.w_in.to(x.dtype), self.w_out.to(x.dtype)
+        if torch.compiler.is_compiling():  # no branch on the (data-dependent) row count
+            with torch.autocast(dev, enabled=False):
+                return self._traced(x, w_in, w_out, counts)
         if x.shape[0] == 0:
             # Stay in the graph of the weights (each gets a zero gradient) AND of x: FSDP runs a
             # bank's reduce-scatter when the gradient reaches its input; an output cut off from
@@ -106,6 +109,16 @@ class ExpertBank(nn.Module):
             if sum(host) != x.shape[0]:
                 raise ValueError(f"expert counts {host} do not add up to the {x.shape[0]} rows")
             return loop_ffn(x, w_in, w_out, host, self.activation)
+
+    def _traced(self, x: Tensor, w_in: Tensor, w_out: Tensor, counts: Tensor | list[int]) -> Tensor:
+        """Under torch.compile: the grouped GEMM where its fake kernel traces (CUDA bfloat16),
+        else the loop backend as one opaque op (loop_ffn_op): no graph break either way."""
+        if not isinstance(counts, Tensor):
+            counts = torch.tensor(counts)
+        if x.device.type == "cuda" and x.dtype == torch.bfloat16 and self.backend != "loop":
+            ends = counts.to(x.device).cumsum(0, dtype=torch.int32)
+            return grouped_ffn(x, w_in, w_out, ends, self.activation)
+        return loop_ffn_op(x, w_in, w_out, counts, self.activation)
 
     def _check_counts(self, x: Tensor, counts: Tensor | list[int]) -> None:
         """One count per local expert; host counts must add up to the rows (no sync for a

@@ -184,6 +184,51 @@ def _bounds(counts: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
+def _loop_forward(
+    x: Tensor, w_in: Tensor, w_out: Tensor, segs: list[tuple[int, int, int]], activation: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y [S, d], h [S, W], act [S, h]): every matmul into a slice of one preallocated output."""
+    h = x.new_empty(x.shape[0], w_in.shape[2])  # [S, W]
+    for e, a, b in segs:
+        torch.mm(x[a:b], w_in[e], out=h[a:b])
+    act = activate(h, activation)  # [S, h]
+    y = x.new_empty(x.shape[0], w_out.shape[2])  # [S, d]
+    for e, a, b in segs:
+        torch.mm(act[a:b], w_out[e], out=y[a:b])
+    return y, h, act
+
+
+def _loop_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    h: Tensor,
+    act: Tensor,
+    segs: list[tuple[int, int, int]],
+    activation: str,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of x, w_in, w_out (those `needs` asks for), written in place per segment."""
+    need_x, need_w_in, need_w_out = needs
+    grad_y = grad_y.contiguous()
+    grad_act = torch.empty_like(act)
+    grad_w_out = _zeros_where_empty(w_out, segs) if need_w_out else None
+    for e, a, b in segs:
+        torch.mm(grad_y[a:b], w_out[e].t(), out=grad_act[a:b])
+        if grad_w_out is not None:
+            torch.mm(act[a:b].t(), grad_y[a:b], out=grad_w_out[e])
+    grad_h = activate_backward(grad_act, h, activation)
+    grad_x = torch.empty_like(x) if need_x else None
+    grad_w_in = _zeros_where_empty(w_in, segs) if need_w_in else None
+    for e, a, b in segs:
+        if grad_x is not None:
+            torch.mm(grad_h[a:b], w_in[e].t(), out=grad_x[a:b])
+        if grad_w_in is not None:
+            torch.mm(x[a:b].t(), grad_h[a:b], out=grad_w_in[e])
+    return grad_x, grad_w_in, grad_w_out
+
+
 class _LoopFFN(torch.autograd.Function):
     """The loop backend with a hand-written backward: every matmul writes into a slice of one
     preallocated output, so neither direction concatenates segments or stacks weight grads."""
@@ -191,13 +236,7 @@ class _LoopFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w_in: Tensor, w_out: Tensor, counts: list[int], activation: str):
         segs = _bounds(counts)
-        h = x.new_empty(x.shape[0], w_in.shape[2])  # [S, W]
-        for e, a, b in segs:
-            torch.mm(x[a:b], w_in[e], out=h[a:b])
-        act = activate(h, activation)  # [S, h]
-        y = x.new_empty(x.shape[0], w_out.shape[2])  # [S, d]
-        for e, a, b in segs:
-            torch.mm(act[a:b], w_out[e], out=y[a:b])
+        y, h, act = _loop_forward(x, w_in, w_out, segs, activation)
         ctx.save_for_backward(x, w_in, w_out, h, act)
         ctx.segs, ctx.activation = segs, activation
         return y
@@ -205,24 +244,9 @@ class _LoopFFN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, w_in, w_out, h, act = ctx.saved_tensors
-        segs = ctx.segs
-        need_x, need_w_in, need_w_out = ctx.needs_input_grad[:3]
-        grad_y = grad_y.contiguous()
-        grad_act = torch.empty_like(act)
-        grad_w_out = _zeros_where_empty(w_out, segs) if need_w_out else None
-        for e, a, b in segs:
-            torch.mm(grad_y[a:b], w_out[e].t(), out=grad_act[a:b])
-            if grad_w_out is not None:
-                torch.mm(act[a:b].t(), grad_y[a:b], out=grad_w_out[e])
-        grad_h = activate_backward(grad_act, h, ctx.activation)
-        grad_x = torch.empty_like(x) if need_x else None
-        grad_w_in = _zeros_where_empty(w_in, segs) if need_w_in else None
-        for e, a, b in segs:
-            if grad_x is not None:
-                torch.mm(grad_h[a:b], w_in[e].t(), out=grad_x[a:b])
-            if grad_w_in is not None:
-                torch.mm(x[a:b].t(), grad_h[a:b], out=grad_w_in[e])
-        return grad_x, grad_w_in, grad_w_out, None, None
+        needs = tuple(ctx.needs_input_grad[:3])
+        grads = _loop_backward(grad_y, x, w_in, w_out, h, act, ctx.segs, ctx.activation, needs)
+        return (*grads, None, None)
 
 
 def _zeros_where_empty(w: Tensor, segs: list[tuple[int, int, int]]) -> Tensor:
@@ -238,3 +262,72 @@ def _zeros_where_empty(w: Tensor, segs: list[tuple[int, int, int]]) -> Tensor:
 def loop_ffn(x: Tensor, w_in: Tensor, w_out: Tensor, counts: list[int], activation: str) -> Tensor:
     """The loop backend: x [S, d] sorted by expert, counts [E] host ints -> [S, d]."""
     return _LoopFFN.apply(x, w_in, w_out, counts, activation)
+
+
+# ---- the loop backend as an opaque op, for torch.compile ---------------------------------------
+# Under torch.compile the loop's host-side counts would break the graph (and _grouped_mm's fake
+# kernel accepts bf16 only): the loop runs as one custom op whose fake kernel gives the shapes,
+# so dynamo traces straight through the expert bank; the op reads the counts inside, eagerly.
+
+
+@torch.library.custom_op("moe_train::expert_loop_ffn", mutates_args=())
+def _loop_ffn_op(
+    x: Tensor, w_in: Tensor, w_out: Tensor, counts: Tensor, activation: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y [S, d], h [S, W], act [S, h]) of the loop backend; h and act are kept for backward."""
+    segs = _bounds(counts.tolist())
+    return _loop_forward(x, w_in, w_out, segs, activation)
+
+
+@_loop_ffn_op.register_fake
+def _(x, w_in, w_out, counts, activation):
+    h = x.new_empty(x.shape[0], w_in.shape[2])
+    act = x.new_empty(x.shape[0], w_out.shape[1])
+    return x.new_empty(x.shape[0], w_out.shape[2]), h, act
+
+
+@torch.library.custom_op("moe_train::expert_loop_ffn_backward", mutates_args=())
+def _loop_ffn_backward_op(
+    grad_y: Tensor,
+    x: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    h: Tensor,
+    act: Tensor,
+    counts: Tensor,
+    activation: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    segs = _bounds(counts.tolist())
+    gx, gw_in, gw_out = _loop_backward(
+        grad_y, x, w_in, w_out, h, act, segs, activation, (True, True, True)
+    )
+    assert gx is not None and gw_in is not None and gw_out is not None  # all three asked for
+    return gx, gw_in, gw_out
+
+
+@_loop_ffn_backward_op.register_fake
+def _(grad_y, x, w_in, w_out, h, act, counts, activation):
+    return torch.empty_like(x), torch.empty_like(w_in), torch.empty_like(w_out)
+
+
+def _loop_op_setup(ctx, inputs, output) -> None:
+    x, w_in, w_out, counts, activation = inputs
+    _, h, act = output
+    ctx.save_for_backward(x, w_in, w_out, h, act, counts)
+    ctx.activation = activation
+
+
+def _loop_op_backward(ctx, grad_y, grad_h, grad_act):
+    x, w_in, w_out, h, act, counts = ctx.saved_tensors
+    gx, gw_in, gw_out = _loop_ffn_backward_op(
+        grad_y.contiguous(), x, w_in, w_out, h, act, counts, ctx.activation
+    )
+    return gx, gw_in, gw_out, None, None
+
+
+_loop_ffn_op.register_autograd(_loop_op_backward, setup_context=_loop_op_setup)
+
+
+def loop_ffn_op(x: Tensor, w_in: Tensor, w_out: Tensor, counts: Tensor, activation: str) -> Tensor:
+    """loop_ffn with the counts as a tensor, as one traceable op (torch.compile)."""
+    return _loop_ffn_op(x, w_in, w_out, counts, activation)[0]

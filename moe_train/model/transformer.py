@@ -140,6 +140,8 @@ class MoETransformer(nn.Module):
             if cfg.tie_embeddings:
                 self.head.weight = self.tok_emb.weight
         self.last_aux: dict[str, Tensor] = {}
+        # compiled blocks (parallel/compile.py) take each layer's noise seed as a tensor
+        self.seeds_as_tensors = False
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
@@ -182,7 +184,10 @@ class MoETransformer(nn.Module):
         aux: dict[str, Tensor] = {}
         for i, block in enumerate(self.blocks):
             kv = cache.layers[i] if cache is not None else None
-            x, losses = block(x, route_key, kv, start, rope, doc_mask)
+            key = route_key
+            if key is not None and self.seeds_as_tensors and isinstance(block.ffn, MoELayer):
+                key = key.for_compiled_layer(block.ffn.layer_id, idx.device)  # tensor seed
+            x, losses = block(x, key, kv, start, rope, doc_mask)
             for k, v in losses.items():
                 aux[k] = aux[k] + v if k in aux else v
         if cache is not None:

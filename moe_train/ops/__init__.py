@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import extension as _extension
+from .hashing import Seed
 from .indexing import count_values
 from .reference import combine_reference, dispatch_reference, jitter_reference
 
@@ -97,13 +98,14 @@ def combine(buf: Tensor, weight: Tensor | None, index: Tensor, num_rows: int) ->
     return combine_reference(buf, weight, index, num_rows)
 
 
-def jitter(x: Tensor, seed: int, first_row: int, eps: float) -> Tensor:
+def jitter(x: Tensor, seed: Seed, first_row: int, eps: float) -> Tensor:
     """y = x * ((1 - eps) + 2 eps * u), u = U[0,1) keyed by (seed, (first_row + t) * d + f):
     x [T, d] float32 (the router's input) -> [T, d]. One fused pass (forward and backward) with
-    the extension; the bit-identical torch reference otherwise. seed: 0 <= seed < 2**63."""
+    the extension; the bit-identical torch reference otherwise (and for a tensor seed, as
+    compiled blocks pass: inductor fuses the reference). seed: 0 <= seed < 2**63."""
     if x.dim() != 2:
         raise ValueError(f"jitter: x must be 2-D [T, d], got shape {tuple(x.shape)}")
-    if x.dtype == torch.float32 and _ext_for(x.device.type):
+    if isinstance(seed, int) and x.dtype == torch.float32 and _ext_for(x.device.type):
         from . import _custom
 
         return _custom.jitter(x, seed, first_row, eps)
@@ -111,14 +113,15 @@ def jitter(x: Tensor, seed: int, first_row: int, eps: float) -> Tensor:
 
 
 def gate(
-    x: Tensor, weight: Tensor, bias: Tensor | None = None, seed: int = 0, first_row: int = 0,
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, seed: Seed = 0, first_row: int = 0,
     eps: float = 0.0,
 ) -> Tensor:  # fmt: skip
     """The router's gate: logits [T, E] = jitter(x) @ weight^T + bias, x [T, d] and weight [E, d]
     float32; jitter as in `jitter` (none when eps = 0). On CPU with the extension one fused pass
     (the noise recomputed in the backward, never stored; BLAS runs these skinny shapes slowly);
-    elsewhere jitter + F.linear (the same function)."""
-    if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and _ext_for("cpu"):
+    elsewhere (and for a tensor seed) jitter + F.linear (the same function)."""
+    fused = x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
+    if isinstance(seed, int) and fused and _ext_for("cpu"):
         from . import _custom
 
         logits = _custom.gate(x, weight, seed, first_row, eps)

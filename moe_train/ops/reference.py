@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .hashing import noise_uniform
+from .hashing import Seed, noise_uniform
 
 
 def dispatch_reference(x: Tensor, index: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
@@ -27,7 +27,7 @@ def combine_reference(buf: Tensor, weight: Tensor | None, index: Tensor, num_row
     return y.index_add(0, index, rows).to(buf.dtype)
 
 
-def jitter_reference(x: Tensor, seed: int, first_row: int, eps: float) -> Tensor:
+def jitter_reference(x: Tensor, seed: Seed, first_row: int, eps: float) -> Tensor:
     """y[t, f] = x[t, f] * ((1 - eps) + 2 eps * u), u = noise_uniform(seed, first_row + t, f).
     x: [T, d] float32 -> [T, d]; the product and the sum are rounded separately, as the kernels do.
     """

@@ -4,7 +4,8 @@
 and returns the run's gradient strategy (a GradSync: grad_sync.py):
 1. `connect_process_groups`: every module that needs process groups (the MoE layers' dispatchers)
    receives them; a layer never creates or looks up a group itself.
-2. `apply_activation_checkpointing` (trainer.activation_checkpointing, non-reentrant).
+2. `apply_activation_checkpointing` (trainer.activation_checkpointing, non-reentrant), then
+   `compile_blocks` (trainer.compile: torch.compile per block, in place; compile.py).
 3. with parallel.fsdp: `shard_model` (FSDP2 over dense and expert parameters, see fsdp.py), on
    `meta` when the model is there, then `materialize` allocates and initialises only this rank's
    shards -> FSDPSync.
@@ -30,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .compile import compile_blocks
 from .config import ParallelConfig
 from .dims import ParallelDims
 from .errors import guarded
@@ -58,6 +60,7 @@ def parallelize(
     param_dtype: torch.dtype | None = None,
     device_type: str = "cpu",
     materialize: Callable[[nn.Module], object] | None = None,
+    compile: str = "none",
 ) -> GradSync:
     """Apply the layout to `model` (built with shard=dims.expert_shard, on `meta` or not) and
     return its gradient strategy: `.model` runs the forward pass, `.module` is `model` itself.
@@ -67,10 +70,13 @@ def parallelize(
     replicated, after sharding with parallel.fsdp (so only the local shards are allocated). None:
     the model is used as it is (a model left on `meta` stays there, unreplicated: materialise it
     afterwards with the layout-invariant init, moe_train.init). param_dtype: FSDP's compute
-    dtype (None = as stored). Collective when distributed: every rank calls it, in the same order.
+    dtype (None = as stored). compile: trainer.compile ('blocks': each block torch.compile'd in
+    place, after recomputation and before FSDP/DDP: compile.py). Collective when distributed:
+    every rank calls it, in the same order.
     """
     connect_process_groups(model, dims, groups)
     apply_activation_checkpointing(model, activation_checkpointing)
+    compile_blocks(model, compile)
     if dims.distributed and cfg.fsdp:
         if not _on_meta(model):  # sharding splits the replicas: make them identical first
             replicate(model, dims, groups)

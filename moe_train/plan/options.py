@@ -76,6 +76,7 @@ NOT_MODELLED: dict[str, str] = {
     "trainer.eval_batches": "validation passes between steps",
     "trainer.ckpt_every": "checkpoint writes between steps",
     "trainer.async_checkpoint": "the host copy of a background checkpoint",
+    "trainer.compile": "compiled kernels' speed-up and activation memory",
     "optim.impl": "the optimizer step's own time (apex and torch keep the same state)",
     "data.document_mask": "the [B, 1, T, T] bool mask of a micro-batch and SDPA's additive copy "
     "of it per layer (masked attention runs without the flash kernel)",

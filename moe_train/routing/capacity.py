@@ -36,7 +36,7 @@ def keep_within_capacity(
     capacity: int, or [num_buckets] int64 per-bucket capacities
     """
     S = bucket.numel()
-    if S == 0:
+    if not torch.compiler.is_compiling() and S == 0:  # traced: S may be data-dependent
         return torch.ones(0, dtype=torch.bool, device=bucket.device)
     by_priority = torch.argsort(priority, descending=True, stable=True)
     by_bucket = torch.argsort(bucket[by_priority], stable=True)

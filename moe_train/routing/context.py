@@ -9,23 +9,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
-from ..ops.hashing import counter_uniform, mix_seed
+from ..ops.hashing import Seed, counter_uniform, mix_seed, seed_tensor
 
 
 @dataclass(frozen=True)
 class RouteKey:
     """seed: the call's noise seed (the train step's: a function of (seed, step), the same on
-    every rank); token_offset: the global index of the call's first token, so row t is global
-    token `token_offset + t` and the same token draws the same noise on any layout."""
+    every rank), an int or its 0-d int64 tensor (ops.hashing.Seed); token_offset: the global
+    index of the call's first token, so row t is global token `token_offset + t` and the same
+    token draws the same noise on any layout. layered: the layer id is already mixed in
+    (`for_compiled_layer`), so the layer uses the key as it is."""
 
-    seed: int
+    seed: Seed
     token_offset: int = 0
+    layered: bool = False
 
     def for_layer(self, layer_id: int) -> RouteKey:
         """This key as MoE layer `layer_id` uses it (every layer draws its own noise)."""
-        return RouteKey(mix_seed(self.seed, layer_id), self.token_offset)
+        if self.layered:
+            return self
+        return RouteKey(mix_seed(self.seed, layer_id), self.token_offset, layered=True)
+
+    def for_compiled_layer(self, layer_id: int, device: torch.device) -> RouteKey:
+        """for_layer mixed on the host, its seed carried as a tensor on `device`: a compiled
+        block then sees neither the step's seed nor its layer id as a constant (no guard on
+        them, so no recompile per step or per layer; moe_train/parallel/compile.py)."""
+        key = self.for_layer(layer_id)
+        seed = key.seed if isinstance(key.seed, torch.Tensor) else seed_tensor(key.seed, device)
+        return RouteKey(seed, key.token_offset, layered=True)
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ def build_engine(
     grad_sync = parallelize(
         module, parallel.dims, parallel.groups, cfg.parallel,
         activation_checkpointing=cfg.trainer.activation_checkpointing,
-        param_dtype=amp_dtype, device_type=parallel.device.type,
+        compile=cfg.trainer.compile, param_dtype=amp_dtype, device_type=parallel.device.type,
         materialize=lambda m: init_weights(m, cfg, parallel.device),
     )  # fmt: skip
     optimizer = build_optimizer(module, cfg.optim, parallel.device)  # over the local parameters

@@ -67,8 +67,10 @@ def test_quality_quick(tmp_path):
 @pytest.mark.distributed
 def test_scaling_quick(tmp_path):
     res = run("scaling", tmp_path, "--procs", "1", "2")["results"]
-    assert [r["processes"] for r in res] == [1, 2]
-    assert res[1]["a2a_calls"] > 0 and all(r["tokens_per_s"] > 0 for r in res)
+    assert [(r["processes"], r["overlap"]) for r in res] == [(1, "on"), (2, "off"), (2, "on")]
+    assert all(r["a2a_calls"] > 0 for r in res[1:]) and all(r["tokens_per_s"] > 0 for r in res)
+    # the same collectives either way (the own chunk is a zero split when overlapped)
+    assert res[2]["a2a_calls"] == res[1]["a2a_calls"]
 
 
 def _common():
@@ -92,7 +94,7 @@ def test_quick_runs_do_not_overwrite_the_committed_results():
     assert common.parse_args(p, []).out == RESULTS_DIR
     assert common.parse_args(p, ["--quick", "--out", "x"]).out == Path("x")
     scripts = sorted(BENCH.glob("[!_]*.py"))
-    assert len(scripts) == 9, scripts
+    assert len(scripts) == 10, scripts
     for script in scripts:  # each takes --quick/--out from the one helper, none its own
         source = script.read_text()
         assert "add_output_args(" in source and " = parse_args(" in source, script.name
@@ -112,6 +114,7 @@ def test_memory_quick(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed  # its overlap step starts 2 ranks (torchrun)
 def test_gpu_check_rehearses_every_step_on_cpu(tmp_path):
     """benchmarks/gpu_check.sh with GPU_CHECK_DRY=1: the same steps with --device cpu --quick,
     so an argument or syntax error shows here, not on a lent GPU."""
@@ -122,8 +125,21 @@ def test_gpu_check_rehearses_every_step_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["failed_steps"] == []
-    for name in ("gpu_check.log", "pytest.xml", "moe_layer.json", "dispatch_combine.json"):
+    assert [c["model"] for c in summary["compile"]] == ["tiny"]
+    assert [(r["processes"], r["overlap"]) for r in summary["overlap"]] == [
+        (1, "on"), (2, "off"), (2, "on"),
+    ]  # fmt: skip
+    names = ("gpu_check.log", "pytest.xml", "moe_layer.json", "dispatch_combine.json")
+    for name in (*names, "compile.json", "scaling.json"):
         assert (tmp_path / name).stat().st_size > 0, name
     train = json.loads((tmp_path / "gpu_train.json").read_text())
     assert train["tokens_per_s"] > 0 and train["mfu"] is None  # no peak known for a CPU
     assert train["model_flops_per_token"] >= 6 * train["params_active_matmul"]
+
+
+@pytest.mark.slow
+def test_compile_quick(tmp_path):
+    r = run("compile", tmp_path, timeout=600)["results"][0]
+    assert r["model"] == "tiny" and r["compile_s"] > 0
+    assert r["eager"]["tokens_per_s"] > 0 and r["compiled"]["tokens_per_s"] > 0
+    assert r["loss_max_rel_diff"] < 1e-4  # the same training, compiled or not

@@ -93,3 +93,32 @@ def test_out_of_range_rows_are_rejected_on_cpu():
         ops.dispatch(torch.randn(4, 8), index)
     with pytest.raises(RuntimeError, match="out of range"):
         csr_by_row(torch.tensor([0, -1]), 4)
+
+
+def test_a_tensor_seed_gives_the_int_seeds_bits(gen):
+    """Compiled blocks carry seeds as 0-d int64 tensors (ops.hashing.Seed): every hash, the
+    jitter gives exactly what the int seed gives (the fused kernel's bits), the gate its function."""
+    from moe_train.ops.hashing import counter_uniform, mix_seed, seed_tensor, signed64
+    from moe_train.routing import RouteKey
+    from moe_train.routing.noise import jitter_seed
+
+    x, w = torch.randn(40, 24, generator=gen), torch.randn(6, 24, generator=gen)
+    index = torch.arange(0, 10**6, 997)
+    for seed in (*SEEDS, 2**64 - 1):
+        t = seed_tensor(seed)
+        assert t.dtype == torch.int64 and int(t) == signed64(seed)
+        for parts in ((), (3,), (3, 2**63 + 11)):
+            assert int(mix_seed(t, *parts)) == mix_seed(seed, *parts)
+            assert int(mix_seed(*parts, t)) == mix_seed(*parts, seed)
+        assert torch.equal(counter_uniform(t, index), counter_uniform(seed, index))
+        js = jitter_seed(seed)
+        assert torch.equal(ops.jitter(x, jitter_seed(t), 77, 0.1), ops.jitter(x, js, 77, 0.1))
+        # the gate: the same noise, the matmul in torch's order rather than the fused kernel's
+        expected = F.linear(ops.jitter(x, js, 5, 0.2), w)
+        assert torch.equal(ops.gate(x, w, None, jitter_seed(t), 5, 0.2), expected)
+        torch.testing.assert_close(ops.gate(x, w, None, js, 5, 0.2), expected)
+        key = RouteKey(seed % 2**63, 1000)
+        layered = key.for_compiled_layer(3, torch.device("cpu"))
+        assert layered.layered and layered.token_offset == 1000
+        assert int(layered.seed) == key.for_layer(3).seed  # mixed on the host, then a tensor
+        assert layered.for_layer(5) is layered  # a layered key is used as it is

@@ -84,6 +84,7 @@ SECTIONS = {
 # valid other values of the fields whose type alone does not give one
 OTHER_VALUES: dict[str, Any] = {
     "optim.impl": "apex",
+    "trainer.compile": "blocks",
     "data.dir": "data/elsewhere",
     "data.mix": [MixSource(path="data/web")],
     "data.sampling": "epoch",
