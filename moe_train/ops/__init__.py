@@ -98,14 +98,20 @@ def combine(buf: Tensor, weight: Tensor | None, index: Tensor, num_rows: int) ->
     return combine_reference(buf, weight, index, num_rows)
 
 
-def jitter(x: Tensor, seed: Seed, first_row: int, eps: float) -> Tensor:
+def jitter(x: Tensor, seed: Seed, first_row: int | Tensor, eps: float) -> Tensor:
     """y = x * ((1 - eps) + 2 eps * u), u = U[0,1) keyed by (seed, (first_row + t) * d + f):
     x [T, d] float32 (the router's input) -> [T, d]. One fused pass (forward and backward) with
     the extension; the bit-identical torch reference otherwise (and for a tensor seed, as
-    compiled blocks pass: inductor fuses the reference). seed: 0 <= seed < 2**63."""
+    compiled blocks pass: inductor fuses the reference). seed: 0 <= seed < 2**63; first_row: an
+    int, or a 0-d int64 tensor (compiled blocks)."""
     if x.dim() != 2:
         raise ValueError(f"jitter: x must be 2-D [T, d], got shape {tuple(x.shape)}")
-    if isinstance(seed, int) and x.dtype == torch.float32 and _ext_for(x.device.type):
+    if (
+        isinstance(seed, int)
+        and isinstance(first_row, int)
+        and x.dtype == torch.float32
+        and _ext_for(x.device.type)
+    ):
         from . import _custom
 
         return _custom.jitter(x, seed, first_row, eps)
@@ -113,7 +119,8 @@ def jitter(x: Tensor, seed: Seed, first_row: int, eps: float) -> Tensor:
 
 
 def gate(
-    x: Tensor, weight: Tensor, bias: Tensor | None = None, seed: Seed = 0, first_row: int = 0,
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, seed: Seed = 0,
+    first_row: int | Tensor = 0,
     eps: float = 0.0,
 ) -> Tensor:  # fmt: skip
     """The router's gate: logits [T, E] = jitter(x) @ weight^T + bias, x [T, d] and weight [E, d]
@@ -121,7 +128,7 @@ def gate(
     (the noise recomputed in the backward, never stored; BLAS runs these skinny shapes slowly);
     elsewhere (and for a tensor seed) jitter + F.linear (the same function)."""
     fused = x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
-    if isinstance(seed, int) and fused and _ext_for("cpu"):
+    if isinstance(seed, int) and isinstance(first_row, int) and fused and _ext_for("cpu"):
         from . import _custom
 
         logits = _custom.gate(x, weight, seed, first_row, eps)

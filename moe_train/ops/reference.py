@@ -27,10 +27,10 @@ def combine_reference(buf: Tensor, weight: Tensor | None, index: Tensor, num_row
     return y.index_add(0, index, rows).to(buf.dtype)
 
 
-def jitter_reference(x: Tensor, seed: Seed, first_row: int, eps: float) -> Tensor:
+def jitter_reference(x: Tensor, seed: Seed, first_row: int | Tensor, eps: float) -> Tensor:
     """y[t, f] = x[t, f] * ((1 - eps) + 2 eps * u), u = noise_uniform(seed, first_row + t, f).
     x: [T, d] float32 -> [T, d]; the product and the sum are rounded separately, as the kernels do.
-    """
+    first_row: an int, or a 0-d int64 tensor (compiled blocks: no constant to specialise on)."""
     T, d = x.shape
-    rows = torch.arange(first_row, first_row + T, device=x.device)  # [T] global rows
+    rows = torch.arange(T, device=x.device) + first_row  # [T] global rows
     return x * noise_uniform(seed, rows, d).mul(2.0 * eps).add(1.0 - eps)

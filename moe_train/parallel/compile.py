@@ -18,8 +18,11 @@ constant to dynamo, guarded, a recompile per step and per layer. So the model mi
 layer's key on the host, outside the blocks, and hands the block its seed as a 0-d int64 tensor
 (`RouteKey.for_compiled_layer`); inside, the seed is hashed with torch ops (ops.hashing: the same
 bits as the host hash) and the jitter runs as the torch reference, which inductor fuses. The
-token offset (an int, new every step) makes one recompile with a dynamic size, then none
-(tests/model/test_compile.py counts them). Compilation happens lazily, at the first forward; the
+token offset (the global index of the call's first token: new every micro-step, different on
+every rank) travels as a 0-d int64 tensor too: as an int it was a constant, so a recompile per
+rank, and inductor folding `(offset + t) * golden` at compile time overflowed int64 on every
+rank but the first (tests/model/test_compile.py counts the graphs; tests/training/
+test_cli_parity.py runs compiled blocks on 4 ranks against the eager single process). Compilation happens lazily, at the first forward; the
 generator (moe_train.inference) builds its own eager model.
 """
 

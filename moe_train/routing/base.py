@@ -216,7 +216,9 @@ class Router(nn.Module):
         """A noise seed for a training call without a RouteKey, from `self.generator`."""
         return int(torch.randint(0, 2**62, (1,), generator=self.generator))
 
-    def logits(self, x32: Tensor, seed: Seed = 0, first_row: int = 0, eps: float = 0.0) -> Tensor:
+    def logits(
+        self, x32: Tensor, seed: Seed = 0, first_row: int | Tensor = 0, eps: float = 0.0
+    ) -> Tensor:
         """Gate logits [T, units] in float32 (even if the module was cast to bf16) of the input
         with multiplicative jitter U[1-eps, 1+eps) (none when eps = 0), see ops.gate."""
         bias = None if self.gate.bias is None else self.gate.bias.float()

@@ -20,11 +20,13 @@ class RouteKey:
     """seed: the call's noise seed (the train step's: a function of (seed, step), the same on
     every rank), an int or its 0-d int64 tensor (ops.hashing.Seed); token_offset: the global
     index of the call's first token, so row t is global token `token_offset + t` and the same
-    token draws the same noise on any layout. layered: the layer id is already mixed in
+    token draws the same noise on any layout (an int, or a 0-d int64 tensor in compiled blocks,
+    where a constant offset would be specialised: a recompile per rank, and inductor folding
+    `(offset + t) * golden` overflows int64 at compile time). layered: the layer id is already mixed in
     (`for_compiled_layer`), so the layer uses the key as it is."""
 
     seed: Seed
-    token_offset: int = 0
+    token_offset: int | Tensor = 0
     layered: bool = False
 
     def for_layer(self, layer_id: int) -> RouteKey:
@@ -34,12 +36,16 @@ class RouteKey:
         return RouteKey(mix_seed(self.seed, layer_id), self.token_offset, layered=True)
 
     def for_compiled_layer(self, layer_id: int, device: torch.device) -> RouteKey:
-        """for_layer mixed on the host, its seed carried as a tensor on `device`: a compiled
-        block then sees neither the step's seed nor its layer id as a constant (no guard on
-        them, so no recompile per step or per layer; moe_train/parallel/compile.py)."""
+        """for_layer mixed on the host, its seed and token offset carried as tensors on `device`:
+        a compiled block then sees neither the step's seed, its layer id nor the rank's token
+        offset as a constant (no guard on them, so no recompile per step, layer or rank;
+        moe_train/parallel/compile.py)."""
         key = self.for_layer(layer_id)
-        seed = key.seed if isinstance(key.seed, torch.Tensor) else seed_tensor(key.seed, device)
-        return RouteKey(seed, key.token_offset, layered=True)
+        seed = key.seed if isinstance(key.seed, Tensor) else seed_tensor(key.seed, device)
+        offset = key.token_offset
+        if not isinstance(offset, Tensor):
+            offset = torch.tensor(offset, dtype=torch.int64, device=device)
+        return RouteKey(seed, offset, layered=True)
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,7 @@ class RouteContext:
         return self.num_tokens // self.group_size
 
     @property
-    def token_offset(self) -> int:
+    def token_offset(self) -> int | Tensor:
         """Global index of row 0."""
         return self.key.token_offset
 

@@ -119,6 +119,9 @@ def test_a_tensor_seed_gives_the_int_seeds_bits(gen):
         torch.testing.assert_close(ops.gate(x, w, None, js, 5, 0.2), expected)
         key = RouteKey(seed % 2**63, 1000)
         layered = key.for_compiled_layer(3, torch.device("cpu"))
-        assert layered.layered and layered.token_offset == 1000
+        assert layered.layered and isinstance(layered.token_offset, torch.Tensor)
+        assert int(layered.token_offset) == 1000  # a tensor: no constant to specialise on
+        offset = torch.tensor(2**40 + 77)  # a far rank's offset: the same bits as the int
+        assert torch.equal(ops.jitter(x, js, offset, 0.1), ops.jitter(x, js, 2**40 + 77, 0.1))
         assert int(layered.seed) == key.for_layer(3).seed  # mixed on the host, then a tensor
         assert layered.for_layer(5) is layered  # a layered key is used as it is
