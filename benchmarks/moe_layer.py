@@ -296,7 +296,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--routers", nargs="+", default=["top1", "top2"], choices=sorted(ROUTERS))
     p.add_argument("--sam-groups", type=int, default=4, help="SAM device groups (E/G experts each)")
-    p.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "loop", "grouped"])
+    p.add_argument(
+        "--backends", nargs="+", default=["auto"], choices=["auto", "loop", "grouped", "padded"]
+    )
     p.add_argument("--peers", action="store_true", help="add DeepSpeed (CPU, top-1/top-2)")
     p.add_argument("--repeats", type=int, default=9, help="timed rounds per contender")
     p.add_argument("--warmup", type=int, default=2)

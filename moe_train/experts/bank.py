@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..parallel.placement import mark_expert
-from .grouped import activate, grouped_ffn, loop_ffn, loop_ffn_op, pick_backend
+from .grouped import activate, grouped_ffn, loop_ffn, loop_ffn_op, padded_ffn, pick_backend
 
 ACTIVATIONS = ("gelu", "swiglu")
 
@@ -22,8 +22,8 @@ class ExpertBank(nn.Module):
     init_std for w_in and out_std for w_out. Inside an MoE layer moe_train.init draws every expert
     from a generator keyed by its GLOBAL id, so the same experts come out whatever the layout; a
     bank built alone (`reset_parameters`) draws from the global RNG.
-    `backend`: "auto" (grouped GEMM where torch runs it natively, else the loop), "grouped" or
-    "loop" (moe_train.experts.grouped); set it on an instance to force one.
+    `backend`: "auto" (grouped GEMM where torch runs it natively, else the loop), "grouped",
+    "loop" or "padded" (moe_train.experts.grouped); set it on an instance to force one.
     """
 
     backend: str = "auto"
@@ -100,7 +100,8 @@ class ExpertBank(nn.Module):
             # other ranks' collectives (a hang).
             return x * 0 + (w_in.sum() + w_out.sum()) * 0
         with torch.autocast(dev, enabled=False):
-            if pick_backend(x, w_in, w_out, self.backend) == "grouped":
+            backend = pick_backend(x, w_in, w_out, self.backend)
+            if backend == "grouped":
                 if not isinstance(counts, Tensor):
                     counts = torch.tensor(counts)
                 ends = counts.to(x.device).cumsum(0, dtype=torch.int32)  # [E_local]
@@ -108,7 +109,8 @@ class ExpertBank(nn.Module):
             host = counts.tolist() if isinstance(counts, Tensor) else list(counts)
             if sum(host) != x.shape[0]:
                 raise ValueError(f"expert counts {host} do not add up to the {x.shape[0]} rows")
-            return loop_ffn(x, w_in, w_out, host, self.activation)
+            ffn = padded_ffn if backend == "padded" else loop_ffn
+            return ffn(x, w_in, w_out, host, self.activation)
 
     def _traced(self, x: Tensor, w_in: Tensor, w_out: Tensor, counts: Tensor | list[int]) -> Tensor:
         """Under torch.compile: the grouped GEMM where its fake kernel traces (CUDA bfloat16),

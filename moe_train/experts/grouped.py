@@ -12,6 +12,10 @@ compute the same function (tests compare them):
   (no ``cat`` of the outputs, no ``stack`` of the weight gradients), the activation and its
   backward over all rows at once. Needs the counts on the host.
 
+- ``padded``: every segment zero-padded to the longest, two ``torch.bmm`` over [E, M, d] (one
+  batched BLAS call per matmul instead of E small ones; padding rows cost compute, M E / S - 1
+  of it). Opt-in: measured against the loop in benchmarks/moe_layer.py (docs/RESULTS.md).
+
 ``pick_backend`` chooses; ``MOE_TRAIN_EXPERT_BACKEND=loop|grouped`` (or ``ExpertBank.backend``)
 forces one.
 """
@@ -28,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("auto", "grouped", "loop")
+BACKENDS = ("auto", "grouped", "loop", "padded")
 
 
 def activate(h: Tensor, activation: str) -> Tensor:
@@ -147,7 +151,7 @@ def _grouped_mm_on_cpu(dtype: torch.dtype) -> bool:
 
 
 def pick_backend(x: Tensor, w_in: Tensor, w_out: Tensor, requested: str = "auto") -> str:
-    """'grouped' or 'loop' for these operands: `requested` (or $MOE_TRAIN_EXPERT_BACKEND) when
+    """'grouped', 'loop' or 'padded' for these operands: `requested` (or $MOE_TRAIN_EXPERT_BACKEND) when
     not 'auto', else grouped where torch runs it natively on the GPU, loop otherwise."""
     want = os.environ.get("MOE_TRAIN_EXPERT_BACKEND") or requested
     if want not in BACKENDS:
@@ -158,8 +162,8 @@ def pick_backend(x: Tensor, w_in: Tensor, w_out: Tensor, requested: str = "auto"
             why = f"torch {torch.__version__} has no CPU _grouped_mm for {x.dtype}"
             raise RuntimeError(f"expert backend 'grouped': {why}; use 'loop' or 'auto'")
         return "grouped"
-    if want == "loop":
-        return "loop"
+    if want in ("loop", "padded"):
+        return want
     # CPU: torch's C++ per-group loop beats ours by 5-15 % of the layer (benchmarks/moe_layer.py)
     return "grouped" if cpu_grouped or grouped_mm_supported(x, w_in, w_out) else "loop"
 
@@ -262,6 +266,22 @@ def _zeros_where_empty(w: Tensor, segs: list[tuple[int, int, int]]) -> Tensor:
 def loop_ffn(x: Tensor, w_in: Tensor, w_out: Tensor, counts: list[int], activation: str) -> Tensor:
     """The loop backend: x [S, d] sorted by expert, counts [E] host ints -> [S, d]."""
     return _LoopFFN.apply(x, w_in, w_out, counts, activation)
+
+
+def padded_ffn(
+    x: Tensor, w_in: Tensor, w_out: Tensor, counts: list[int], activation: str
+) -> Tensor:
+    """The padded backend: x [S, d] sorted by expert, counts [E] host ints -> [S, d]. Zero rows
+    pad each segment to M = max(counts); they stay zero through both matmuls (act(0) = 0 for
+    GELU and SwiGLU), so neither the output nor the weight gradients see them."""
+    E, M, S = len(counts), max(counts, default=0), x.shape[0]
+    sizes = torch.tensor(counts, device=x.device)
+    expert = torch.repeat_interleave(torch.arange(E, device=x.device), sizes, output_size=S)
+    starts = sizes.cumsum(0) - sizes  # [E] first row of each segment
+    slot = expert * M + torch.arange(S, device=x.device) - starts[expert]  # [S] row in [E * M]
+    xp = x.new_zeros(E * M, x.shape[1]).index_copy(0, slot, x).view(E, M, -1)  # [E, M, d]
+    act = activate(torch.bmm(xp, w_in), activation)  # [E, M, h]
+    return torch.bmm(act, w_out).view(E * M, -1).index_select(0, slot)  # [S, d]
 
 
 # ---- the loop backend as an opaque op, for torch.compile ---------------------------------------

@@ -1,5 +1,5 @@
-"""The expert bank's two backends (moe_train.experts.grouped): the loop and torch._grouped_mm compute the
-same function, forward and backward; the choice between them."""
+"""The expert bank's backends (moe_train.experts.grouped): the loop, the padded batched matmul and
+torch._grouped_mm compute the same function, forward and backward; the choice between them."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from moe_train.experts.grouped import (
     activate_backward,
     grouped_ffn,
     loop_ffn,
+    padded_ffn,
     pick_backend,
 )
 
@@ -56,6 +57,17 @@ def test_loop_equals_the_per_expert_definition_forward_and_backward(activation):
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_padded_equals_the_per_expert_definition_forward_and_backward(activation):
+    x, w_in, w_out = weights(activation)
+    grad = torch.randn(x.shape[0], D, dtype=x.dtype)
+    got = value_and_grads(lambda *t: padded_ffn(*t, COUNTS, activation), x, w_in, w_out, grad)
+    want = value_and_grads(lambda *t: per_expert(*t, activation), x, w_in, w_out, grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    assert torch.all(got[2][1] == 0) and torch.all(got[3][4] == 0)  # empty experts: zero grads
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_activation_backward_matches_autograd(activation):
     h = torch.randn(7, 2 * H if activation == "swiglu" else H, dtype=torch.float64)
     g = torch.randn(7, H, dtype=torch.float64)
@@ -85,7 +97,7 @@ def test_grouped_equals_loop(activation, dtype):
         assert rel_err(g, e) < 1e-2 and rel_err(w, e) < 1e-2
 
 
-@pytest.mark.parametrize("backend", ["loop", "grouped"])
+@pytest.mark.parametrize("backend", ["loop", "grouped", "padded"])
 def test_bank_takes_counts_as_a_tensor_or_host_ints(backend):
     if backend == "grouped" and not grouped._grouped_mm_on_cpu(torch.float32):
         pytest.skip("this torch has no CPU _grouped_mm")
@@ -114,6 +126,7 @@ def test_backend_choice(monkeypatch):
     on_cpu = grouped._grouped_mm_on_cpu(torch.float32)
     assert pick_backend(x, w_in, w_out) == ("grouped" if on_cpu else "loop")
     assert pick_backend(x, w_in, w_out, "loop") == "loop"
+    assert pick_backend(x, w_in, w_out, "padded") == "padded"  # opt-in only
     assert not grouped.grouped_mm_supported(x, w_in, w_out)  # the native kernel is CUDA-only
     monkeypatch.setenv("MOE_TRAIN_EXPERT_BACKEND", "loop")
     assert pick_backend(x, w_in, w_out, "grouped") == "loop"  # the environment wins
