@@ -34,10 +34,13 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+_init: Any = nn.init
 try:  # transformers v5: initialisers that leave loaded tensors alone
-    from transformers import initialization as _init
+    from transformers import initialization
+
+    _init = initialization
 except ImportError:  # pragma: no cover - older transformers
-    _init = nn.init  # type: ignore[assignment]
+    pass
 
 ROUTERS = ("switch", "topk", "prototype", "sam", "tree")
 
@@ -111,7 +114,7 @@ class MoETrainConfig(PretrainedConfig):
         self.router_route_scale, self.router_score_bias = router_route_scale, router_score_bias
         self.router_tree_depth, self.router_tree_gate = router_tree_depth, router_tree_gate
         self.initializer_range, self.use_cache = initializer_range, use_cache
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)  # type: ignore[call-arg]
         if router_kind not in ROUTERS:
             raise ValueError(f"router_kind={router_kind!r}: this file routes {', '.join(ROUTERS)}")
 
@@ -348,9 +351,8 @@ class MoETrainRouter(nn.Module):
         kind, E = config.router_kind, config.num_experts
         units = config.router_tree_depth if kind == "tree" else E
         self.gate = nn.Linear(config.hidden_size, units, bias=kind == "sam")
-        self.score_bias: Tensor | None = None
-        if config.router_score_bias:
-            self.register_buffer("score_bias", torch.zeros(E))
+        self.score_bias: Tensor | None
+        self.register_buffer("score_bias", torch.zeros(E) if config.router_score_bias else None)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         c = self.config
@@ -444,6 +446,7 @@ class MoETrainBlock(nn.Module):
 
 
 class MoETrainPreTrainedModel(PreTrainedModel):
+    config: MoETrainConfig
     config_class = MoETrainConfig
     base_model_prefix = "model"
     _no_split_modules = ["MoETrainBlock"]
@@ -546,13 +549,13 @@ class MoETrainForCausalLM(MoETrainPreTrainedModel, GenerationMixin):
         return self.model.tok_emb
 
     def set_input_embeddings(self, value: nn.Module) -> None:
-        self.model.tok_emb = value  # type: ignore[assignment]
+        self.model.tok_emb = value
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
     def set_output_embeddings(self, value: nn.Module) -> None:
-        self.lm_head = value  # type: ignore[assignment]
+        self.lm_head = value
 
     def forward(
         self,
