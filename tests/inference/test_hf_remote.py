@@ -123,6 +123,20 @@ def test_generate_decodes_greedily_as_our_model(exported, name):
     assert torch.equal(got, x)
 
 
+@pytest.mark.parametrize("name", ["sam", "tree-gpt2"])
+def test_a_left_padded_batch_generates_as_each_row_alone(exported, name):
+    _, folder = exported[name]
+    hf = load(folder)
+    a, b = IDX[0, :4], IDX[1, :7]
+    ids = torch.stack([torch.cat([torch.zeros(3, dtype=torch.long), a]), b])
+    mask = torch.tensor([[0] * 3 + [1] * 4, [1] * 7])
+    both = hf.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    for row, (prompt, pad) in enumerate(((a, 3), (b, 0))):
+        alone = hf.generate(prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                            max_new_tokens=5, do_sample=False)  # fmt: skip
+        assert torch.equal(both[row, pad:], alone[0])
+
+
 def test_the_cache_gives_the_full_forwards_logits(exported):
     """Prefill 20 tokens, then 12 more in chunks of 5, 1, 6 through the cache: the logits of a
     full forward over all 32."""

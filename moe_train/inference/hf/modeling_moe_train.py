@@ -454,7 +454,9 @@ class MoETrainPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _keep_in_fp32_modules = ["router"]  # router math is float32 (moe-train's rule)
+    # the router's gate stays float32 in a bf16/fp16 model (moe-train's selective precision)
+    _keep_in_fp32_modules = ["router"]
+    _keep_in_fp32_modules_strict = ["router"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
