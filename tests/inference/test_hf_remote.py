@@ -17,12 +17,11 @@ import pytest
 import torch
 
 from moe_train.data.tokenizers import ByteTokenizer
-from moe_train.inference.export import export_state
 from moe_train.inference.generate import generate
 from moe_train.inference.hf.arch import HFExportError
 from moe_train.inference.hf.conversion import ConversionError
 from moe_train.inference.hf.export import WEIGHTS
-from moe_train.inference.hf.remote import MODELING, export_hf_remote, verify_remote
+from moe_train.inference.hf.remote import MODELING, export_hf_remote, our_state, verify_remote
 from moe_train.model import MoETransformer
 from moe_train.routing import RouterConfig
 from tests.inference.hf_cases import BASE, max_rel, perturbed
@@ -287,8 +286,8 @@ def test_the_read_back_catches_a_tampered_expert_tensor(exported, edit, message)
     (copy / WEIGHTS).write_bytes((folder / "tampered.safetensors").read_bytes())
     (folder / "tampered.safetensors").unlink()
     with pytest.raises(ConversionError, match=message):
-        verify_remote(copy, export_state(model))
-    verify_remote(folder, export_state(model))  # the untouched folder passes
+        verify_remote(copy, our_state(model))
+    verify_remote(folder, our_state(model))  # the untouched folder passes
 
 
 def test_a_config_json_that_builds_other_tensors_is_caught(exported, tmp_path):
@@ -300,7 +299,7 @@ def test_a_config_json_that_builds_other_tensors_is_caught(exported, tmp_path):
     config["moe_every"] = 1  # layer 2 would be an MoE layer too
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConversionError, match="builds other tensors from config.json"):
-        verify_remote(tmp_path, export_state(model))
+        verify_remote(tmp_path, our_state(model))
 
 
 def test_export_from_a_trained_run_through_the_cli(tiny_run, tmp_path, capsys):

@@ -348,9 +348,9 @@ class MoETrainRouter(nn.Module):
     def __init__(self, config: MoETrainConfig):
         super().__init__()
         self.config = config
-        kind, E = config.router_kind, config.num_experts
-        units = config.router_tree_depth if kind == "tree" else E
-        self.gate = nn.Linear(config.hidden_size, units, bias=kind == "sam")
+        router_kind, E = config.router_kind, config.num_experts
+        units = config.router_tree_depth if router_kind == "tree" else E
+        self.gate = nn.Linear(config.hidden_size, units, bias=router_kind == "sam")
         self.score_bias: Tensor | None
         self.register_buffer("score_bias", torch.zeros(E) if config.router_score_bias else None)
 

@@ -33,8 +33,7 @@ import torch
 from torch import Tensor
 
 from ...model import ModelConfig, MoETransformer
-from ...routing import RouterConfig
-from ..export import export_state
+from ...routing import RouterConfig, router_class
 from .arch import MODEL_TRAINING_ONLY, HFExportError, _defaults
 from .conversion import ConversionError
 from .export import WEIGHTS, write_tokenizer
@@ -47,7 +46,14 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_moe_train.MoETrainForCausalLM",
 }
 # the router kinds modeling_moe_train.py computes (every one routes each token on its own)
-KINDS = ("switch", "topk", "prototype", "sam", "tree")
+KINDS = {
+    "switch": "argmax of the softmax, weight its probability",
+    "topk": "top-k of softmax or sigmoid scores (groups, bias, renormalisation, scale)",
+    "prototype": "top-1 in each of k prototypes",
+    "sam": "the best device group by summed probability, top-k inside it",
+    "tree": "the root-to-leaf path of the gating units' sign bits",
+}
+# why a kind whose router class is not causal (Router.causal) cannot be exported
 NOT_CAUSAL = {
     "expert_choice": (
         "Expert Choice is not causal: in eval every expert still picks its top-C tokens of the "
@@ -74,9 +80,11 @@ ROUTER_TRAINING_ONLY = (
 def remote_refusals(model: ModelConfig, router: RouterConfig) -> list[str]:
     """Why modeling_moe_train.py cannot compute this model exactly ([] = it can)."""
     out = []
-    if router.kind in NOT_CAUSAL:
-        out.append(f"router.kind={router.kind!r}: {NOT_CAUSAL[router.kind]}")
-    elif router.kind not in KINDS:
+    if not router_class(router.kind).causal:
+        why = NOT_CAUSAL.get(router.kind, "its router is not causal (a token's experts depend "
+                             "on other tokens), which a KV-cached decoder cannot compute")  # fmt: skip
+        out.append(f"router.kind={router.kind!r}: {why}")
+    elif KINDS.get(router.kind) is None:
         out.append(
             f"router.kind={router.kind!r}: modeling_moe_train.py routes {', '.join(KINDS)} only"
         )
@@ -174,6 +182,14 @@ def is_stacked(name: str) -> bool:
     return name.endswith(("ffn.experts.w_in", "ffn.experts.w_out"))
 
 
+def our_state(model: MoETransformer) -> dict[str, Tensor]:
+    """The 1-process model's tensors by name (the tied head left out), contiguous fp32 on CPU."""
+    state = model.state_dict()
+    if model.cfg.tie_embeddings:
+        state.pop("head.weight", None)
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+
 def export_hf_remote(model: MoETransformer, out: str | Path, tokenizer: Any) -> list[Path]:
     """Write `model` (1-process, every expert) as a remote-code folder; the files written."""
     from safetensors.torch import save_file
@@ -181,7 +197,7 @@ def export_hf_remote(model: MoETransformer, out: str | Path, tokenizer: Any) -> 
     if any(layer.dispatcher.num_local != layer.num_experts for layer in model.moe_layers()):
         raise ValueError("export needs a model that holds every expert (built with ep=1)")
     check_remote(model.cfg, model.router_cfg)
-    state = export_state(model)  # ours, tied head left out, fp32 contiguous
+    state = our_state(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     eos, _ = write_tokenizer(tokenizer, out, model.cfg.vocab_size, model.cfg.seq_len)
