@@ -315,6 +315,9 @@ def test_export_from_a_trained_run_through_the_cli(tiny_run, tmp_path, capsys):
     )
     with torch.no_grad():
         assert max_rel(hf(idx).logits, run.model(idx)[0]) < 1e-5
+    with pytest.raises(SystemExit):  # --arch chooses a stock class: --format hf only
+        main([str(tiny_run), "--out", str(tmp_path), "--format", "hf-remote", "--arch", "mixtral"])
+    assert "goes with --format hf only" in capsys.readouterr().err
 
 
 @pytest.mark.slow
