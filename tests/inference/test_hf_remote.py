@@ -44,7 +44,7 @@ CASES = {
     "sam": (BASE, SAM),
     "prototype": (replace(BASE, n_layers=3, moe_every=2, first_dense=1), PROTOTYPE),
     "tree": (replace(BASE, qk_norm="head", tie_embeddings=True), TREE),
-    "sam-gpt2": (GPT2, SAM),
+    "sam-gpt2": (replace(GPT2, shared_experts=1, shared_d_ff=8), SAM),
     "prototype-gpt2": (replace(GPT2, tie_embeddings=True), PROTOTYPE),
     "tree-gpt2": (GPT2, TREE),
     "tree-sigmoid-shared": (
