@@ -163,18 +163,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
     p.add_argument(
         "--format",
-        choices=("moe-train", "hf"),
+        choices=("moe-train", "hf", "hf-remote"),
         default="moe-train",
         help="moe-train: our own format (moe_train.from_pretrained); hf: a stock Hugging Face "
         "class (Mixtral / Qwen3-MoE / Qwen2-MoE, chosen from the router and body), loaded by "
-        "transformers.AutoModelForCausalLM with no custom code (default: %(default)s)",
+        "transformers.AutoModelForCausalLM with no custom code; hf-remote: a folder with "
+        "moe-train's own modeling file (any body; switch, topk, prototype, sam, tree routers), "
+        "loaded with trust_remote_code=True and no moe-train installed (default: %(default)s)",
     )
     p.add_argument(
         "--arch",
         choices=("mixtral", "qwen3_moe", "qwen2_moe", "olmoe"),
-        help="--format hf: force this class (an error names what it cannot hold)",
+        help="--format hf: force this class (an error names what it cannot hold); not with "
+        "the other formats",
     )
     args = p.parse_args(argv)
+    if args.arch and args.format != "hf":
+        p.error(f"--arch {args.arch} chooses a stock class: it goes with --format hf only")
     try:
         run = load_run(args.run_dir, args.device, args.checkpoint)
     except (RunError, ValueError) as e:
@@ -188,6 +193,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as e:  # HFExportError, ConversionError: named
             return fail("moe-train-export", e)
         print(f"{fam.architecture}: every tensor read back and compared with the checkpoint")
+    elif args.format == "hf-remote":
+        from .hf.remote import ARCHITECTURE, export_hf_remote
+
+        try:
+            paths = export_hf_remote(run.model, args.out, run.tokenizer)
+        except ValueError as e:  # HFExportError, ConversionError: named
+            return fail("moe-train-export", e)
+        print(
+            f"{ARCHITECTURE} (remote code, trust_remote_code=True): every tensor read back and "
+            "compared with the checkpoint"
+        )
     else:
         paths = export_model(run.model, args.out, run.tokenizer, source)
     params = run.model.num_params()

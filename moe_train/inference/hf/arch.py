@@ -40,8 +40,9 @@ class HFExportError(ValueError):
 
 
 REMOTE = (
-    "export it with `--format moe-train` (moe_train.from_pretrained loads it); a folder with a "
-    "modeling file of moe-train's own (`--format hf-remote`) is not built yet"
+    "export it with `--format hf-remote` (a folder with moe-train's own modeling file: "
+    "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)) or `--format moe-train` "
+    "(moe_train.from_pretrained loads it)"
 )
 
 # ModelConfig fields that change nothing in an eval forward (written where HF has a field)
