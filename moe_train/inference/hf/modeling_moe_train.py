@@ -551,13 +551,13 @@ class MoETrainForCausalLM(MoETrainPreTrainedModel, GenerationMixin):
         return self.model.tok_emb
 
     def set_input_embeddings(self, value: nn.Module) -> None:
-        self.model.tok_emb = value
+        self.model.tok_emb = value  # type: ignore[assignment]
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
     def set_output_embeddings(self, value: nn.Module) -> None:
-        self.lm_head = value
+        self.lm_head = value  # type: ignore[assignment]
 
     def forward(
         self,
