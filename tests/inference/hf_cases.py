@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
+from moe_train.data.tokenizers import ByteTokenizer
 from moe_train.model import ModelConfig, MoETransformer
 from moe_train.routing import RouterConfig
 
@@ -46,3 +49,21 @@ def tiny_model(family: str, seed: int = 0) -> MoETransformer:
 
 def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
+
+
+def tiny_mc_accuracy(model: MoETransformer, task_file: Path) -> float:
+    """Accuracy on docs/lm_eval's multiple-choice task from our model's own log-likelihoods: the
+    choice whose tokens (after the question's, byte ids) have the highest summed log-probability,
+    as lm-eval scores `acc`."""
+    tok, right, docs = ByteTokenizer(), 0, []
+    for line in task_file.read_text().splitlines():
+        docs.append(json.loads(line))
+    for doc in docs:
+        scores = []
+        for choice in doc["choices"]:
+            ctx, cont = tok.encode(doc["question"]).tolist(), tok.encode(choice).tolist()
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ctx + cont]))[0][0, :-1], dim=-1)
+            scores.append(float(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont))))
+        right += int(max(range(len(scores)), key=scores.__getitem__) == doc["answer"])
+    return right / len(docs)

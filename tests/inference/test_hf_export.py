@@ -16,7 +16,16 @@ from moe_train.inference.hf.conversion import ConversionError, Ref
 from moe_train.inference.hf.export import WEIGHTS, export_hf, our_tensor, verify_folder
 from moe_train.model import MoETransformer
 from moe_train.routing import RouterConfig
-from tests.inference.hf_cases import BASE, CASES, SWITCH, TOPK, max_rel, perturbed, tiny_model
+from tests.inference.hf_cases import (
+    BASE,
+    CASES,
+    SWITCH,
+    TOPK,
+    max_rel,
+    perturbed,
+    tiny_mc_accuracy,
+    tiny_model,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -200,16 +209,6 @@ def test_lm_eval_scores_the_export_as_our_model_does(tmp_path, monkeypatch):
         batch_size=4,
     )
     acc = results["results"]["moe_train_tiny_mc"]["acc,none"]
-    tok, right, docs = ByteTokenizer(), 0, []
-    for line in (root / "docs" / "lm_eval" / "tiny_mc.jsonl").read_text().splitlines():
-        docs.append(json.loads(line))
-    for doc in docs:
-        scores = []
-        for choice in doc["choices"]:
-            ctx, cont = tok.encode(doc["question"]).tolist(), tok.encode(choice).tolist()
-            idx = torch.tensor([ctx + cont])
-            with torch.no_grad():
-                logp = torch.log_softmax(model(idx)[0][0, :-1], dim=-1)
-            scores.append(float(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont))))
-        right += int(max(range(len(scores)), key=scores.__getitem__) == doc["answer"])
-    assert acc == pytest.approx(right / len(docs))
+    assert acc == pytest.approx(
+        tiny_mc_accuracy(model, root / "docs" / "lm_eval" / "tiny_mc.jsonl")
+    )

@@ -24,7 +24,7 @@ from moe_train.inference.hf.export import WEIGHTS
 from moe_train.inference.hf.remote import MODELING, export_hf_remote, our_state, verify_remote
 from moe_train.model import MoETransformer
 from moe_train.routing import RouterConfig
-from tests.inference.hf_cases import BASE, max_rel, perturbed
+from tests.inference.hf_cases import BASE, max_rel, perturbed, tiny_mc_accuracy
 
 transformers = pytest.importorskip("transformers")
 
@@ -322,8 +322,8 @@ def test_export_from_a_trained_run_through_the_cli(tiny_run, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_lm_eval_scores_the_remote_export(tmp_path, monkeypatch):
-    """lm-evaluation-harness with trust_remote_code=True on docs/lm_eval's local task: it runs
-    and scores. Skipped without lm-eval (`pip install -e ".[eval]"`)."""
+    """lm-evaluation-harness with trust_remote_code=True on docs/lm_eval's local task: its
+    accuracy is the one our SAM model's own log-likelihoods give. Skipped without lm-eval (`pip install -e ".[eval]"`)."""
     lm_eval = pytest.importorskip("lm_eval")
     pytest.importorskip("accelerate")
     from lm_eval.tasks import TaskManager
@@ -340,4 +340,7 @@ def test_lm_eval_scores_the_remote_export(tmp_path, monkeypatch):
         device="cpu",
         batch_size=4,
     )
-    assert 0.0 <= results["results"]["moe_train_tiny_mc"]["acc,none"] <= 1.0
+    acc = results["results"]["moe_train_tiny_mc"]["acc,none"]
+    assert acc == pytest.approx(
+        tiny_mc_accuracy(model, root / "docs" / "lm_eval" / "tiny_mc.jsonl")
+    )
