@@ -6,6 +6,7 @@ import json
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -67,3 +68,28 @@ def tiny_mc_accuracy(model: MoETransformer, task_file: Path) -> float:
             scores.append(float(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont))))
         right += int(max(range(len(scores)), key=scores.__getitem__) == doc["answer"])
     return right / len(docs)
+
+
+def lm_eval_and_ours(
+    model: MoETransformer, folder: Path, monkeypatch: Any, extra: str = ""
+) -> tuple:
+    """(lm-eval's acc on docs/lm_eval's local task for the exported `folder`, our model's own);
+    skips without lm-eval and accelerate (`pip install -e ".[eval]"`)."""
+    import pytest
+
+    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    from lm_eval.tasks import TaskManager
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)  # the task's data_files path is relative to the repository root
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={folder},dtype=float32{extra}",
+        tasks=["moe_train_tiny_mc"],
+        task_manager=TaskManager(include_path=str(root / "docs" / "lm_eval")),
+        device="cpu",
+        batch_size=4,
+    )
+    ours = tiny_mc_accuracy(model, root / "docs" / "lm_eval" / "tiny_mc.jsonl")
+    return results["results"]["moe_train_tiny_mc"]["acc,none"], ours

@@ -21,9 +21,9 @@ from tests.inference.hf_cases import (
     CASES,
     SWITCH,
     TOPK,
+    lm_eval_and_ours,
     max_rel,
     perturbed,
-    tiny_mc_accuracy,
     tiny_model,
 )
 
@@ -189,26 +189,7 @@ def test_export_from_a_trained_run_through_the_cli(tiny_run, tmp_path, capsys):
 def test_lm_eval_scores_the_export_as_our_model_does(tmp_path, monkeypatch):
     """lm-evaluation-harness on docs/lm_eval's local task (no download): its accuracy is the one
     our model's own log-likelihoods give. Skipped without lm-eval (`pip install -e ".[eval]"`)."""
-    lm_eval = pytest.importorskip("lm_eval")
-    pytest.importorskip("accelerate")
-    from pathlib import Path
-
-    from lm_eval.tasks import TaskManager
-
-    root = Path(__file__).resolve().parents[2]
-    monkeypatch.chdir(root)  # the task's data_files path is relative to the repository root
     model = perturbed(MoETransformer(replace(BASE, seq_len=64, tie_embeddings=True), SWITCH))
-    folder = tmp_path / "hf"
-    export_hf(model, folder, ByteTokenizer())  # seq_len 64: no question is cut on the left
-    results = lm_eval.simple_evaluate(
-        model="hf",
-        model_args=f"pretrained={folder},dtype=float32",
-        tasks=["moe_train_tiny_mc"],
-        task_manager=TaskManager(include_path=str(root / "docs" / "lm_eval")),
-        device="cpu",
-        batch_size=4,
-    )
-    acc = results["results"]["moe_train_tiny_mc"]["acc,none"]
-    assert acc == pytest.approx(
-        tiny_mc_accuracy(model, root / "docs" / "lm_eval" / "tiny_mc.jsonl")
-    )
+    export_hf(model, tmp_path / "hf", ByteTokenizer())  # seq_len 64: no question is cut
+    acc, ours = lm_eval_and_ours(model, tmp_path / "hf", monkeypatch)
+    assert acc == pytest.approx(ours)

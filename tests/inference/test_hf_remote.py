@@ -24,7 +24,7 @@ from moe_train.inference.hf.export import WEIGHTS
 from moe_train.inference.hf.remote import MODELING, export_hf_remote, our_state, verify_remote
 from moe_train.model import MoETransformer
 from moe_train.routing import RouterConfig
-from tests.inference.hf_cases import BASE, max_rel, perturbed, tiny_mc_accuracy
+from tests.inference.hf_cases import BASE, lm_eval_and_ours, max_rel, perturbed
 
 transformers = pytest.importorskip("transformers")
 
@@ -323,24 +323,8 @@ def test_export_from_a_trained_run_through_the_cli(tiny_run, tmp_path, capsys):
 @pytest.mark.slow
 def test_lm_eval_scores_the_remote_export(tmp_path, monkeypatch):
     """lm-evaluation-harness with trust_remote_code=True on docs/lm_eval's local task: its
-    accuracy is the one our SAM model's own log-likelihoods give. Skipped without lm-eval (`pip install -e ".[eval]"`)."""
-    lm_eval = pytest.importorskip("lm_eval")
-    pytest.importorskip("accelerate")
-    from lm_eval.tasks import TaskManager
-
-    root = Path(__file__).resolve().parents[2]
-    monkeypatch.chdir(root)
+    accuracy is the one our SAM model's own log-likelihoods give. Skipped without lm-eval."""
     model = perturbed(MoETransformer(replace(BASE, seq_len=64, tie_embeddings=True), SAM))
     export_hf_remote(model, tmp_path / "hf", ByteTokenizer())
-    results = lm_eval.simple_evaluate(
-        model="hf",
-        model_args=f"pretrained={tmp_path / 'hf'},dtype=float32,trust_remote_code=True",
-        tasks=["moe_train_tiny_mc"],
-        task_manager=TaskManager(include_path=str(root / "docs" / "lm_eval")),
-        device="cpu",
-        batch_size=4,
-    )
-    acc = results["results"]["moe_train_tiny_mc"]["acc,none"]
-    assert acc == pytest.approx(
-        tiny_mc_accuracy(model, root / "docs" / "lm_eval" / "tiny_mc.jsonl")
-    )
+    acc, ours = lm_eval_and_ours(model, tmp_path / "hf", monkeypatch, ",trust_remote_code=True")
+    assert acc == pytest.approx(ours)

@@ -177,21 +177,34 @@ def _defaults(cls: type) -> dict[str, Any]:
     return out
 
 
+def changed_options(
+    model: ModelConfig,
+    router: RouterConfig,
+    known_model: tuple[str, ...],
+    known_router: tuple[str, ...],
+) -> list[tuple[str, Any]]:
+    """("group.name", value) of every config field outside the known ones whose value differs
+    from its default: what an exporter that knows only those fields must refuse."""
+    out = []
+    for cfg, group, known in ((model, "model", known_model), (router, "router", known_router)):
+        for name, default in _defaults(type(cfg)).items():
+            if name not in known and getattr(cfg, name) != default:
+                out.append((f"{group}.{name}", getattr(cfg, name)))
+    return out
+
+
 def unmapped_options(model: ModelConfig, router: RouterConfig) -> list[str]:
     """Config fields no family maps that differ from their default (e.g. a router option added
     after this table): each refused by name."""
-    out = []
-    for cfg, group, known in (
-        (model, "model", MODEL_MAPPED + MODEL_TRAINING_ONLY),
-        (router, "router", ROUTER_MAPPED + ROUTER_TRAINING_ONLY),
-    ):
-        for name, default in _defaults(type(cfg)).items():
-            if name not in known and getattr(cfg, name) != default:
-                out.append(
-                    f"{group}.{name}={getattr(cfg, name)!r}: no Hugging Face class mapping for "
-                    "this option yet (moe_train/inference/hf/arch.py)"
-                )
-    return out
+    known_model, known_router = (
+        MODEL_MAPPED + MODEL_TRAINING_ONLY,
+        ROUTER_MAPPED + ROUTER_TRAINING_ONLY,
+    )
+    return [
+        f"{name}={value!r}: no Hugging Face class mapping for this option yet "
+        "(moe_train/inference/hf/arch.py)"
+        for name, value in changed_options(model, router, known_model, known_router)
+    ]
 
 
 def family_refusals(fam: Family, model: ModelConfig, router: RouterConfig) -> list[str]:

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ...model import ModelConfig, MoETransformer
 from ...routing import RouterConfig, router_class
-from .arch import MODEL_TRAINING_ONLY, HFExportError, _defaults
+from .arch import MODEL_TRAINING_ONLY, HFExportError, changed_options
 from .conversion import ConversionError
 from .export import WEIGHTS, write_tokenizer
 
@@ -94,16 +94,15 @@ def remote_refusals(model: ModelConfig, router: RouterConfig) -> list[str]:
             "in eval; the exported model runs every token (set it to null to export the "
             "dropless model)"
         )
-    for cfg, group, known in (
-        (model, "model", MODEL_MAPPED + MODEL_TRAINING_ONLY),
-        (router, "router", ROUTER_MAPPED + ROUTER_TRAINING_ONLY),
-    ):
-        for name, default in _defaults(type(cfg)).items():
-            if name not in known and getattr(cfg, name) != default:
-                out.append(
-                    f"{group}.{name}={getattr(cfg, name)!r}: modeling_moe_train.py does not "
-                    "compute this option yet (moe_train/inference/hf/remote.py)"
-                )
+    known_model, known_router = (
+        MODEL_MAPPED + MODEL_TRAINING_ONLY,
+        ROUTER_MAPPED + ROUTER_TRAINING_ONLY,
+    )
+    for name, value in changed_options(model, router, known_model, known_router):
+        out.append(
+            f"{name}={value!r}: modeling_moe_train.py does not compute this option yet "
+            "(moe_train/inference/hf/remote.py)"
+        )
     return out
 
 
