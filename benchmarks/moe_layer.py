@@ -8,7 +8,9 @@ expert FLOPs, no routing, no dispatch, no drops). moe-train runs each expert bac
 (`--backends`: loop, grouped = torch._grouped_mm, auto).
 
 CPU (default): fp32, 1 thread, CPU time of the process (`--clock cpu`: time spent computing, not
-time waiting for a core of a shared machine; use `--clock wall` on an idle one). DeepSpeed and
+time waiting for a core of a shared machine; use `--clock wall` on an idle one), host memory as
+the trainer keeps it (`--host-memory reuse`: freed blocks stay for the next step; `release` for
+the C library's default, where every large gradient is faulted in afresh each step). DeepSpeed and
 fairscale join with `--peers` (1-process gloo group; skipped with a note when missing).
 GPU (`--device cuda`): bf16 autocast over fp32 weights as in training, CUDA-event times, the
 shape presets `--preset coarse` (d 4096, d_ff 14336, 8 experts, top-2, SwiGLU, 16k tokens) and
@@ -51,6 +53,7 @@ from moe_train import MoELayer, RouteKey  # noqa: E402
 from moe_train.model import DenseFFN  # noqa: E402
 from moe_train.parallel.launch_env import ensure_single_process_env  # noqa: E402
 from moe_train.routing import RouterConfig  # noqa: E402
+from moe_train.training.host_memory import HOST_MEMORY, set_host_memory  # noqa: E402
 
 PRESETS = {  # GPU shapes of issue #14 (bf16, SwiGLU)
     "coarse": dict(d_model=4096, d_ff=14336, experts=8, router="topk", k=2, tokens=16384),
@@ -304,6 +307,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--clock", default="cpu", choices=["cpu", "wall"], help="CPU device only")
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
+    p.add_argument(
+        "--host-memory",
+        default="reuse",
+        choices=list(HOST_MEMORY),
+        help="the trainer's trainer.host_memory for this process (default reuse, as the trainer)",
+    )
     add_output_args(p, "small shapes, few repeats (CI)")
     a = parse_args(p, argv)
     if a.quick:
@@ -321,6 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
     if gpu_missing(dev.type):
         return {}
     torch.set_num_threads(a.threads)
+    host_memory_kept = set_host_memory(a.host_memory)
     peers: dict[str, str | None] = {}
     if a.peers:
         os.environ.setdefault(
@@ -339,10 +349,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     mach = machine(dev.type)
     mach["moe_train_fused_ops"] = ops.extension_available()
+    mach["host_memory"] = a.host_memory + ("" if host_memory_kept else " (C library default)")
     clock = Clock(a.clock if dev.type == "cpu" else "cuda", dev)
     dtype = "bf16 autocast" if dev.type == "cuda" else "fp32"
     print(machine_line(mach))
-    print(f"{dtype}, clock: {clock.kind}, fused ops: {mach['moe_train_fused_ops']}")
+    print(
+        f"{dtype}, clock: {clock.kind}, fused ops: {mach['moe_train_fused_ops']}, "
+        f"host memory: {mach['host_memory']}"
+    )
     results, rows = [], []
     for case in cases(a):
         steps = contenders(case, a, dev, peers)

@@ -16,6 +16,7 @@ from .model import ModelConfig
 from .parallel import ParallelConfig
 from .precision import PRECISIONS
 from .routing import RouterConfig
+from .training.host_memory import HOST_MEMORY
 from .training.stop import parse_duration, signal_numbers
 from .validation import above, at_least, check_finite, in_range, one_of
 
@@ -112,6 +113,9 @@ class TrainerConfig:
     wandb_run_name: str | None = None  # the W&B run name; null = the run folder's name
     print_config: bool = True  # print the resolved configuration at start (one compact block)
     threads: int | None = None  # torch CPU threads per rank; None = torch's default
+    # reuse (glibc keeps freed host blocks for the next step: no fresh-page faults; on CPU
+    # runs a third of a large MoE layer's time) | release (the C library's default)
+    host_memory: str = "reuse"
     # stop with an error after this many consecutive skipped steps (non-finite loss or
     # gradients: the run diverged); None = never stop. fp16 skips a few while its scale settles
     max_skipped_steps: int | None = 50
@@ -133,6 +137,7 @@ class TrainerConfig:
         one_of(self, "trainer", "zero_stage", ZERO_STAGES)
         one_of(self, "trainer", "activation_checkpointing", CHECKPOINTING)
         one_of(self, "trainer", "compile", COMPILE)
+        one_of(self, "trainer", "host_memory", HOST_MEMORY)
         if self.compile != "none" and self.engine != "native":
             raise ValueError(
                 f"trainer.compile={self.compile} compiles the native engine's blocks; with "

@@ -30,6 +30,7 @@ from .training.checkpointer import Checkpointer
 from .training.console import rank_console
 from .training.divergence import check_skipped_steps
 from .training.evaluation import Evaluator, evaluate
+from .training.host_memory import set_host_memory
 from .training.init_from import apply_init_from, explicit_fields
 from .training.logger import TrainLogger
 from .training.optim import build_optimizer, lr_at
@@ -90,6 +91,7 @@ def _train(
     trainer, run_dir = cfg.trainer, Path(cfg.trainer.run_dir)
     if trainer.threads:
         torch.set_num_threads(trainer.threads)
+    set_host_memory(trainer.host_memory)
     dims = parallel.dims  # every rank reads its own slice of the global batch (world-way split)
     micro, accum = trainer.batch_split(dims.world_size)
     data = open_training_data(cfg)

@@ -45,6 +45,7 @@ NO_COST: dict[str, str] = {
     "trainer.wandb_run_name": "a log sink",
     "trainer.print_config": "the console",
     "trainer.threads": "CPU threads",
+    "trainer.host_memory": "the host allocator (CPU memory)",
     "trainer.max_skipped_steps": "a stop rule",
     "trainer.stop_signals": "a stop rule (one all-reduce of two int32 per step)",
     "trainer.time_limit": "a stop rule",

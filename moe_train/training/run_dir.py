@@ -51,7 +51,7 @@ MAY_CHANGE = (
     "trainer.precision", "trainer.max_skipped_steps", "parallel.", "data.cache_dir", "optim.impl",
     "trainer.wandb", "trainer.wandb_project", "trainer.wandb_run_name", "trainer.print_config",
     "trainer.async_checkpoint", "trainer.activation_checkpointing", "data.verify_checksums",
-    "trainer.stop_signals", "trainer.time_limit", "trainer.stall_timeout_s",
+    "trainer.stop_signals", "trainer.time_limit", "trainer.stall_timeout_s", "trainer.host_memory",
 )  # fmt: skip
 # what an earlier run leaves behind (moved aside when a new run starts at step 0)
 LEFTOVERS = ("metrics.jsonl", "tb", "latest", "deepspeed", CONFIG_FILE)

@@ -85,6 +85,7 @@ SECTIONS = {
 OTHER_VALUES: dict[str, Any] = {
     "optim.impl": "apex",
     "trainer.compile": "blocks",
+    "trainer.host_memory": "release",
     "data.dir": "data/elsewhere",
     "data.mix": [MixSource(path="data/web")],
     "data.sampling": "epoch",

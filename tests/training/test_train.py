@@ -71,6 +71,7 @@ def test_wrong_type_fails_naming_the_key():
         (["optim.grad_clip=nan"], "optim.grad_clip"),
         (["optim.beta2=1.0"], "optim.beta2"),
         (["trainer.threads=-1"], "trainer.threads"),
+        (["trainer.host_memory=never"], "trainer.host_memory"),
         (["trainer.zero_stage=3"], "trainer.zero_stage"),
         (["trainer.eval_batches=-1"], "trainer.eval_batches"),
         (["data.default_corpus_bytes=10"], "data.default_corpus_bytes"),
