@@ -5,24 +5,29 @@ compute the same function (tests compare them):
 
 - ``grouped``: ``torch._grouped_mm`` with the segment ends as an int32 tensor on the device, so no
   host sync and one kernel per matmul. Used where torch runs it natively: CUDA sm_90/sm_100,
-  bfloat16, torch >= 2.8, row strides of 16 bytes (widths multiple of 8); and on CPU where torch
-  has a CPU kernel for the dtype (a C++ per-group loop, faster than ours). On other GPUs torch
-  would fall back to a per-group loop that copies the offsets to the host.
-- ``loop``: one ``torch.mm`` per expert and matmul, written in place into preallocated outputs
-  (no ``cat`` of the outputs, no ``stack`` of the weight gradients), the activation and its
-  backward over all rows at once. Needs the counts on the host.
+  bfloat16, torch >= 2.8, row strides of 16 bytes (widths multiple of 8); and on CPU without the
+  extension, where torch has a CPU kernel for the dtype (a C++ per-group loop, faster than our
+  Python one). On other GPUs torch would fall back to a per-group loop that copies the offsets
+  to the host.
+- ``loop``: every expert's matmuls written in place into preallocated outputs (no ``cat`` of the
+  outputs, no ``stack`` of the weight gradients), the activation and its backward over all rows
+  at once. Needs the counts on the host. On CPU with the extension each of the six matmul passes
+  is one op that places the threads across segments (kernels/moe_segment_mm_cpu.cpp: each small
+  GEMM on one core, where torch's loop splits every one of them over all threads); else one
+  ``torch.mm`` per segment. The CPU default when the extension is loaded.
 
 - ``padded``: every segment zero-padded to the longest, two ``torch.bmm`` over [E, M, d] (one
   batched BLAS call per matmul instead of E small ones; padding rows cost compute, M E / S - 1
   of it). Opt-in: measured against the loop in benchmarks/moe_layer.py (docs/RESULTS.md).
 
 ``pick_backend`` chooses; ``MOE_TRAIN_EXPERT_BACKEND=loop|grouped`` (or ``ExpertBank.backend``)
-forces one.
+forces one; ``MOE_TRAIN_SEGMENT_MM=0`` keeps the loop's one ``torch.mm`` per segment.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import warnings
 from collections.abc import Callable
@@ -152,7 +157,8 @@ def _grouped_mm_on_cpu(dtype: torch.dtype) -> bool:
 
 def pick_backend(x: Tensor, w_in: Tensor, w_out: Tensor, requested: str = "auto") -> str:
     """'grouped', 'loop' or 'padded' for these operands: `requested` (or $MOE_TRAIN_EXPERT_BACKEND) when
-    not 'auto', else grouped where torch runs it natively on the GPU, loop otherwise."""
+    not 'auto', else grouped where torch runs it natively on the GPU, on CPU the loop when the
+    extension's segment matmuls are loaded (torch's grouped loop when not), loop otherwise."""
     want = os.environ.get("MOE_TRAIN_EXPERT_BACKEND") or requested
     if want not in BACKENDS:
         raise ValueError(f"expert backend: got {want!r}; allowed: {', '.join(BACKENDS)}")
@@ -164,8 +170,13 @@ def pick_backend(x: Tensor, w_in: Tensor, w_out: Tensor, requested: str = "auto"
         return "grouped"
     if want in ("loop", "padded"):
         return want
-    # CPU: torch's C++ per-group loop beats ours by 5-15 % of the layer (benchmarks/moe_layer.py)
-    return "grouped" if cpu_grouped or grouped_mm_supported(x, w_in, w_out) else "loop"
+    if x.device.type == "cpu":
+        # the loop over the extension's segment matmuls (threads placed across segments) beats
+        # torch's per-group loop (each small GEMM split over all threads) at 1 and 2 threads;
+        # without the extension torch's C++ loop beats our Python one by 5-15 % of the layer
+        # (benchmarks/moe_layer.py, docs/RESULTS.md section 9)
+        return "loop" if _segment_kernels() or not cpu_grouped else "grouped"
+    return "grouped" if grouped_mm_supported(x, w_in, w_out) else "loop"
 
 
 # ---- the two backends ----------------------------------------------------------------------
@@ -178,27 +189,59 @@ def grouped_ffn(x: Tensor, w_in: Tensor, w_out: Tensor, ends: Tensor, activation
     return torch._grouped_mm(activate(h, activation), w_out, offs=ends)
 
 
-def _bounds(counts: list[int]) -> list[tuple[int, int, int]]:
-    """(expert, first row, end row) of every non-empty segment."""
-    out, start = [], 0
-    for e, n in enumerate(counts):
-        if n:
-            out.append((e, start, start + n))
-        start += n
-    return out
+class _Segments:
+    """The loop backend's per-expert matmuls over segments of rows (host counts [E]).
+
+    On CPU with the extension (kernels/moe_segment_mm_cpu.cpp) each call is one op that places
+    the threads across segments (each small GEMM on one core); elsewhere one ``torch.mm`` per
+    segment into a slice of the output. Both compute every GEMM of the per-expert definition."""
+
+    def __init__(self, counts: list[int], device: torch.device):
+        self.ends = list(itertools.accumulate(counts))
+        self.bounds = [(e, b - n, b) for e, (n, b) in enumerate(zip(counts, self.ends)) if n]
+        self.fused = device.type == "cpu" and _segment_kernels()
+
+    def rows(self, a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+        """out[rows of e] = a[rows of e] @ b[e]; a [S, k], b [E, k, n], out [S, n]."""
+        if self.fused:
+            torch.ops.moe_train.segment_mm(a, b, self.ends, out)
+        else:
+            for e, lo, hi in self.bounds:
+                torch.mm(a[lo:hi], b[e], out=out[lo:hi])
+        return out
+
+    def weights(self, a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+        """out[e] = a[rows of e]^T @ b[rows of e] (zeros for an expert without rows);
+        a [S, m], b [S, n], out [E, m, n] contiguous."""
+        if self.fused:
+            torch.ops.moe_train.segment_mm_t(a, b, self.ends, out)
+            return out
+        busy = {e for e, _, _ in self.bounds}
+        for e in range(out.shape[0]):
+            if e not in busy:
+                out[e].zero_()
+        for e, lo, hi in self.bounds:
+            torch.mm(a[lo:hi].t(), b[lo:hi], out=out[e])
+        return out
+
+
+def _segment_kernels() -> bool:
+    """The extension's segment matmuls are loaded (and not switched off by
+    MOE_TRAIN_SEGMENT_MM=0, which keeps one torch.mm per segment)."""
+    if os.environ.get("MOE_TRAIN_SEGMENT_MM", "1") == "0":
+        return False
+    from ..ops import extension_available
+
+    return extension_available() and hasattr(torch.ops.moe_train, "segment_mm")
 
 
 def _loop_forward(
-    x: Tensor, w_in: Tensor, w_out: Tensor, segs: list[tuple[int, int, int]], activation: str
+    x: Tensor, w_in: Tensor, w_out: Tensor, seg: _Segments, activation: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y [S, d], h [S, W], act [S, h]): every matmul into a slice of one preallocated output."""
-    h = x.new_empty(x.shape[0], w_in.shape[2])  # [S, W]
-    for e, a, b in segs:
-        torch.mm(x[a:b], w_in[e], out=h[a:b])
+    h = seg.rows(x, w_in, x.new_empty(x.shape[0], w_in.shape[2]))  # [S, W]
     act = activate(h, activation)  # [S, h]
-    y = x.new_empty(x.shape[0], w_out.shape[2])  # [S, d]
-    for e, a, b in segs:
-        torch.mm(act[a:b], w_out[e], out=y[a:b])
+    y = seg.rows(act, w_out, x.new_empty(x.shape[0], w_out.shape[2]))  # [S, d]
     return y, h, act
 
 
@@ -209,27 +252,18 @@ def _loop_backward(
     w_out: Tensor,
     h: Tensor,
     act: Tensor,
-    segs: list[tuple[int, int, int]],
+    seg: _Segments,
     activation: str,
     needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of x, w_in, w_out (those `needs` asks for), written in place per segment."""
     need_x, need_w_in, need_w_out = needs
     grad_y = grad_y.contiguous()
-    grad_act = torch.empty_like(act)
-    grad_w_out = _zeros_where_empty(w_out, segs) if need_w_out else None
-    for e, a, b in segs:
-        torch.mm(grad_y[a:b], w_out[e].t(), out=grad_act[a:b])
-        if grad_w_out is not None:
-            torch.mm(act[a:b].t(), grad_y[a:b], out=grad_w_out[e])
+    grad_act = seg.rows(grad_y, w_out.transpose(1, 2), torch.empty_like(act))  # [S, h]
+    grad_w_out = seg.weights(act, grad_y, _empty_like(w_out)) if need_w_out else None
     grad_h = activate_backward(grad_act, h, activation)
-    grad_x = torch.empty_like(x) if need_x else None
-    grad_w_in = _zeros_where_empty(w_in, segs) if need_w_in else None
-    for e, a, b in segs:
-        if grad_x is not None:
-            torch.mm(grad_h[a:b], w_in[e].t(), out=grad_x[a:b])
-        if grad_w_in is not None:
-            torch.mm(x[a:b].t(), grad_h[a:b], out=grad_w_in[e])
+    grad_x = seg.rows(grad_h, w_in.transpose(1, 2), torch.empty_like(x)) if need_x else None
+    grad_w_in = seg.weights(x, grad_h, _empty_like(w_in)) if need_w_in else None
     return grad_x, grad_w_in, grad_w_out
 
 
@@ -239,28 +273,23 @@ class _LoopFFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w_in: Tensor, w_out: Tensor, counts: list[int], activation: str):
-        segs = _bounds(counts)
-        y, h, act = _loop_forward(x, w_in, w_out, segs, activation)
+        seg = _Segments(counts, x.device)
+        y, h, act = _loop_forward(x, w_in, w_out, seg, activation)
         ctx.save_for_backward(x, w_in, w_out, h, act)
-        ctx.segs, ctx.activation = segs, activation
+        ctx.seg, ctx.activation = seg, activation
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, w_in, w_out, h, act = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        grads = _loop_backward(grad_y, x, w_in, w_out, h, act, ctx.segs, ctx.activation, needs)
+        grads = _loop_backward(grad_y, x, w_in, w_out, h, act, ctx.seg, ctx.activation, needs)
         return (*grads, None, None)
 
 
-def _zeros_where_empty(w: Tensor, segs: list[tuple[int, int, int]]) -> Tensor:
-    """An uninitialised gradient of w [E, ...] with zeros in the slices of experts without rows."""
-    g = torch.empty_like(w, memory_format=torch.contiguous_format)
-    busy = {e for e, _, _ in segs}
-    for e in range(w.shape[0]):
-        if e not in busy:
-            g[e].zero_()
-    return g
+def _empty_like(w: Tensor) -> Tensor:
+    """An uninitialised contiguous gradient of w [E, ...] (the segment ops fill every expert)."""
+    return torch.empty_like(w, memory_format=torch.contiguous_format)
 
 
 def loop_ffn(x: Tensor, w_in: Tensor, w_out: Tensor, counts: list[int], activation: str) -> Tensor:
@@ -295,8 +324,7 @@ def _loop_ffn_op(
     x: Tensor, w_in: Tensor, w_out: Tensor, counts: Tensor, activation: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y [S, d], h [S, W], act [S, h]) of the loop backend; h and act are kept for backward."""
-    segs = _bounds(counts.tolist())
-    return _loop_forward(x, w_in, w_out, segs, activation)
+    return _loop_forward(x, w_in, w_out, _Segments(counts.tolist(), x.device), activation)
 
 
 @_loop_ffn_op.register_fake
@@ -317,9 +345,9 @@ def _loop_ffn_backward_op(
     counts: Tensor,
     activation: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    segs = _bounds(counts.tolist())
+    seg = _Segments(counts.tolist(), x.device)
     gx, gw_in, gw_out = _loop_backward(
-        grad_y, x, w_in, w_out, h, act, segs, activation, (True, True, True)
+        grad_y, x, w_in, w_out, h, act, seg, activation, (True, True, True)
     )
     assert gx is not None and gw_in is not None and gw_out is not None  # all three asked for
     return gx, gw_in, gw_out

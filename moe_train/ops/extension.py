@@ -51,7 +51,7 @@ _HOW_TO_OPT_OUT = (
     "index_add, which is not deterministic on CUDA)."
 )
 _STAMP = "moe_train_ops.stamp.json"
-CPU_SOURCES = ("moe_ops.cpp", "moe_gate_cpu.cpp")
+CPU_SOURCES = ("moe_ops.cpp", "moe_gate_cpu.cpp", "moe_segment_mm_cpu.cpp")
 _LOCK = "moe_train_ops.lock"
 
 _lock = threading.Lock()
@@ -435,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
             "jitter",
             "gate",
             "gate_backward",
+            "segment_mm",
+            "segment_mm_t",
         )  # fmt: skip
         if hasattr(torch.ops.moe_train, n)
     ]
