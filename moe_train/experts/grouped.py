@@ -5,16 +5,17 @@ compute the same function (tests compare them):
 
 - ``grouped``: ``torch._grouped_mm`` with the segment ends as an int32 tensor on the device, so no
   host sync and one kernel per matmul. Used where torch runs it natively: CUDA sm_90/sm_100,
-  bfloat16, torch >= 2.8, row strides of 16 bytes (widths multiple of 8); and on CPU without the
-  extension, where torch has a CPU kernel for the dtype (a C++ per-group loop, faster than our
-  Python one). On other GPUs torch would fall back to a per-group loop that copies the offsets
+  bfloat16, torch >= 2.8, row strides of 16 bytes (widths multiple of 8); and on CPU on one
+  thread or without the extension, where torch has a CPU kernel for the dtype (a C++ per-group
+  loop, faster than our Python one). On other GPUs torch would fall back to a per-group loop that copies the offsets
   to the host.
 - ``loop``: every expert's matmuls written in place into preallocated outputs (no ``cat`` of the
   outputs, no ``stack`` of the weight gradients), the activation and its backward over all rows
   at once. Needs the counts on the host. On CPU with the extension each of the six matmul passes
   is one op that places the threads across segments (kernels/moe_segment_mm_cpu.cpp: each small
   GEMM on one core, where torch's loop splits every one of them over all threads); else one
-  ``torch.mm`` per segment. The CPU default when the extension is loaded.
+  ``torch.mm`` per segment. The CPU default with more than one thread when the extension is
+  loaded.
 
 - ``padded``: every segment zero-padded to the longest, two ``torch.bmm`` over [E, M, d] (one
   batched BLAS call per matmul instead of E small ones; padding rows cost compute, M E / S - 1
@@ -157,8 +158,9 @@ def _grouped_mm_on_cpu(dtype: torch.dtype) -> bool:
 
 def pick_backend(x: Tensor, w_in: Tensor, w_out: Tensor, requested: str = "auto") -> str:
     """'grouped', 'loop' or 'padded' for these operands: `requested` (or $MOE_TRAIN_EXPERT_BACKEND) when
-    not 'auto', else grouped where torch runs it natively on the GPU, on CPU the loop when the
-    extension's segment matmuls are loaded (torch's grouped loop when not), loop otherwise."""
+    not 'auto', else grouped where torch runs it natively on the GPU; on CPU with more than one
+    thread the loop when the extension's segment matmuls are loaded, else torch's grouped loop
+    where it has one; loop otherwise."""
     want = os.environ.get("MOE_TRAIN_EXPERT_BACKEND") or requested
     if want not in BACKENDS:
         raise ValueError(f"expert backend: got {want!r}; allowed: {', '.join(BACKENDS)}")
@@ -171,11 +173,12 @@ def pick_backend(x: Tensor, w_in: Tensor, w_out: Tensor, requested: str = "auto"
     if want in ("loop", "padded"):
         return want
     if x.device.type == "cpu":
-        # the loop over the extension's segment matmuls (threads placed across segments) beats
-        # torch's per-group loop (each small GEMM split over all threads) at 1 and 2 threads;
-        # without the extension torch's C++ loop beats our Python one by 5-15 % of the layer
-        # (benchmarks/moe_layer.py, docs/RESULTS.md section 9)
-        return "loop" if _segment_kernels() or not cpu_grouped else "grouped"
+        # with threads, the loop over the extension's segment matmuls (threads placed across
+        # segments) beats torch's per-group loop (each small GEMM split over all threads); on one
+        # thread there is nothing to place and torch's C++ loop is as fast, and without the
+        # extension it beats our Python loop by 5-15 % of the layer (docs/RESULTS.md section 9)
+        threaded = torch.get_num_threads() > 1 and _segment_kernels()
+        return "loop" if threaded or not cpu_grouped else "grouped"
     return "grouped" if grouped_mm_supported(x, w_in, w_out) else "loop"
 
 

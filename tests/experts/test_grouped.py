@@ -124,11 +124,16 @@ def test_backend_choice(monkeypatch):
     x, w_in, w_out = (t.float() for t in weights("gelu"))
     monkeypatch.delenv("MOE_TRAIN_EXPERT_BACKEND", raising=False)
     on_cpu = grouped._grouped_mm_on_cpu(torch.float32)
-    segment_ops = grouped._segment_kernels()  # the loop's threads across segments: CPU default
+    segment_ops = grouped._segment_kernels()  # the loop's threads across segments
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert pick_backend(x, w_in, w_out) == ("grouped" if on_cpu and not segment_ops else "loop")
-    monkeypatch.setenv("MOE_TRAIN_SEGMENT_MM", "0")  # without them: torch's C++ loop if it has one
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # nothing to place on one thread
     assert pick_backend(x, w_in, w_out) == ("grouped" if on_cpu else "loop")
-    monkeypatch.delenv("MOE_TRAIN_SEGMENT_MM")
+    monkeypatch.undo()
+    monkeypatch.setenv("MOE_TRAIN_SEGMENT_MM", "0")  # without them: torch's C++ loop if it has one
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert pick_backend(x, w_in, w_out) == ("grouped" if on_cpu else "loop")
+    monkeypatch.undo()
     assert pick_backend(x, w_in, w_out, "loop") == "loop"
     assert pick_backend(x, w_in, w_out, "padded") == "padded"  # opt-in only
     assert not grouped.grouped_mm_supported(x, w_in, w_out)  # the native kernel is CUDA-only
