@@ -3,10 +3,11 @@
 glibc serves every block above 32 MiB with its own mmap and unmaps it on free, so each step's
 large tensors (an expert bank's weight gradients are num_experts x a dense layer's) arrive as
 fresh pages, and the kernel faults and zeroes every 4 KiB page again: at d 1024 with 16 experts
-about 100k faults a step, a third of a CPU layer's time (docs/RESULTS.md section 9). ``reuse``
-serves large blocks from the heap and never trims it, so the next step takes the same pages back:
-what CUDA's caching allocator does for GPU memory. The process then keeps its peak (measured
-+5 % max RSS on `model=base`). ``release`` leaves the C library's defaults.
+about 90-100k faults a step, a fifth to a quarter of a CPU layer's time (docs/RESULTS.md
+section 9). ``reuse`` serves large blocks from the heap and never trims it, so the next step
+takes the same pages back: what CUDA's caching allocator does for GPU memory. The process then
+keeps its peak (measured +1-7 % max RSS on `model=base`). ``release`` leaves the C library's
+defaults.
 
 Process-wide, for the rest of the process; other C libraries (musl, macOS) are left alone.
 """
