@@ -6,8 +6,9 @@ fresh pages, and the kernel faults and zeroes every 4 KiB page again: at d 1024 
 about 90-100k faults a step, a fifth to a quarter of a CPU layer's time (docs/RESULTS.md
 section 9). ``reuse`` serves large blocks from the heap and never trims it, so the next step
 takes the same pages back: what CUDA's caching allocator does for GPU memory. The process then
-keeps its peak (measured +1-7 % max RSS on `model=base`). ``release`` leaves the C library's
-defaults.
+keeps its peak (measured +1-7 % max RSS on `model=base`). In the first few steps a large block
+can land past a hole that small allocations have cut into, and is faulted in once; then the heap
+settles. ``release`` leaves the C library's defaults.
 
 Process-wide, for the rest of the process; other C libraries (musl, macOS) are left alone.
 """
