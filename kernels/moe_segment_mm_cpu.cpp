@@ -46,7 +46,8 @@ bool run_threaded() { return at::get_num_threads() > 1 && !at::in_parallel_regio
 
 void segment_mm_op_cpu(const at::Tensor& a, const at::Tensor& b, c10::IntArrayRef ends,
                        at::Tensor& out) {
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 3 && out.dim() == 2, "segment_mm: a [S, k], b [E, k, n], out [S, n]");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 3 && out.dim() == 2,
+              "segment_mm: a [S, k], b [E, k, n], out [S, n]");
   const int64_t S = a.size(0), E = b.size(0);
   TORCH_CHECK(static_cast<int64_t>(ends.size()) == E, "segment_mm: ", ends.size(),
               " ends for ", E, " experts");
@@ -89,7 +90,8 @@ void segment_mm_t_op_cpu(const at::Tensor& a, const at::Tensor& b, c10::IntArray
     if (c1 <= c0) return;
     const int64_t n = ends[e] - starts[e];
     auto dst = out[e].narrow(1, c0, c1 - c0);
-    at::mm_out(dst, a.narrow(0, starts[e], n).t(), b.narrow(0, starts[e], n).narrow(1, c0, c1 - c0));
+    auto rows_b = b.narrow(0, starts[e], n).narrow(1, c0, c1 - c0);
+    at::mm_out(dst, a.narrow(0, starts[e], n).t(), rows_b);
   };
   if (!run_threaded()) {
     for (int64_t e = 0; e < E; ++e)

@@ -7,8 +7,8 @@ compute the same function (tests compare them):
   host sync and one kernel per matmul. Used where torch runs it natively: CUDA sm_90/sm_100,
   bfloat16, torch >= 2.8, row strides of 16 bytes (widths multiple of 8); and on CPU on one
   thread or without the extension, where torch has a CPU kernel for the dtype (a C++ per-group
-  loop, faster than our Python one). On other GPUs torch would fall back to a per-group loop that copies the offsets
-  to the host.
+  loop, faster than our Python one). On other GPUs torch would fall back to a per-group loop
+  that copies the offsets to the host.
 - ``loop``: every expert's matmuls written in place into preallocated outputs (no ``cat`` of the
   outputs, no ``stack`` of the weight gradients), the activation and its backward over all rows
   at once. Needs the counts on the host. On CPU with the extension each of the six matmul passes
@@ -200,6 +200,7 @@ class _Segments:
     segment into a slice of the output. Both compute every GEMM of the per-expert definition."""
 
     def __init__(self, counts: list[int], device: torch.device):
+        self.counts = counts
         self.ends = list(itertools.accumulate(counts))
         self.bounds = [(e, b - n, b) for e, (n, b) in enumerate(zip(counts, self.ends)) if n]
         self.fused = device.type == "cpu" and _segment_kernels()
@@ -219,9 +220,8 @@ class _Segments:
         if self.fused:
             torch.ops.moe_train.segment_mm_t(a, b, self.ends, out)
             return out
-        busy = {e for e, _, _ in self.bounds}
-        for e in range(out.shape[0]):
-            if e not in busy:
+        for e, n in enumerate(self.counts):
+            if n == 0:
                 out[e].zero_()
         for e, lo, hi in self.bounds:
             torch.mm(a[lo:hi].t(), b[lo:hi], out=out[e])
